@@ -1,0 +1,1 @@
+"""The editing algorithm: capture -> hypernetwork -> ridge solve -> apply, T steps."""

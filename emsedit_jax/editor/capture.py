@@ -1,0 +1,127 @@
+"""The edit hook: loss, keys and value gradients of the edited modules.
+
+For a batch of teacher-forced sequences, one forward and one backward pass give at
+every answer position i and edited module l the key u_i (module input, d_in) and the
+value gradient g_i = dL/d(module output) (d_out). The value gradient is taken as the
+gradient of the loss with respect to a zero "probe" added to the module output at the
+answer positions; the keys come back as auxiliary output. The model being edited is
+always `params` plus `deltas` (one (d_in, d_out) array per module), never a mutated copy.
+
+Shapes: B sequences, S positions, A answer slots (static), V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ..models.config import ModelConfig
+from ..models.layers import Array, ModuleEdit, Params
+from ..models.transformer import context, embed, head, module_shape, parse_module, run_layers
+
+IGNORE = -100
+
+
+class Batch(NamedTuple):
+    """Teacher-forced sequences, right padded: position p predicts labels[p]."""
+    input_ids: Array        # (B, S) int32
+    attention_mask: Array   # (B, S) int32, 1 for real tokens
+    labels: Array           # (B, S) int32, IGNORE outside the answer
+
+
+class Capture(NamedTuple):
+    loss: Array                  # () mean cross-entropy of the answer tokens
+    keys: dict[str, Array]       # module -> (B, A, d_in)
+    grads: dict[str, Array]      # module -> (B, A, d_out)
+    mask: Array                  # (B, A) bool, False on padding slots
+
+
+def answer_slots(labels: Array, n_answer: int) -> tuple[Array, Array, Array]:
+    """The first `n_answer` answer positions of each row.
+    labels (B, S) -> positions (B, A) int32, targets (B, A) int32, mask (B, A) bool.
+    Rows with fewer answer tokens are padded with position 0 and mask False."""
+    valid = labels != IGNORE
+    positions = jax.vmap(lambda v: jnp.nonzero(v, size=n_answer, fill_value=0)[0])(valid)
+    positions = positions.astype(jnp.int32)
+    mask = jnp.arange(n_answer)[None, :] < valid.sum(axis=1, keepdims=True)
+    targets = jnp.where(mask, jnp.take_along_axis(labels, positions, axis=1), 0)
+    return positions, targets, mask
+
+
+def token_nll(logits: Array, targets: Array, mask: Array) -> Array:
+    """Mean negative log-likelihood over the unmasked slots. logits (B, A, V)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def first_layer(cfg: ModelConfig, modules: Sequence[str]) -> int:
+    """The lowest layer touched by `modules`: everything below it is edit-independent."""
+    return min(parse_module(cfg, m)[0] for m in modules)
+
+
+def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, stop: int, remat: bool = False) -> Array:
+    """Hidden state (B, S, D) at the input of layer `stop`, for unedited layers [0, stop)."""
+    ctx = context(cfg, batch.attention_mask)
+    h, _ = run_layers(cfg, params, embed(cfg, params, batch.input_ids), ctx, stop=stop, remat=remat)
+    return h
+
+
+def _run(cfg, params, batch, edits_by_name, positions, hidden, start, remat):
+    edits: dict[int, dict[str, ModuleEdit]] = {}
+    for name, edit in edits_by_name.items():
+        layer, suffix = parse_module(cfg, name)
+        edits.setdefault(layer, {})[suffix] = edit
+    ctx = context(cfg, batch.attention_mask)
+    if hidden is None:
+        hidden, start = embed(cfg, params, batch.input_ids), 0
+    h, keys = run_layers(cfg, params, hidden, ctx, start=start, edits=edits, remat=remat)
+    logits = head(cfg, params, h, positions)
+    return logits, {name: keys[parse_module(cfg, name)] for name, e in edits_by_name.items()
+                    if e.positions is not None}
+
+
+def edited_logits(cfg: ModelConfig, params: Params, batch: Batch, deltas: Mapping[str, Array] | None,
+                  *, n_answer: int, hidden: Array | None = None, remat: bool = False
+                  ) -> tuple[Array, Array, Array]:
+    """Logits of the edited model at the answer slots.
+    Returns logits (B, A, V) float32, targets (B, A), mask (B, A).
+    `hidden` (optional) is `prefix_hidden(..., first_layer(deltas))`."""
+    positions, targets, mask = answer_slots(batch.labels, n_answer)
+    deltas = dict(deltas or {})
+    start = first_layer(cfg, list(deltas)) if (deltas and hidden is not None) else 0
+    edits = {name: ModuleEdit(delta=d) for name, d in deltas.items()}
+    logits, _ = _run(cfg, params, batch, edits, positions, hidden if deltas else None, start, remat)
+    return logits, targets, mask
+
+
+def edited_loss(cfg: ModelConfig, params: Params, batch: Batch, deltas: Mapping[str, Array] | None,
+                *, n_answer: int, hidden: Array | None = None, remat: bool = False) -> Array:
+    """Mean cross-entropy of the answer tokens under params + deltas."""
+    return token_nll(*edited_logits(cfg, params, batch, deltas, n_answer=n_answer, hidden=hidden, remat=remat))
+
+
+def capture(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[str],
+            deltas: Mapping[str, Array] | None = None, *, n_answer: int,
+            hidden: Array | None = None, remat: bool = False) -> Capture:
+    """Loss, keys and value gradients of `modules` on params + deltas (jittable;
+    `modules` and `n_answer` are static). With `hidden` (the output of
+    `prefix_hidden(cfg, params, batch, first_layer(cfg, modules))`) the unedited lower
+    layers are not recomputed."""
+    modules = tuple(modules)
+    deltas = dict(deltas or {})
+    positions, targets, mask = answer_slots(batch.labels, n_answer)
+    b = batch.input_ids.shape[0]
+    start = first_layer(cfg, modules + tuple(deltas))
+
+    def loss_fn(probes):
+        edits = {name: ModuleEdit(deltas.get(name), positions, probes[name]) for name in modules}
+        edits |= {name: ModuleEdit(d) for name, d in deltas.items() if name not in edits}
+        logits, keys = _run(cfg, params, batch, edits, positions, hidden, start, remat)
+        return token_nll(logits, targets, mask), keys
+
+    probes = {name: jnp.zeros((b, n_answer, module_shape(cfg, name)[1]), jnp.float32) for name in modules}
+    (loss, keys), grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
+    return Capture(loss, keys, grads, mask)

@@ -1,0 +1,197 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, attention,
+activations, and `Tap`, the trace-time helper through which every linear module of a
+layer runs so that edits (weight deltas, key capture, value probes) apply uniformly.
+
+Shapes: B batch, S query length, T key length, D hidden, H heads, K kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+# ---------------------------------------------------------------- parameter specs
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One parameter: where it lives in the HF checkpoint and its shape here.
+
+    `hf_name` is the full key for top-level tensors and the suffix after
+    `<layer_prefix>.<i>.` for per-layer tensors (`stacked=True`, shape without the
+    leading layer axis). `transpose` means HF stores the transpose of our array.
+    """
+    hf_name: str
+    shape: tuple[int, ...]
+    transpose: bool = False
+    stacked: bool = False
+    init: str = "normal"      # normal | ones | zeros
+
+
+def linear_specs(suffix: str, d_in: int, d_out: int, *, bias: bool, hf_transposed: bool):
+    """Specs of a linear module named `suffix` inside a layer: kernel (d_in, d_out)."""
+    path = ("layers", *suffix.split("."))
+    specs = {path + ("kernel",): TensorSpec(f"{suffix}.weight", (d_in, d_out),
+                                             transpose=hf_transposed, stacked=True)}
+    if bias:
+        specs[path + ("bias",)] = TensorSpec(f"{suffix}.bias", (d_out,), stacked=True, init="zeros")
+    return specs
+
+
+def norm_specs(name: str, d: int, *, bias: bool, stacked: bool, hf_name: str | None = None):
+    """Specs of a norm's scale (and bias) at path `name`; HF key `hf_name` (default `name`)."""
+    path = (("layers",) if stacked else ()) + tuple(name.split("."))
+    hf = hf_name or name
+    specs = {path + ("weight",): TensorSpec(f"{hf}.weight", (d,), stacked=stacked, init="ones")}
+    if bias:
+        specs[path + ("bias",)] = TensorSpec(f"{hf}.bias", (d,), stacked=stacked, init="zeros")
+    return specs
+
+
+def get_path(tree: Mapping, path: tuple[str, ...]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------- edits and taps
+class ModuleEdit(NamedTuple):
+    """What happens to one linear module of one layer during a forward pass.
+
+    delta:     (d_in, d_out) added to the kernel, or None.
+    positions: (B, A) int32 sequence positions at which the module input is recorded
+               (the edit "keys") and `probe` is added to the output; or None.
+    probe:     (B, A, d_out) added to the output at `positions` (zeros; its gradient is
+               the value gradient); or None.
+    """
+    delta: Array | None = None
+    positions: Array | None = None
+    probe: Array | None = None
+
+
+def _gather(x: Array, positions: Array) -> Array:
+    """x (B, S, d), positions (B, A) -> (B, A, d)."""
+    return jnp.take_along_axis(x, positions[..., None], axis=1)
+
+
+class Tap:
+    """Runs the linear modules of one layer (trace-time only; holds no state across
+    calls). `tap.dense("mlp.up_proj", x)` applies the module, adds its edit if any,
+    and records the module input at the edit positions in `tap.keys`."""
+
+    def __init__(self, layer_params: Params, edits: Mapping[str, ModuleEdit] | None = None):
+        self.params = layer_params
+        self.edits = edits or {}
+        self.keys: dict[str, Array] = {}
+
+    def dense(self, name: str, x: Array) -> Array:
+        p = get_path(self.params, tuple(name.split(".")))
+        w = p["kernel"]
+        edit = self.edits.get(name)
+        if edit is not None and edit.delta is not None and w.dtype == jnp.float32:
+            w = w + edit.delta.astype(w.dtype)
+        y = jnp.einsum("...i,io->...o", x, w)
+        if edit is not None and edit.delta is not None and w.dtype != jnp.float32:
+            # Low-precision weights: a small delta would vanish in W + dW, so apply it
+            # as a separate float32 product.
+            y = y + jnp.einsum("...i,io->...o", x.astype(jnp.float32), edit.delta).astype(y.dtype)
+        if "bias" in p:
+            y = y + p["bias"]
+        if edit is not None and edit.positions is not None:
+            self.keys[name] = _gather(x, edit.positions)
+            if edit.probe is not None:
+                b = jnp.arange(y.shape[0])[:, None]
+                y = y.at[b, edit.positions].add(edit.probe.astype(y.dtype))
+        return y
+
+
+# ---------------------------------------------------------------- numerics
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
+    xf = x.astype(jnp.float32)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def activation(name: str, x: Array) -> Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def rope_tables(inv_freq, seq_len: int) -> tuple[Array, Array]:
+    """cos, sin of shape (S, len(inv_freq)) in float32."""
+    inv = jnp.asarray(inv_freq, jnp.float32)
+    ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv[None, :]
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def rope_rotate_half(x: Array, cos: Array, sin: Array) -> Array:
+    """Llama convention: the two halves of the head dim are the (re, im) parts.
+    x (B, S, N, Dh); cos/sin (S, Dh/2)."""
+    c = jnp.concatenate([cos, cos], -1)[None, :, None, :].astype(x.dtype)
+    s = jnp.concatenate([sin, sin], -1)[None, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * c + rot * s
+
+
+def rope_interleaved(x: Array, cos: Array, sin: Array, rotary_dim: int) -> Array:
+    """GPT-J convention: adjacent pairs (2i, 2i+1) are rotated, on the first
+    `rotary_dim` dims only. x (B, S, N, Dh); cos/sin (S, rotary_dim/2)."""
+    xr, xp = x[..., :rotary_dim], x[..., rotary_dim:]
+    c = jnp.repeat(cos, 2, axis=-1)[None, :, None, :].astype(x.dtype)
+    s = jnp.repeat(sin, 2, axis=-1)[None, :, None, :].astype(x.dtype)
+    x1, x2 = xr[..., 0::2], xr[..., 1::2]
+    rot = jnp.stack([-x2, x1], axis=-1).reshape(xr.shape)
+    return jnp.concatenate([xr * c + rot * s, xp], axis=-1)
+
+
+def attention_bias(attention_mask: Array, sliding_window: int | None = None) -> Array:
+    """Additive mask (B, 1, 1, S, S) in float32: causal, key padding, optional window."""
+    s = attention_mask.shape[1]
+    q = jnp.arange(s)[:, None]
+    k = jnp.arange(s)[None, :]
+    allowed = (k <= q)[None] & (attention_mask[:, None, :] > 0)
+    if sliding_window is not None:
+        allowed = allowed & ((q - k) < sliding_window)[None]
+    bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+    return bias[:, None, None].astype(jnp.float32)
+
+
+def attention(q: Array, k: Array, v: Array, bias: Array, scale: float) -> Array:
+    """Grouped-query attention. q (B,S,H,Dh), k/v (B,T,K,Dh), bias (B,1,1,S,T)
+    -> (B, S, H*Dh). Scores and softmax in float32."""
+    b, s, h, dh = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, s, kv, h // kv, dh)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    scores = scores * scale + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h * dh)

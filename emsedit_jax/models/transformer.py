@@ -1,0 +1,202 @@
+"""The forward pass shared by every family: embed -> layers -> head.
+
+Parameters are a nested dict; per-layer tensors are stacked on a leading layer axis
+(`params["layers"][...]` has shape (L, ...)). Runs of layers without edits go through
+one `jax.lax.scan` (fast to compile); edited layers are unrolled so each can carry its
+own `ModuleEdit`s. Everything here is a pure function of (config, params, inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from types import ModuleType
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import gpt2, gptj, llama
+from .config import ModelConfig
+from .layers import Array, ModuleEdit, Params, Tap, TensorSpec, set_path
+
+Edits = Mapping[int, Mapping[str, ModuleEdit]]   # layer index -> module suffix -> edit
+
+_FAMILY: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2, "gptj": gptj}
+
+
+def family(cfg: ModelConfig) -> ModuleType:
+    return _FAMILY[cfg.family]
+
+
+def tensor_specs(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
+    return family(cfg).tensor_specs(cfg)
+
+
+# ---------------------------------------------------------------- module names
+def parse_module(cfg: ModelConfig, name: str) -> tuple[int, str]:
+    """'model.layers.18.mlp.up_proj' -> (18, 'mlp.up_proj'); checks it is a linear."""
+    m = re.fullmatch(re.escape(cfg.layer_prefix) + r"\.(\d+)\.(.+)", name)
+    if not m:
+        raise ValueError(f"module {name!r} is not of the form '{cfg.layer_prefix}.<layer>.<module>'")
+    layer, suffix = int(m.group(1)), m.group(2)
+    if not 0 <= layer < cfg.num_layers:
+        raise ValueError(f"module {name!r}: layer {layer} out of range (model has {cfg.num_layers})")
+    if ("layers", *suffix.split("."), "kernel") not in tensor_specs(cfg):
+        linears = sorted(".".join(k[1:-1]) for k in tensor_specs(cfg) if k[0] == "layers" and k[-1] == "kernel")
+        raise ValueError(f"module {name!r}: {suffix!r} is not a linear module of {cfg.model_type} "
+                         f"(linear modules: {', '.join(linears)})")
+    return layer, suffix
+
+
+def module_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
+    """(d_in, d_out) of an editable linear module."""
+    _, suffix = parse_module(cfg, name)
+    return tensor_specs(cfg)[("layers", *suffix.split("."), "kernel")].shape
+
+
+def get_kernel(cfg: ModelConfig, params: Params, name: str) -> Array:
+    layer, suffix = parse_module(cfg, name)
+    node = params["layers"]
+    for p in suffix.split("."):
+        node = node[p]
+    return node["kernel"][layer]
+
+
+def apply_deltas(cfg: ModelConfig, params: Params, deltas: Mapping[str, Array]) -> Params:
+    """A new parameter tree with W + dW for each named module (params untouched)."""
+    layers = params["layers"]
+    for name, delta in deltas.items():
+        layer, suffix = parse_module(cfg, name)
+        path = tuple(suffix.split(".")) + ("kernel",)
+
+        def update(tree, path=path, layer=layer, delta=delta):
+            if len(path) == 1:
+                k = tree[path[0]]
+                return {**tree, path[0]: k.at[layer].add(delta.astype(k.dtype))}
+            return {**tree, path[0]: update(tree[path[0]], path[1:])}
+
+        layers = update(layers)
+    return {**params, "layers": layers}
+
+
+# ---------------------------------------------------------------- initialisation
+def init_params(cfg: ModelConfig, key: Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+    """Random parameters with the right shapes (for tests and timing runs)."""
+    specs = tensor_specs(cfg)
+    keys = jax.random.split(key, len(specs))
+    params: Params = {}
+    for k, (path, spec) in zip(keys, sorted(specs.items())):
+        shape = ((cfg.num_layers,) if spec.stacked else ()) + spec.shape
+        if spec.init == "ones":
+            value = jnp.ones(shape, dtype)
+        elif spec.init == "zeros":
+            value = jnp.zeros(shape, dtype)
+        else:
+            value = (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+        set_path(params, path, value)
+    return params
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> Params:
+    """ShapeDtypeStructs of the parameters, without allocating them."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+
+
+# ---------------------------------------------------------------- forward pieces
+def embed(cfg: ModelConfig, params: Params, input_ids: Array) -> Array:
+    """input_ids (B, S) -> hidden (B, S, D)."""
+    return family(cfg).embed(cfg, params, input_ids)
+
+
+def context(cfg: ModelConfig, attention_mask: Array) -> dict:
+    """Per-batch constants of the layers (mask bias, rotary tables)."""
+    return family(cfg).context(cfg, attention_mask)
+
+
+def _layer(tree, i):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def run_layers(cfg: ModelConfig, params: Params, h: Array, ctx: dict, *, start: int = 0,
+               stop: int | None = None, edits: Edits | None = None, remat: bool = False
+               ) -> tuple[Array, dict[tuple[int, str], Array]]:
+    """Layers [start, stop) on hidden h (B, S, D). Returns the new hidden state and the
+    keys recorded by edited modules, as {(layer, suffix): (B, A, d_in)}."""
+    fam = family(cfg)
+    stop = cfg.num_layers if stop is None else stop
+    edits = edits or {}
+    keys: dict[tuple[int, str], Array] = {}
+
+    def plain(h, lp):
+        return fam.block(cfg, lp, h, ctx, Tap(lp)), None
+
+    if remat:
+        plain = jax.checkpoint(plain)
+    i = start
+    while i < stop:
+        if i in edits:
+            lp = _layer(params["layers"], i)
+            tap = Tap(lp, edits[i])
+            h = fam.block(cfg, lp, h, ctx, tap)
+            keys.update({(i, name): k for name, k in tap.keys.items()})
+            i += 1
+        else:
+            j = min([e for e in edits if i < e < stop] + [stop])
+            run = jax.tree.map(lambda a: a[i:j], params["layers"])
+            h, _ = jax.lax.scan(plain, h, run)
+            i = j
+    return h, keys
+
+
+def head(cfg: ModelConfig, params: Params, h: Array, positions: Array | None = None) -> Array:
+    """Final norm and LM head in float32. h (B, S, D) -> logits (B, S, V); with
+    positions (B, A) only those rows are computed -> (B, A, V)."""
+    if positions is not None:
+        h = jnp.take_along_axis(h, positions[..., None], axis=1)
+    return family(cfg).head(cfg, params, h)
+
+
+def forward(cfg: ModelConfig, params: Params, input_ids: Array, attention_mask: Array, *,
+            edits: Edits | None = None, logit_positions: Array | None = None,
+            remat: bool = False) -> tuple[Array, dict[tuple[int, str], Array]]:
+    """Full model: (B, S) ids and mask -> (logits, captured keys)."""
+    ctx = context(cfg, attention_mask)
+    h, keys = run_layers(cfg, params, embed(cfg, params, input_ids), ctx, edits=edits, remat=remat)
+    return head(cfg, params, h, logit_positions), keys
+
+
+def logits(cfg: ModelConfig, params: Params, input_ids: Array, attention_mask: Array) -> Array:
+    return forward(cfg, params, input_ids, attention_mask)[0]
+
+
+def greedy_generate(cfg: ModelConfig, params: Params, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    max_new_tokens: int, pad_id: int = 0) -> np.ndarray:
+    """Greedy continuation of right-padded prompts (no KV cache: recomputes the full
+    sequence each step, which is fine for the short demos here).
+    Returns (B, max_new_tokens) new token ids."""
+    ids = np.asarray(input_ids)
+    mask = np.asarray(attention_mask)
+    b, s = ids.shape
+    total = s + max_new_tokens
+    buf = np.full((b, total), pad_id, np.int32)
+    buf[:, :s] = ids
+    m = np.zeros((b, total), np.int32)
+    m[:, :s] = mask
+    lengths = mask.sum(1).astype(np.int64)
+    out = np.zeros((b, max_new_tokens), np.int32)
+    for t in range(max_new_tokens):
+        nxt = np.asarray(_next_token(cfg, params, jnp.asarray(buf), jnp.asarray(m), jnp.asarray(lengths - 1)))
+        out[:, t] = nxt
+        buf[np.arange(b), lengths] = nxt
+        m[np.arange(b), lengths] = 1
+        lengths = lengths + 1
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _next_token(cfg: ModelConfig, params: Params, ids: Array, mask: Array, last: Array) -> Array:
+    """Greedy token after position `last` (B,) of each row -> (B,) int32."""
+    lg = forward(cfg, params, ids, mask, logit_positions=last[:, None])[0]
+    return jnp.argmax(lg[:, 0], axis=-1).astype(jnp.int32)
