@@ -1,0 +1,176 @@
+"""Checkpoint loading and export: round trips through transformers, sharded files,
+bfloat16, hub ids resolved offline from a local cache, and every error path naming the
+file and tensor concerned."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from emsedit_jax.models import (CheckpointError, ConfigError, ModelConfig, apply_deltas, load_model,  # noqa: E402
+                                logits, module_shape, save_hf)
+from emsedit_jax.models.hf_io import hf_state_dict, read_safetensors_header, write_safetensors  # noqa: E402
+
+CFG = dict(vocab_size=67, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+           num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
+IDS = np.array([[5, 9, 11, 3, 2, 0], [7, 1, 4, 0, 0, 0]], np.int32)
+MASK = (IDS > 0).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval()
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def torch_logits(folder):
+    m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(input_ids=torch.tensor(IDS, dtype=torch.long), attention_mask=torch.tensor(MASK)).logits.numpy()
+
+
+def test_export_round_trip_with_edit(tiny, tmp_path):
+    folder, _ = tiny
+    model = load_model(folder, tokenizer=False)
+    name = "model.layers.1.mlp.up_proj"
+    delta = {name: 0.05 * jax.random.normal(jax.random.key(1), module_shape(model.config, name))}
+    edited = apply_deltas(model.config, model.params, delta)
+    out = save_hf(model, tmp_path / "edited", edited)
+    ours = np.asarray(logits(model.config, edited, IDS, MASK))
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(torch_logits(out)[real], ours[real], atol=1e-5)
+    # The edit changed the model, and the original parameters are untouched.
+    before = np.asarray(logits(model.config, model.params, IDS, MASK))
+    assert np.abs(before - ours)[real].max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(load_model(folder, tokenizer=False).params["layers"]["mlp"]["up_proj"]["kernel"]),
+                                  np.asarray(model.params["layers"]["mlp"]["up_proj"]["kernel"]))
+
+
+def test_sharded_and_bfloat16(tiny, tmp_path):
+    folder, _ = tiny
+    model = load_model(folder, tokenizer=False)
+    out = save_hf(model, tmp_path / "sharded", max_shard_bytes=4000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    again = load_model(out, tokenizer=False)
+    jax.tree.map(np.testing.assert_array_equal, again.params, model.params)
+    np.testing.assert_allclose(torch_logits(out)[MASK > 0], torch_logits(folder)[MASK > 0], atol=1e-6)
+
+    bf = save_hf(model, tmp_path / "bf16", dtype=ml_dtypes.bfloat16)
+    header, _ = read_safetensors_header(bf / "model.safetensors")
+    assert {v["dtype"] for v in header.values()} == {"BF16"}
+    low = load_model(bf, dtype=jnp.bfloat16, tokenizer=False)
+    assert low.params["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+    a = np.asarray(logits(low.config, low.params, IDS, MASK))[MASK > 0]
+    b = np.asarray(logits(model.config, model.params, IDS, MASK))[MASK > 0]
+    assert np.abs(a - b).max() < 0.05 and np.abs(a - b).max() > 0
+
+
+def test_hub_id_resolved_from_local_cache(tiny, tmp_path, monkeypatch):
+    folder, _ = tiny
+    repo = tmp_path / "hub" / "models--someorg--tiny-llama"
+    snap = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snap.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    model = load_model("someorg/tiny-llama", tokenizer=False)
+    assert model.config.num_layers == 2
+    with pytest.raises(CheckpointError, match="someorg/absent"):
+        load_model("someorg/absent", tokenizer=False)
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_error_missing_files(tiny, tmp_path):
+    dst = _copy(tiny[0], tmp_path)
+    (dst / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
+        load_model(dst, tokenizer=False)
+    dst2 = _copy(tiny[0], tmp_path / "b")
+    (dst2 / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        load_model(dst2, tokenizer=False)
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        load_model(tmp_path / "does-not-exist", tokenizer=False)
+
+
+def test_error_unsupported_architecture_and_fields(tiny, tmp_path):
+    dst = _copy(tiny[0], tmp_path)
+    _edit_config(dst, model_type="bert")
+    with pytest.raises(ConfigError, match=r"config\.json: model_type 'bert' is not supported"):
+        load_model(dst, tokenizer=False)
+    _edit_config(dst, model_type="llama", hidden_act="swish_custom")
+    with pytest.raises(ConfigError, match="activation 'swish_custom'"):
+        load_model(dst, tokenizer=False)
+    _edit_config(dst, hidden_act="silu", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
+    with pytest.raises(ConfigError, match="rope type 'yarn'"):
+        load_model(dst, tokenizer=False)
+    _edit_config(dst, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, some_new_knob=3)
+    with pytest.raises(ConfigError, match="some_new_knob"):
+        load_model(dst, tokenizer=False)
+    with pytest.warns(UserWarning, match="some_new_knob"):
+        load_model(dst, tokenizer=False, strict=False)
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        ModelConfig.from_hf(dict(CFG, model_type="qwen2", use_sliding_window=True))
+
+
+def test_error_shape_mismatch_and_missing_tensor(tiny, tmp_path):
+    dst = _copy(tiny[0], tmp_path)
+    _edit_config(dst, intermediate_size=25)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape"):
+        load_model(dst, tokenizer=False)
+    dst2 = _copy(tiny[0], tmp_path / "b")
+    _edit_config(dst2, num_hidden_layers=3)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.2\..*' is missing"):
+        load_model(dst2, tokenizer=False)
+
+
+def test_error_corrupt_tensors(tiny, tmp_path):
+    dst = _copy(tiny[0], tmp_path)
+    f = dst / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '.*': data is truncated"):
+        load_model(dst, tokenizer=False)
+    f.write_bytes(b"\x00" * 4)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a safetensors file"):
+        load_model(dst, tokenizer=False)
+    model = load_model(tiny[0], tokenizer=False)
+    state = {k: np.array(v) for k, v in
+             hf_state_dict(model.config, model.params).items()}
+    state["model.layers.1.self_attn.k_proj.weight"][0, 0] = np.nan
+    write_safetensors(f, state)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight' contains NaN"):
+        load_model(dst, tokenizer=False)
+    state["model.layers.1.self_attn.k_proj.weight"][0, 0] = 0.0
+    state["model.layers.1.mlp.extra.weight"] = np.zeros((2, 2), np.float32)
+    write_safetensors(f, state)
+    with pytest.raises(CheckpointError, match="mlp.extra.weight"):
+        load_model(dst, tokenizer=False)
