@@ -52,7 +52,7 @@ def answer_slots(labels: Array, n_answer: int) -> tuple[Array, Array, Array]:
 
 def token_nll(logits: Array, targets: Array, mask: Array) -> Array:
     """Mean negative log-likelihood over the unmasked slots. logits (B, A, V)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
 
@@ -122,6 +122,8 @@ def capture(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[st
         logits, keys = _run(cfg, params, batch, edits, positions, hidden, start, remat)
         return token_nll(logits, targets, mask), keys
 
-    probes = {name: jnp.zeros((b, n_answer, module_shape(cfg, name)[1]), jnp.float32) for name in modules}
+    # Probes (and so value gradients) in float32, or float64 for a float64 model.
+    dtype = jnp.promote_types(jnp.float32, jax.tree.leaves(params)[0].dtype)
+    probes = {name: jnp.zeros((b, n_answer, module_shape(cfg, name)[1]), dtype) for name in modules}
     (loss, keys), grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
     return Capture(loss, keys, grads, mask)

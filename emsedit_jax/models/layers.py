@@ -99,13 +99,15 @@ class Tap:
         p = get_path(self.params, tuple(name.split(".")))
         w = p["kernel"]
         edit = self.edits.get(name)
-        if edit is not None and edit.delta is not None and w.dtype == jnp.float32:
-            w = w + edit.delta.astype(w.dtype)
+        delta = None if edit is None else edit.delta
+        low_precision = jnp.finfo(w.dtype).bits < 32
+        if delta is not None and not low_precision:
+            w = w + delta.astype(w.dtype)
         y = jnp.einsum("...i,io->...o", x, w)
-        if edit is not None and edit.delta is not None and w.dtype != jnp.float32:
-            # Low-precision weights: a small delta would vanish in W + dW, so apply it
-            # as a separate float32 product.
-            y = y + jnp.einsum("...i,io->...o", x.astype(jnp.float32), edit.delta).astype(y.dtype)
+        if delta is not None and low_precision:
+            # A small delta would vanish in a bfloat16 W + dW: apply it as a separate
+            # product in the delta's precision.
+            y = y + jnp.einsum("...i,io->...o", x.astype(delta.dtype), delta).astype(y.dtype)
         if "bias" in p:
             y = y + p["bias"]
         if edit is not None and edit.positions is not None:
@@ -117,19 +119,24 @@ class Tap:
 
 
 # ---------------------------------------------------------------- numerics
+def acc_dtype(dtype) -> jnp.dtype:
+    """Accumulation precision: at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(acc_dtype(x.dtype))
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return weight * xf.astype(x.dtype)
 
 
 def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
-    xf = x.astype(jnp.float32)
+    xf = x.astype(acc_dtype(x.dtype))
     mu = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
     y = (xf - mu) * jax.lax.rsqrt(var + eps)
-    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    return (y * weight.astype(y.dtype) + bias.astype(y.dtype)).astype(x.dtype)
 
 
 def activation(name: str, x: Array) -> Array:
@@ -190,8 +197,8 @@ def attention(q: Array, k: Array, v: Array, bias: Array, scale: float) -> Array:
     b, s, h, dh = q.shape
     kv = k.shape[2]
     q = q.reshape(b, s, kv, h // kv, dh)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-    scores = scores * scale + bias
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=acc_dtype(q.dtype))
+    scores = scores * scale + bias.astype(scores.dtype)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h * dh)

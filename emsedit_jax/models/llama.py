@@ -12,7 +12,7 @@ import math
 import jax.numpy as jnp
 
 from .config import ModelConfig, rope_inv_freq
-from .layers import (Tap, TensorSpec, activation, attention, attention_bias, linear_specs,
+from .layers import (acc_dtype, Tap, TensorSpec, activation, attention, attention_bias, linear_specs,
                      norm_specs, rms_norm, rope_rotate_half, rope_tables)
 
 
@@ -64,5 +64,5 @@ def head(cfg: ModelConfig, params, h):
     x = rms_norm(h, params["norm"]["weight"], cfg.norm_eps)
     if cfg.tie_word_embeddings:
         w = params["embed_tokens"]["embedding"]
-        return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, params["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=acc_dtype(x.dtype))
+    return jnp.einsum("...d,dv->...v", x, params["lm_head"]["kernel"], preferred_element_type=acc_dtype(x.dtype))

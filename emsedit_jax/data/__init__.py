@@ -1,0 +1,41 @@
+"""Edit-request data: loading and validation of ZsRE, CounterFact (flat and ROME
+formats), MQuAKE and user files, deterministic splits, and teacher-forced
+tokenisation into padded numpy arrays."""
+
+from .records import (
+    FORMATS,
+    DataError,
+    EditRequest,
+    LoadResult,
+    detect_format,
+    load_requests,
+    split_requests,
+)
+from .tokenize import (
+    ANSWER_BUCKETS,
+    FIELDS,
+    IGNORE,
+    LENGTH_BUCKETS,
+    TeacherForced,
+    check_lengths,
+    encode,
+    pad_id_of,
+)
+
+__all__ = [
+    "FORMATS",
+    "DataError",
+    "EditRequest",
+    "LoadResult",
+    "detect_format",
+    "load_requests",
+    "split_requests",
+    "ANSWER_BUCKETS",
+    "FIELDS",
+    "IGNORE",
+    "LENGTH_BUCKETS",
+    "TeacherForced",
+    "check_lengths",
+    "encode",
+    "pad_id_of",
+]

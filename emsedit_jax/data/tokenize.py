@@ -1,0 +1,255 @@
+"""Teacher-forced tokenisation of edit requests into padded numpy arrays.
+
+Layout of one row, for prompt tokens ``P = tokenizer(prompt)["input_ids"]`` (with
+the tokenizer's default special tokens) and target tokens
+``T = tokenizer(" " + target, add_special_tokens=False)["input_ids"]``::
+
+    input_ids  = P + T[:-1]                      (length len(P) + len(T) - 1)
+    labels     = [IGNORE] * (len(P) - 1) + T      (same length)
+
+so position ``p`` predicts ``labels[p]``: the last prompt position predicts ``T[0]``
+and the answer positions are ``len(P) - 1 ... len(P) + len(T) - 2``.  Rows are right
+padded to a length bucket with the pad id (the eos id when the tokenizer has no pad
+token); padding has ``attention_mask`` 0 and label ``IGNORE``.
+
+``alt_labels`` holds the *other* target's tokens at the same answer positions
+(``IGNORE`` where there is none): target_true for the edit and rephrase sequences,
+target_new for the locality sequences.  Only the first ``min(len(T), len(T_alt))``
+answer positions can hold alternative tokens, and since the input is teacher forced
+on the main target, alternative tokens after the first are conditioned on the main
+target's prefix; the first answer position is an exact comparison of both targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import numpy as np
+
+from .records import DataError, EditRequest, LoadResult
+
+__all__ = [
+    "IGNORE",
+    "LENGTH_BUCKETS",
+    "ANSWER_BUCKETS",
+    "FIELDS",
+    "TeacherForced",
+    "encode",
+    "check_lengths",
+    "pad_id_of",
+]
+
+IGNORE = -100
+LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 256)
+ANSWER_BUCKETS = (2, 4, 8, 16, 32)
+
+Field = Literal["edit", "rephrase", "loc"]
+# field -> (prompt attribute, target attribute, other-target attribute)
+FIELDS: dict[str, tuple[str, str, str]] = {
+    "edit": ("prompt", "target_new", "target_true"),
+    "rephrase": ("rephrase", "target_new", "target_true"),
+    "loc": ("loc_prompt", "loc_answer", "target_new"),
+}
+
+
+@dataclasses.dataclass
+class TeacherForced:
+    """Padded teacher-forced batch; all arrays are numpy int32 of shape (N, S).
+
+    ``n_answer`` is a static count of answer positions (an answer bucket) large
+    enough for every row; ``answer_start[i]`` (the last prompt position) and
+    ``answer_len[i]`` (number of target tokens) locate row ``i``'s answer positions.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+    alt_labels: np.ndarray
+    n_answer: int
+    answer_start: np.ndarray
+    answer_len: np.ndarray
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, or its eos id when it has no pad token."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token id to pad with")
+    return int(pad)
+
+
+def _check_field(field: str) -> tuple[str, str, str]:
+    if field not in FIELDS:
+        raise ValueError(f"field must be one of {tuple(FIELDS)}, got {field!r}")
+    return FIELDS[field]
+
+
+def _ids(tokenizer, texts: list[str], *, special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    if special:
+        out = tokenizer(texts)["input_ids"]
+    else:
+        out = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(map(int, ids)) for ids in out]
+
+
+def _tokenize_field(tokenizer, requests: Sequence[EditRequest], field: str):
+    """Token lists (prompt, target, alt target or None) for every request."""
+    p_attr, t_attr, a_attr = _check_field(field)
+    prompts = _ids(tokenizer, [getattr(r, p_attr) for r in requests], special=True)
+    targets = _ids(tokenizer, [" " + getattr(r, t_attr) for r in requests], special=False)
+    alt_idx = [i for i, r in enumerate(requests) if getattr(r, a_attr) is not None]
+    alt_tok = _ids(tokenizer, [" " + getattr(requests[i], a_attr) for i in alt_idx], special=False)
+    alts: list[list[int] | None] = [None] * len(requests)
+    for i, ids in zip(alt_idx, alt_tok):
+        alts[i] = ids
+    return prompts, targets, alts
+
+
+def _error(req: EditRequest, field: str, reason: str) -> DataError:
+    p_attr, t_attr, _ = FIELDS[field]
+    return DataError(
+        f"'{field}' {reason}",
+        file=req.source or "<request>",
+        case_id=req.case_id,
+        field=f"{p_attr}/{t_attr}",
+    )
+
+
+def _row_problem(n_prompt: int, n_target: int, max_len: int) -> str | None:
+    if n_prompt == 0:
+        return "sequence: the prompt tokenises to no tokens"
+    if n_target == 0:
+        return "sequence: the target tokenises to no tokens"
+    n = n_prompt + n_target - 1
+    if n > max_len:
+        return (
+            f"sequence of {n} tokens ({n_prompt} prompt + {n_target} target - 1) "
+            f"is longer than the maximum of {max_len}"
+        )
+    return None
+
+
+def _bucket(value: int, buckets: Sequence[int]) -> int | None:
+    for b in sorted(buckets):
+        if b >= value:
+            return int(b)
+    return None
+
+
+def encode(
+    tokenizer,
+    requests: Sequence[EditRequest],
+    field: Field,
+    *,
+    length_buckets: Sequence[int] = LENGTH_BUCKETS,
+    answer_buckets: Sequence[int] = ANSWER_BUCKETS,
+) -> TeacherForced:
+    """Teacher-forced encoding of one field of ``requests`` (see the module docstring).
+
+    ``field`` selects (prompt, target, other target): ``"edit"`` = (prompt,
+    target_new, target_true), ``"rephrase"`` = (rephrase, target_new, target_true),
+    ``"loc"`` = (loc_prompt, loc_answer, target_new).  The padded length is the
+    smallest length bucket >= the longest sequence; a sequence longer than the
+    largest bucket raises :class:`DataError` (use :func:`check_lengths` first to
+    validate or drop such requests).  ``n_answer`` is the smallest answer bucket >=
+    the longest target; a longer target rounds up to a multiple of the largest
+    answer bucket instead of failing.
+    """
+    if not requests:
+        raise ValueError("encode() needs at least one request")
+    if not length_buckets or not answer_buckets:
+        raise ValueError("length_buckets and answer_buckets must not be empty")
+    prompts, targets, alts = _tokenize_field(tokenizer, requests, field)
+    max_bucket = max(length_buckets)
+    for req, p, t in zip(requests, prompts, targets):
+        problem = _row_problem(len(p), len(t), max_bucket)
+        if problem is not None:
+            raise _error(req, field, problem + (" (largest length bucket)" if len(p) and len(t) else ""))
+
+    longest = max(len(p) + len(t) - 1 for p, t in zip(prompts, targets))
+    seq_len = _bucket(longest, length_buckets)
+    assert seq_len is not None
+    max_answer = max(len(t) for t in targets)
+    n_answer = _bucket(max_answer, answer_buckets)
+    if n_answer is None:
+        top = max(answer_buckets)
+        n_answer = -(-max_answer // top) * top
+
+    n = len(requests)
+    pad = pad_id_of(tokenizer)
+    input_ids = np.full((n, seq_len), pad, dtype=np.int32)
+    attention_mask = np.zeros((n, seq_len), dtype=np.int32)
+    labels = np.full((n, seq_len), IGNORE, dtype=np.int32)
+    alt_labels = np.full((n, seq_len), IGNORE, dtype=np.int32)
+    answer_start = np.zeros((n,), dtype=np.int32)
+    answer_len = np.zeros((n,), dtype=np.int32)
+    for i, (p, t, a) in enumerate(zip(prompts, targets, alts)):
+        length = len(p) + len(t) - 1
+        input_ids[i, :length] = p + t[:-1]
+        attention_mask[i, :length] = 1
+        start = len(p) - 1
+        labels[i, start : start + len(t)] = t
+        if a:
+            k = min(len(a), len(t))
+            alt_labels[i, start : start + k] = a[:k]
+        answer_start[i] = start
+        answer_len[i] = len(t)
+    return TeacherForced(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        alt_labels=alt_labels,
+        n_answer=int(n_answer),
+        answer_start=answer_start,
+        answer_len=answer_len,
+    )
+
+
+def check_lengths(
+    tokenizer,
+    requests: Sequence[EditRequest],
+    max_len: int = max(LENGTH_BUCKETS),
+    skip_invalid: bool = False,
+) -> LoadResult:
+    """Validate the edit, rephrase and loc sequences of every request up front.
+
+    A sequence longer than ``max_len`` (or a prompt/target that tokenises to nothing)
+    raises :class:`DataError` naming the request's source and field; with
+    ``skip_invalid=True`` the request is dropped and the reason reported in
+    ``skipped``.  Returns the requests that pass.
+    """
+    requests = list(requests)
+    problems: dict[int, DataError] = {}
+    for field in FIELDS:
+        prompts, targets, _ = _tokenize_field(tokenizer, requests, field)
+        for i, (req, p, t) in enumerate(zip(requests, prompts, targets)):
+            if i in problems:
+                continue
+            problem = _row_problem(len(p), len(t), max_len)
+            if problem is not None:
+                problems[i] = _error(req, field, problem)
+    if problems and not skip_invalid:
+        first = problems[min(problems)]
+        if len(problems) > 1:
+            raise DataError(
+                f"{first.reason} (and {len(problems) - 1} more request(s) with problems; "
+                "skip_invalid=True drops them)",
+                file=first.file,
+                case_id=first.case_id,
+                field=first.field,
+            )
+        raise first
+    kept = [r for i, r in enumerate(requests) if i not in problems]
+    return LoadResult(requests=kept, skipped=[str(problems[i]) for i in sorted(problems)])

@@ -1,0 +1,69 @@
+"""Editor configuration (static: hashable, passed to jit as a static argument)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+METHODS = ("emsedit", "mend", "malmen", "rledit")
+
+
+@dataclasses.dataclass(frozen=True)
+class EditorConfig:
+    """Everything that fixes the editor's computation.
+
+    method:        emsedit | mend | malmen | rledit.
+    modules:       edited linear modules, Hugging Face names.
+    steps:         T, edit steps per request batch (EMSEdit default 2; baselines 1,
+                   "Method²" = the same method with steps=2).
+    step_specific: one hypernetwork per step (sequential editing; step t has rank
+                   rank // (t+1)) or one shared by all steps (batch editing).
+    msbp:          "detached" (the paper's: keys and value gradients of each step are
+                   constants) or "exact" (gradients also flow through how a step's
+                   keys and value gradients depend on earlier steps).
+    regulariser:   "norm" (EMSEdit: beta * sum ||W_T - W_0||^2) or "kl" (baselines:
+                   loc_coef * KL on locality prompts + 1e-4 * sum ||dW||^2).
+    """
+    modules: tuple[str, ...]
+    method: Literal["emsedit", "mend", "malmen", "rledit"] = "emsedit"
+    steps: int = 2
+    step_specific: bool = True
+    rank: int = 1024
+    n_blocks: int = 4
+    lr_init: float = 1e-6
+    lamda_init: float = 0.0
+    msbp: Literal["detached", "exact"] = "detached"
+    regulariser: Literal["norm", "kl"] = "norm"
+    beta: float = 0.5
+    loc_coef: float = 0.6
+    delta_coef: float = 1e-4
+    back_depth: int = 10
+    time_decay: float = 0.95
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if not self.modules:
+            raise ValueError("EditorConfig.modules is empty: name at least one module to edit")
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if self.msbp not in ("detached", "exact"):
+            raise ValueError(f"msbp must be 'detached' or 'exact', not {self.msbp!r}")
+        if self.regulariser not in ("norm", "kl"):
+            raise ValueError(f"regulariser must be 'norm' or 'kl', not {self.regulariser!r}")
+
+    @property
+    def n_param_sets(self) -> int:
+        """How many hypernetwork parameter sets are stacked (T or 1)."""
+        return self.steps if self.step_specific else 1
+
+    @property
+    def update_rule(self) -> str:
+        return "rank1" if self.method == "mend" else "ridge"
+
+    def step_ranks(self) -> tuple[int, ...]:
+        """Rank of each stacked parameter set."""
+        if not self.step_specific:
+            return (self.rank,)
+        return tuple(max(1, self.rank // (t + 1)) for t in range(self.steps))

@@ -1,0 +1,44 @@
+"""The residual low-rank hypernetwork, one per distinct kernel shape.
+
+Input h = normalised [u; g] of width D = d_in + d_out. Each of `n_blocks` blocks computes
+    h <- h + scale_k * relu(h A B + b) + shift_k
+with A ~ N(0, 1) (D, r), B = 0 (r, D), b = 0, and per-layer scale_k = 1, shift_k = 0 for
+the k-th layer sharing the network, so the network starts as the identity. The output
+splits into (u~, g~). Parameters of several steps are stacked on a leading axis P; a rank
+mask keeps step t at its own rank.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def init_net(key: Array, d_in: int, d_out: int, n_layers: int, rank: int, n_blocks: int,
+             lr_init: float, lamda_init: float) -> dict[str, Array]:
+    dim = d_in + d_out
+    return {
+        "A": jax.random.normal(key, (n_blocks, dim, rank), jnp.float32),
+        "B": jnp.zeros((n_blocks, rank, dim), jnp.float32),
+        "b": jnp.zeros((n_blocks, dim), jnp.float32),
+        "scale": jnp.ones((n_blocks, n_layers, dim), jnp.float32),
+        "shift": jnp.zeros((n_blocks, n_layers, dim), jnp.float32),
+        "lr": jnp.full((n_layers,), lr_init, jnp.float32),          # eta_k
+        "lamda": jnp.full((n_layers,), lamda_init, jnp.float32),    # log ridge strength
+    }
+
+
+def apply_net(net: dict[str, Array], h: Array, rank_mask: Array) -> Array:
+    """h (K, N, D): rows of the K layers sharing this net -> (K, N, D).
+    rank_mask (r,) zeroes the columns of A above this step's rank."""
+    a = net["A"] * rank_mask
+
+    def block(h, p):
+        a, b_mat, bias, scale, shift = p
+        z = jax.nn.relu(jnp.einsum("knd,dr,re->kne", h, a, b_mat) + bias)
+        return h + scale[:, None, :] * z + shift[:, None, :], None
+
+    h, _ = jax.lax.scan(block, h, (a, net["B"], net["b"], net["scale"], net["shift"]))
+    return h

@@ -1,0 +1,46 @@
+"""Running mean / standard deviation of the hypernetwork inputs [u; g].
+
+Kept per hypernetwork, updated with every batch (also at evaluation time) by the
+parallel-variance merge of (count, mean, M2), and never differentiated.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class Stats(NamedTuple):
+    count: Array   # ()
+    mean: Array    # (D,)
+    m2: Array      # (D,) sum of squared deviations
+
+
+def init_stats(dim: int) -> Stats:
+    return Stats(jnp.zeros((), jnp.float32), jnp.zeros((dim,), jnp.float32), jnp.zeros((dim,), jnp.float32))
+
+
+def update(stats: Stats, x: Array, mask: Array) -> Stats:
+    """Merge the rows of x (N, D) where mask (N,) is True into stats."""
+    x = jax.lax.stop_gradient(x.astype(stats.mean.dtype))
+    w = mask.astype(x.dtype)[:, None]
+    n_b = jnp.sum(w)
+    mean_b = jnp.sum(x * w, axis=0) / jnp.maximum(n_b, 1.0)
+    m2_b = jnp.sum(jnp.square(x - mean_b) * w, axis=0)
+    n = stats.count + n_b
+    delta = mean_b - stats.mean
+    frac = n_b / jnp.maximum(n, 1.0)
+    mean = stats.mean + delta * frac
+    m2 = stats.m2 + m2_b + jnp.square(delta) * stats.count * frac
+    return Stats(n, mean, m2)
+
+
+def normalise(stats: Stats, x: Array, eps: float = 1e-5) -> Array:
+    """(x - mean) / std with the unbiased variance; constants for autodiff."""
+    stats = jax.lax.stop_gradient(stats)
+    var = stats.m2 / jnp.maximum(stats.count - 1.0, 1.0)
+    return (x - stats.mean) / (jnp.sqrt(var) + eps)

@@ -1,0 +1,38 @@
+"""Turning pseudo keys and value gradients into weight updates.
+
+ridge: dW = (U^T U + e^lamda I)^-1 U^T D   (EMSEdit, MALMEN, RLEdit)
+rank1: dW = sum_i u~_i d_iᵀ                 (MEND; d_i already carries -eta)
+
+Masked (padding) rows must be zero in U and D: they then contribute nothing. When
+there are fewer rows than input dimensions the same solution is computed in its dual
+form dW = U^T (U U^T + e^lamda I)^-1 D, which is cheaper and has the same gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def ridge(u: Array, d: Array, lamda: Array) -> Array:
+    """u (N, d_in), d (N, d_out), lamda () -> dW (d_in, d_out)."""
+    n, d_in = u.shape
+    reg = jnp.exp(lamda)
+    if n < d_in:
+        gram = u @ u.T + reg * jnp.eye(n, dtype=u.dtype)
+        return u.T @ jnp.linalg.solve(gram, d)
+    gram = u.T @ u + reg * jnp.eye(d_in, dtype=u.dtype)
+    return jnp.linalg.solve(gram, u.T @ d)
+
+
+def ridge_primal(u: Array, d: Array, lamda: Array) -> Array:
+    """The (d_in x d_in) normal-equation form, whatever the shapes (for tests)."""
+    gram = u.T @ u + jnp.exp(lamda) * jnp.eye(u.shape[1], dtype=u.dtype)
+    return jnp.linalg.solve(gram, u.T @ d)
+
+
+def rank1(u_tilde: Array, d: Array) -> Array:
+    """u~ (N, d_in), d (N, d_out) -> sum of outer products (d_in, d_out)."""
+    return u_tilde.T @ d

@@ -1,0 +1,116 @@
+"""One edit step and the T-step edit (a `jax.lax.scan`).
+
+A step, on the current model params + deltas, for a batch of requests:
+capture keys and value gradients -> normalise [u; g] -> hypernetwork -> pseudo keys and
+value gradients -> weight update (ridge solve, or MEND's rank-1 sum) -> deltas += dW.
+The editor state is explicit: `nets` (hypernetwork parameters, stacked over P = T or 1
+parameter sets, one net per kernel shape) and `stats` (normaliser statistics, the same
+layout). Both are plain pytrees.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ..models.config import ModelConfig
+from ..models.layers import Array, Params
+from ..models.transformer import module_shape
+from . import normalizer, solve
+from .capture import Batch, Capture, capture
+from .config import EditorConfig
+from .hypernet import apply_net, init_net
+
+Deltas = dict[str, Array]
+
+
+class EditorState(NamedTuple):
+    nets: dict[str, dict[str, Array]]      # shape key -> net params, leading axis P
+    stats: dict[str, normalizer.Stats]     # shape key -> normaliser stats, leading axis P
+
+
+def groups(ecfg: EditorConfig, lcfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Modules grouped by kernel shape: one hypernetwork per group, key 'd_inxd_out'."""
+    out: dict[str, list[str]] = {}
+    for name in ecfg.modules:
+        d_in, d_out = module_shape(lcfg, name)
+        out.setdefault(f"{d_in}x{d_out}", []).append(name)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def init_editor(ecfg: EditorConfig, lcfg: ModelConfig, key: Array) -> EditorState:
+    nets, stats = {}, {}
+    max_rank = max(ecfg.step_ranks())
+    for g, (shape_key, names) in enumerate(sorted(groups(ecfg, lcfg).items())):
+        d_in, d_out = module_shape(lcfg, names[0])
+        keys = jax.random.split(jax.random.fold_in(key, g), ecfg.n_param_sets)
+        per_step = [init_net(k, d_in, d_out, len(names), max_rank, ecfg.n_blocks, ecfg.lr_init,
+                             ecfg.lamda_init) for k in keys]
+        nets[shape_key] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+        stats[shape_key] = jax.tree.map(lambda x: jnp.stack([x] * ecfg.n_param_sets),
+                                        normalizer.init_stats(d_in + d_out))
+    return EditorState(nets, stats)
+
+
+def zero_deltas(ecfg: EditorConfig, lcfg: ModelConfig, dtype=jnp.float32) -> Deltas:
+    return {m: jnp.zeros(module_shape(lcfg, m), dtype) for m in ecfg.modules}
+
+
+def _rank_mask(ecfg: EditorConfig, i: Array) -> Array:
+    ranks = jnp.asarray(ecfg.step_ranks())
+    return (jnp.arange(max(ecfg.step_ranks())) < ranks[i]).astype(jnp.float32)
+
+
+def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Mapping, cap: Capture,
+                rank_mask: Array) -> tuple[Deltas, dict]:
+    """Weight updates of one step from a capture, with one parameter set (no P axis).
+    Returns ({module: dW (d_in, d_out)}, updated stats)."""
+    mask = cap.mask.reshape(-1)
+    new_stats, deltas = {}, {}
+    for key, names in groups(ecfg, lcfg).items():
+        d_in = module_shape(lcfg, names[0])[0]
+        dtype = nets[key]["A"].dtype                                # editor precision
+        u = jnp.stack([cap.keys[m].reshape(-1, d_in) for m in names]).astype(dtype)
+        g = jnp.stack([cap.grads[m].reshape(u.shape[1], -1) for m in names]).astype(dtype)
+        x = jnp.concatenate([u, g], axis=-1)                       # (K, N, D)
+        k = len(names)
+        st = normalizer.update(stats[key], x.reshape(k * x.shape[1], -1), jnp.tile(mask, k))
+        new_stats[key] = st
+        maskf = mask.astype(dtype)
+        h = normalizer.normalise(st, x, ecfg.norm_eps) * maskf[None, :, None]
+        out = apply_net(nets[key], h, rank_mask)
+        u_t, g_t = out[..., :d_in], out[..., d_in:]
+        lr = nets[key]["lr"][:, None]
+        if ecfg.update_rule == "rank1":
+            dws = jax.vmap(solve.rank1)(u_t * maskf[None, :, None], -lr[..., None] * g_t * maskf[None, :, None])
+        else:
+            coeff = -lr * jnp.sum(u * u_t, axis=-1)                 # (K, N)
+            d = coeff[..., None] * g_t * maskf[None, :, None]
+            dws = jax.vmap(solve.ridge)(u * maskf[None, :, None], d, nets[key]["lamda"])
+        deltas.update({m: dws[i] for i, m in enumerate(names)})
+    return deltas, new_stats
+
+
+def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state: EditorState,
+                    batch: Batch, deltas: Deltas, *, n_answer: int, hidden: Array | None = None,
+                    remat: bool = False) -> tuple[Deltas, EditorState, Deltas]:
+    """Applies T edit steps to params + deltas for `batch`.
+    Returns (new deltas, editor state with updated stats, the per-step updates stacked
+    on a leading T axis)."""
+
+    def body(carry, t):
+        deltas, stats = carry
+        i = t if ecfg.step_specific else 0
+        nets_i = jax.tree.map(lambda a: a[i], state.nets)
+        stats_i = jax.tree.map(lambda a: a[i], stats)
+        cap = capture(lcfg, params, batch, ecfg.modules, deltas, n_answer=n_answer, hidden=hidden, remat=remat)
+        if ecfg.msbp == "detached":
+            cap = cap._replace(keys=jax.lax.stop_gradient(cap.keys), grads=jax.lax.stop_gradient(cap.grads))
+        dws, st = step_update(ecfg, lcfg, nets_i, stats_i, cap, _rank_mask(ecfg, i))
+        stats = jax.tree.map(lambda s, n: s.at[i].set(n), stats, st)
+        return ({m: deltas[m] + dws[m] for m in deltas}, stats), dws
+
+    (deltas, stats), per_step = jax.lax.scan(body, (dict(deltas), state.stats), jnp.arange(ecfg.steps))
+    return deltas, EditorState(state.nets, stats), per_step

@@ -1,0 +1,193 @@
+"""The editor's building blocks: identity hypernetwork at initialisation, the ridge
+solve's gradient against the hand-written adjoint, MSBP gradients (detached and exact)
+against float64 finite differences, the normaliser's merge, and exact rollback."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emsedit_jax.editor import normalizer, solve
+from emsedit_jax.editor.capture import IGNORE, Batch, capture, edited_loss
+from emsedit_jax.editor.config import EditorConfig
+from emsedit_jax.editor.hypernet import apply_net, init_net
+from emsedit_jax.editor.steps import (EditorState, init_editor, multi_step_edit, step_update,
+                                      zero_deltas)
+from emsedit_jax.models import ModelConfig, apply_deltas, init_params
+
+TINY = ModelConfig.from_hf(dict(model_type="llama", vocab_size=53, hidden_size=16, intermediate_size=24,
+                                num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                tie_word_embeddings=True))
+MODULES = ("model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj")
+
+
+def tiny_batch(seed, b=3, s=7):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, TINY.vocab_size, size=(b, s)).astype(np.int32)
+    lengths = np.array([s, s - 1, s - 2])[:b]
+    mask = (np.arange(s)[None] < lengths[:, None]).astype(np.int32)
+    labels = np.full((b, s), IGNORE, np.int32)
+    for r, n in enumerate(lengths):
+        labels[r, n - 2:n] = rng.integers(1, TINY.vocab_size, size=2)
+    return Batch(jnp.asarray(ids * mask), jnp.asarray(mask), jnp.asarray(labels))
+
+
+def test_hypernet_is_identity_at_init():
+    net = init_net(jax.random.key(0), 5, 7, n_layers=3, rank=4, n_blocks=3, lr_init=1e-3, lamda_init=0.0)
+    h = jax.random.normal(jax.random.key(1), (3, 11, 12))
+    np.testing.assert_array_equal(np.asarray(apply_net(net, h, jnp.ones(4))), np.asarray(h))
+    # ...and not the identity once B is non-zero (the test can fail).
+    net["B"] = net["B"] + 0.1
+    assert not np.allclose(np.asarray(apply_net(net, h, jnp.ones(4))), np.asarray(h))
+
+
+def test_ridge_gradient_matches_handwritten_adjoint():
+    with jax.enable_x64(True):
+        k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+        for n, d_in in [(5, 8), (12, 8)]:         # dual and primal forms
+            u = jax.random.normal(k1, (n, d_in), jnp.float64)
+            d = jax.random.normal(k2, (n, 6), jnp.float64)
+            lam = jnp.asarray(0.3, jnp.float64)
+            c = jax.random.normal(k3, (d_in, 6), jnp.float64)    # L = <C, dW>, so dL/dW = C
+            dw = solve.ridge(u, d, lam)
+            np.testing.assert_allclose(dw, solve.ridge_primal(u, d, lam), rtol=1e-10, atol=1e-12)
+            g_d, g_lam = jax.grad(lambda d, lam: jnp.sum(c * solve.ridge(u, d, lam)), argnums=(0, 1))(d, lam)
+            m = jnp.linalg.solve(u.T @ u + jnp.exp(lam) * jnp.eye(d_in), c)
+            np.testing.assert_allclose(g_d, u @ m, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(g_lam, -jnp.exp(lam) * jnp.sum(m * dw), rtol=1e-9)
+
+
+def test_normaliser_merge_equals_full_statistics():
+    x = np.random.default_rng(0).normal(size=(40, 5)) * 3 + 1
+    mask = np.random.default_rng(1).random(40) > 0.3
+    st = normalizer.init_stats(5)
+    for part in np.array_split(np.arange(40), 4):
+        st = normalizer.update(st, jnp.asarray(x[part]), jnp.asarray(mask[part]))
+    rows = x[mask]
+    assert float(st.count) == len(rows)
+    np.testing.assert_allclose(st.mean, rows.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(st.m2 / (st.count - 1), rows.var(0, ddof=1), rtol=1e-4)
+
+
+def _setup(ecfg, dtype=jnp.float32):
+    params = init_params(TINY, jax.random.key(3), dtype, scale=0.3)
+    state = init_editor(ecfg, TINY, jax.random.key(4))
+    # Perturb the zero-initialised parts so every parameter has a gradient path.
+    nets = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape, a.dtype),
+                        state.nets)
+    nets = jax.tree.map(lambda a: a.astype(dtype), nets)
+    for k in nets:
+        nets[k]["A"] = nets[k]["A"] * 0.3
+        nets[k]["lr"] = jnp.full_like(nets[k]["lr"], 0.5)
+    # Huge prior counts make the normaliser's statistics constant to ~1e-10, so finite
+    # differences see the same function the (stop-gradient) normaliser differentiates.
+    stats = jax.tree.map(lambda s: s.astype(dtype), state.stats)
+    stats = {k: normalizer.Stats(jnp.full_like(s.count, 1e12), jnp.zeros_like(s.mean), jnp.full_like(s.m2, 1e12))
+             for k, s in stats.items()}
+    return params, EditorState(nets, stats)
+
+
+def _meta_loss(ecfg, params, state, edit, gen):
+    dtype = params["norm"]["weight"].dtype
+    deltas, _, _ = multi_step_edit(ecfg, TINY, params, state, edit, zero_deltas(ecfg, TINY, dtype), n_answer=2)
+    return edited_loss(TINY, params, gen, deltas, n_answer=2) + 0.1 * sum(jnp.sum(d * d) for d in deltas.values())
+
+
+def _directional_fd(f, x, v, eps=1e-7):
+    plus = jax.tree.map(lambda a, b: a + eps * b, x, v)
+    minus = jax.tree.map(lambda a, b: a - eps * b, x, v)
+    return (f(plus) - f(minus)) / (2 * eps)
+
+
+def _dot(a, b):
+    return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("step_specific", [True, False])
+def test_msbp_exact_gradient_matches_finite_differences(step_specific):
+    with jax.enable_x64(True):
+        ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=2, steps=2, msbp="exact", step_specific=step_specific)
+        params, state = _setup(ecfg, jnp.float64)
+        edit, gen = tiny_batch(0), tiny_batch(1)
+        f = jax.jit(lambda nets: _meta_loss(ecfg, params, EditorState(nets, state.stats), edit, gen))
+        grad = jax.jit(jax.grad(f))(state.nets)
+        for seed in range(3):
+            v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(seed + a.ndim), a.shape, a.dtype), state.nets)
+            fd = _directional_fd(f, state.nets, v)
+            np.testing.assert_allclose(float(_dot(grad, v)), float(fd), rtol=1e-6)
+
+
+def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
+    """Detached MSBP differentiates the edit with every step's keys and value gradients
+    held at their current values: check against finite differences of exactly that."""
+    with jax.enable_x64(True):
+        ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=2, steps=2, msbp="detached")
+        params, state = _setup(ecfg, jnp.float64)
+        edit, gen = tiny_batch(0), tiny_batch(1)
+        # Record the captures of each step at the current editor parameters.
+        caps, deltas = [], zero_deltas(ecfg, TINY, jnp.float64)
+        for t in range(2):
+            cap = capture(TINY, params, edit, MODULES, deltas, n_answer=2)
+            caps.append(cap)
+            nets_t = jax.tree.map(lambda a: a[t], state.nets)
+            stats_t = jax.tree.map(lambda a: a[t], state.stats)
+            dws, _ = step_update(ecfg, TINY, nets_t, stats_t, cap, jnp.asarray(np.arange(4) < ecfg.step_ranks()[t], jnp.float64))
+            deltas = {m: deltas[m] + dws[m] for m in deltas}
+
+        def frozen(nets):
+            total = zero_deltas(ecfg, TINY, jnp.float64)
+            for t in range(2):
+                dws, _ = step_update(ecfg, TINY, jax.tree.map(lambda a: a[t], nets),
+                                     jax.tree.map(lambda a: a[t], state.stats), caps[t],
+                                     jnp.asarray(np.arange(4) < ecfg.step_ranks()[t], jnp.float64))
+                total = {m: total[m] + dws[m] for m in total}
+            return edited_loss(TINY, params, gen, total, n_answer=2) + 0.1 * sum(jnp.sum(d * d) for d in total.values())
+
+        f = jax.jit(lambda nets: _meta_loss(ecfg, params, EditorState(nets, state.stats), edit, gen))
+        frozen = jax.jit(frozen)
+        np.testing.assert_allclose(float(f(state.nets)), float(frozen(state.nets)), rtol=1e-12)
+        grad = jax.grad(f)(state.nets)
+        for seed in range(3):
+            v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(seed + a.ndim), a.shape, a.dtype), state.nets)
+            np.testing.assert_allclose(float(_dot(grad, v)), float(_directional_fd(frozen, state.nets, v)), rtol=1e-6)
+        # Exact MSBP differs: it also sees how step 2's captures depend on step 1.
+        exact = jax.grad(lambda n: _meta_loss(EditorConfig(**{**ecfg.__dict__, "msbp": "exact"}), params,
+                                              EditorState(n, state.stats), edit, gen))(state.nets)
+        diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(exact)))
+        assert diff > 1e-8
+
+
+def test_step_ranks_and_rank_mask_keep_step_rank():
+    ecfg = EditorConfig(modules=MODULES, rank=8, n_blocks=1, steps=3)
+    assert ecfg.step_ranks() == (8, 4, 2)
+    assert EditorConfig(modules=MODULES, rank=8, steps=3, step_specific=False).step_ranks() == (8,)
+    # Step 2's net ignores the columns of A above its rank.
+    net = init_net(jax.random.key(0), 4, 4, 1, 8, 1, 1e-3, 0.0)
+    net["B"] = jnp.ones_like(net["B"])
+    h = jax.random.normal(jax.random.key(1), (1, 3, 8))
+    mask = (jnp.arange(8) < 2).astype(jnp.float32)
+    net2 = dict(net, A=net["A"].at[:, :, 2:].set(123.0))
+    np.testing.assert_allclose(apply_net(net, h, mask), apply_net(net2, h, mask), rtol=1e-6)
+
+
+def test_rollback_and_apply_are_exact():
+    ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.3)
+    params, state = _setup(ecfg)
+    original = jax.tree.map(lambda a: np.array(a), params)
+    deltas, _, per_step = multi_step_edit(ecfg, TINY, params, state, tiny_batch(0), zero_deltas(ecfg, TINY), n_answer=2)
+    assert all(float(jnp.abs(d).max()) > 0 for d in deltas.values())
+    np.testing.assert_allclose(sum(per_step[m] for m in [MODULES[0]])[0] + per_step[MODULES[0]][1], deltas[MODULES[0]], rtol=1e-6)
+    edited = apply_deltas(TINY, params, deltas)
+    # The parameters passed in are untouched: rolling back is dropping the deltas.
+    jax.tree.map(np.testing.assert_array_equal, params, original)
+    # Subtracting the deltas again restores the weights to within float32 rounding;
+    # the delta representation itself (params + deltas) never loses a bit.
+    back = apply_deltas(TINY, edited, {m: -d for m, d in deltas.items()})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), back, original)
+    ids = tiny_batch(1)
+    from emsedit_jax.editor.capture import edited_logits
+    lg_edit, _, _ = edited_logits(TINY, params, ids, deltas, n_answer=2)
+    lg_applied, _, _ = edited_logits(TINY, edited, ids, None, n_answer=2)
+    np.testing.assert_allclose(lg_edit, lg_applied, atol=1e-5)
