@@ -143,7 +143,7 @@ def test_parity_capture_against_hooks(pair):
     cap = jax.jit(lambda p, b: capture(cfg, p, b, modules, n_answer=4))(ours.params, batch)
     # Same capture from a cached prefix hidden state.
     hid = prefix_hidden(cfg, ours.params, batch, first_layer(cfg, modules))
-    cap2 = capture(cfg, ours.params, batch, modules, n_answer=4, hidden=hid)
+    cap2 = capture(cfg, ours.params, batch, modules, n_answer=4, prefix=hid)
     assert abs(float(cap.loss) - loss_t.item()) < 1e-5
     rows, cols = np.nonzero(labels != IGNORE)
     m_np = np.asarray(cap.mask)

@@ -18,17 +18,21 @@ import jax
 import jax.numpy as jnp
 
 from ..models.config import ModelConfig
-from ..models.layers import Array, ModuleEdit, Params
+from ..models.layers import Array, ModuleEdit, Params, default_positions
 from ..models.transformer import context, embed, head, module_shape, parse_module, run_layers
 
 IGNORE = -100
 
 
 class Batch(NamedTuple):
-    """Teacher-forced sequences, right padded: position p predicts labels[p]."""
-    input_ids: Array        # (B, S) int32
-    attention_mask: Array   # (B, S) int32, 1 for real tokens
-    labels: Array           # (B, S) int32, IGNORE outside the answer
+    """Teacher-forced sequences: position p predicts labels[p]. Rows are either one
+    right-padded sequence each (attention_mask 0/1, positions None = 0..S-1) or several
+    packed sequences (attention_mask = segment id 1, 2, ... per sequence, 0 on padding,
+    positions restarting at 0 in each segment)."""
+    input_ids: Array                # (B, S) int32
+    attention_mask: Array           # (B, S) int32
+    labels: Array                   # (B, S) int32, IGNORE outside the answers
+    positions: Array | None = None  # (B, S) int32
 
 
 class Capture(NamedTuple):
@@ -57,26 +61,40 @@ def token_nll(logits: Array, targets: Array, mask: Array) -> Array:
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
+def _positions(batch: Batch) -> Array:
+    return default_positions(batch.attention_mask) if batch.positions is None else batch.positions
+
+
+class Prefix(NamedTuple):
+    """Hidden state (B, S, D) at the input of layer `start` (a Python int), computed by
+    the unedited layers below it. Reused by every pass whose edits are all >= start."""
+    hidden: Array
+    start: int
+
+
 def first_layer(cfg: ModelConfig, modules: Sequence[str]) -> int:
     """The lowest layer touched by `modules`: everything below it is edit-independent."""
     return min(parse_module(cfg, m)[0] for m in modules)
 
 
-def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, stop: int, remat: bool = False) -> Array:
-    """Hidden state (B, S, D) at the input of layer `stop`, for unedited layers [0, stop)."""
-    ctx = context(cfg, batch.attention_mask)
-    h, _ = run_layers(cfg, params, embed(cfg, params, batch.input_ids), ctx, stop=stop, remat=remat)
-    return h
+def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, remat: bool = False) -> Prefix:
+    """Runs the unedited layers [0, start) once (no gradient flows into them)."""
+    pos = _positions(batch)
+    ctx = context(cfg, batch.attention_mask, pos)
+    h, _ = run_layers(cfg, params, embed(cfg, params, batch.input_ids, pos), ctx, stop=start, remat=remat)
+    return Prefix(jax.lax.stop_gradient(h), start)
 
 
-def _run(cfg, params, batch, edits_by_name, positions, hidden, start, remat):
+def _run(cfg, params, batch, edits_by_name, positions, prefix: Prefix | None, remat):
     edits: dict[int, dict[str, ModuleEdit]] = {}
     for name, edit in edits_by_name.items():
         layer, suffix = parse_module(cfg, name)
         edits.setdefault(layer, {})[suffix] = edit
-    ctx = context(cfg, batch.attention_mask)
-    if hidden is None:
-        hidden, start = embed(cfg, params, batch.input_ids), 0
+    if prefix is not None and edits and min(edits) < prefix.start:
+        raise ValueError(f"an edit at layer {min(edits)} lies below the cached prefix (layer {prefix.start})")
+    pos = _positions(batch)
+    ctx = context(cfg, batch.attention_mask, pos)
+    hidden, start = (embed(cfg, params, batch.input_ids, pos), 0) if prefix is None else prefix
     h, keys = run_layers(cfg, params, hidden, ctx, start=start, edits=edits, remat=remat)
     logits = head(cfg, params, h, positions)
     return logits, {name: keys[parse_module(cfg, name)] for name, e in edits_by_name.items()
@@ -84,42 +102,37 @@ def _run(cfg, params, batch, edits_by_name, positions, hidden, start, remat):
 
 
 def edited_logits(cfg: ModelConfig, params: Params, batch: Batch, deltas: Mapping[str, Array] | None,
-                  *, n_answer: int, hidden: Array | None = None, remat: bool = False
+                  *, n_answer: int, prefix: Prefix | None = None, remat: bool = False
                   ) -> tuple[Array, Array, Array]:
-    """Logits of the edited model at the answer slots.
-    Returns logits (B, A, V) float32, targets (B, A), mask (B, A).
-    `hidden` (optional) is `prefix_hidden(..., first_layer(deltas))`."""
+    """Logits of params + deltas at the answer slots: logits (B, A, V) in float32,
+    targets (B, A), mask (B, A). `prefix` skips the unedited lower layers."""
     positions, targets, mask = answer_slots(batch.labels, n_answer)
-    deltas = dict(deltas or {})
-    start = first_layer(cfg, list(deltas)) if (deltas and hidden is not None) else 0
-    edits = {name: ModuleEdit(delta=d) for name, d in deltas.items()}
-    logits, _ = _run(cfg, params, batch, edits, positions, hidden if deltas else None, start, remat)
+    edits = {name: ModuleEdit(delta=d) for name, d in (deltas or {}).items()}
+    logits, _ = _run(cfg, params, batch, edits, positions, prefix, remat)
     return logits, targets, mask
 
 
 def edited_loss(cfg: ModelConfig, params: Params, batch: Batch, deltas: Mapping[str, Array] | None,
-                *, n_answer: int, hidden: Array | None = None, remat: bool = False) -> Array:
+                *, n_answer: int, prefix: Prefix | None = None, remat: bool = False) -> Array:
     """Mean cross-entropy of the answer tokens under params + deltas."""
-    return token_nll(*edited_logits(cfg, params, batch, deltas, n_answer=n_answer, hidden=hidden, remat=remat))
+    return token_nll(*edited_logits(cfg, params, batch, deltas, n_answer=n_answer, prefix=prefix, remat=remat))
 
 
 def capture(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[str],
             deltas: Mapping[str, Array] | None = None, *, n_answer: int,
-            hidden: Array | None = None, remat: bool = False) -> Capture:
+            prefix: Prefix | None = None, remat: bool = False) -> Capture:
     """Loss, keys and value gradients of `modules` on params + deltas (jittable;
-    `modules` and `n_answer` are static). With `hidden` (the output of
-    `prefix_hidden(cfg, params, batch, first_layer(cfg, modules))`) the unedited lower
-    layers are not recomputed."""
+    `modules` and `n_answer` are static). With `prefix` the unedited lower layers
+    are not recomputed."""
     modules = tuple(modules)
     deltas = dict(deltas or {})
     positions, targets, mask = answer_slots(batch.labels, n_answer)
     b = batch.input_ids.shape[0]
-    start = first_layer(cfg, modules + tuple(deltas))
 
     def loss_fn(probes):
         edits = {name: ModuleEdit(deltas.get(name), positions, probes[name]) for name in modules}
         edits |= {name: ModuleEdit(d) for name, d in deltas.items() if name not in edits}
-        logits, keys = _run(cfg, params, batch, edits, positions, hidden, start, remat)
+        logits, keys = _run(cfg, params, batch, edits, positions, prefix, remat)
         return token_nll(logits, targets, mask), keys
 
     # Probes (and so value gradients) in float32, or float64 for a float64 model.

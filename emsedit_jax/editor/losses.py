@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ..models.config import ModelConfig
 from ..models.layers import Array, Params
-from .capture import Batch, edited_logits, token_nll
+from .capture import Batch, Prefix, edited_logits, token_nll
 
 
 def sq_norm(deltas: Mapping[str, Array]) -> Array:
@@ -22,10 +22,10 @@ def sq_norm(deltas: Mapping[str, Array]) -> Array:
 
 
 def kl_locality(lcfg: ModelConfig, params: Params, batch: Batch, deltas: Mapping[str, Array], *,
-                n_answer: int, hidden: Array | None = None) -> Array:
+                n_answer: int, prefix: Prefix | None = None) -> Array:
     """Mean over locality answer slots of KL(p_original || p_edited)."""
-    base, _, mask = edited_logits(lcfg, params, batch, None, n_answer=n_answer)
-    new, _, _ = edited_logits(lcfg, params, batch, deltas, n_answer=n_answer, hidden=hidden)
+    base, _, mask = edited_logits(lcfg, params, batch, None, n_answer=n_answer, prefix=prefix)
+    new, _, _ = edited_logits(lcfg, params, batch, deltas, n_answer=n_answer, prefix=prefix)
     logp0 = jax.nn.log_softmax(jax.lax.stop_gradient(base), axis=-1)
     logp1 = jax.nn.log_softmax(new, axis=-1)
     kl = jnp.sum(jnp.exp(logp0) * (logp0 - logp1), axis=-1)
@@ -33,5 +33,5 @@ def kl_locality(lcfg: ModelConfig, params: Params, batch: Batch, deltas: Mapping
 
 
 def generalisation_loss(lcfg: ModelConfig, params: Params, batch: Batch, deltas: Mapping[str, Array], *,
-                        n_answer: int, hidden: Array | None = None) -> Array:
-    return token_nll(*edited_logits(lcfg, params, batch, deltas, n_answer=n_answer, hidden=hidden))
+                        n_answer: int, prefix: Prefix | None = None) -> Array:
+    return token_nll(*edited_logits(lcfg, params, batch, deltas, n_answer=n_answer, prefix=prefix))

@@ -19,7 +19,7 @@ from ..models.config import ModelConfig
 from ..models.layers import Array, Params
 from ..models.transformer import module_shape
 from . import normalizer, solve
-from .capture import Batch, Capture, capture
+from .capture import Batch, Capture, Prefix, capture
 from .config import EditorConfig
 from .hypernet import apply_net, init_net
 
@@ -94,7 +94,7 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
 
 
 def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state: EditorState,
-                    batch: Batch, deltas: Deltas, *, n_answer: int, hidden: Array | None = None,
+                    batch: Batch, deltas: Deltas, *, n_answer: int, prefix: Prefix | None = None,
                     remat: bool = False) -> tuple[Deltas, EditorState, Deltas]:
     """Applies T edit steps to params + deltas for `batch`.
     Returns (new deltas, editor state with updated stats, the per-step updates stacked
@@ -105,7 +105,7 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
         i = t if ecfg.step_specific else 0
         nets_i = jax.tree.map(lambda a: a[i], state.nets)
         stats_i = jax.tree.map(lambda a: a[i], stats)
-        cap = capture(lcfg, params, batch, ecfg.modules, deltas, n_answer=n_answer, hidden=hidden, remat=remat)
+        cap = capture(lcfg, params, batch, ecfg.modules, deltas, n_answer=n_answer, prefix=prefix, remat=remat)
         if ecfg.msbp == "detached":
             cap = cap._replace(keys=jax.lax.stop_gradient(cap.keys), grads=jax.lax.stop_gradient(cap.grads))
         dws, st = step_update(ecfg, lcfg, nets_i, stats_i, cap, _rank_mask(ecfg, i))

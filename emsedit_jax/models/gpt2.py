@@ -30,13 +30,12 @@ def tensor_specs(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     return specs
 
 
-def context(cfg: ModelConfig, attention_mask):
+def context(cfg: ModelConfig, attention_mask, positions):
     return {"bias": attention_bias(attention_mask)}
 
 
-def embed(cfg: ModelConfig, params, input_ids):
-    pos = jnp.arange(input_ids.shape[1])
-    return params["wte"]["embedding"][input_ids] + params["wpe"]["embedding"][pos][None]
+def embed(cfg: ModelConfig, params, input_ids, positions):
+    return params["wte"]["embedding"][input_ids] + params["wpe"]["embedding"][positions]
 
 
 def block(cfg: ModelConfig, lp, h, ctx, tap: Tap):

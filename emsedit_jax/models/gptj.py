@@ -30,13 +30,13 @@ def tensor_specs(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     return specs
 
 
-def context(cfg: ModelConfig, attention_mask):
+def context(cfg: ModelConfig, attention_mask, positions):
     cos, sin = rope_tables([1.0 / (cfg.rope_theta ** (i / cfg.rotary_dim))
-                            for i in range(0, cfg.rotary_dim, 2)], attention_mask.shape[1])
+                            for i in range(0, cfg.rotary_dim, 2)], positions)
     return {"bias": attention_bias(attention_mask), "cos": cos, "sin": sin}
 
 
-def embed(cfg: ModelConfig, params, input_ids):
+def embed(cfg: ModelConfig, params, input_ids, positions):
     return params["wte"]["embedding"][input_ids]
 
 

@@ -151,18 +151,18 @@ def activation(name: str, x: Array) -> Array:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def rope_tables(inv_freq, seq_len: int) -> tuple[Array, Array]:
-    """cos, sin of shape (S, len(inv_freq)) in float32."""
+def rope_tables(inv_freq, positions: Array) -> tuple[Array, Array]:
+    """cos, sin of shape (B, S, len(inv_freq)) in float32 for positions (B, S)."""
     inv = jnp.asarray(inv_freq, jnp.float32)
-    ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv[None, :]
+    ang = positions.astype(jnp.float32)[..., None] * inv
     return jnp.cos(ang), jnp.sin(ang)
 
 
 def rope_rotate_half(x: Array, cos: Array, sin: Array) -> Array:
     """Llama convention: the two halves of the head dim are the (re, im) parts.
-    x (B, S, N, Dh); cos/sin (S, Dh/2)."""
-    c = jnp.concatenate([cos, cos], -1)[None, :, None, :].astype(x.dtype)
-    s = jnp.concatenate([sin, sin], -1)[None, :, None, :].astype(x.dtype)
+    x (B, S, N, Dh); cos/sin (B, S, Dh/2)."""
+    c = jnp.concatenate([cos, cos], -1)[:, :, None, :].astype(x.dtype)
+    s = jnp.concatenate([sin, sin], -1)[:, :, None, :].astype(x.dtype)
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * c + rot * s
@@ -170,21 +170,29 @@ def rope_rotate_half(x: Array, cos: Array, sin: Array) -> Array:
 
 def rope_interleaved(x: Array, cos: Array, sin: Array, rotary_dim: int) -> Array:
     """GPT-J convention: adjacent pairs (2i, 2i+1) are rotated, on the first
-    `rotary_dim` dims only. x (B, S, N, Dh); cos/sin (S, rotary_dim/2)."""
+    `rotary_dim` dims only. x (B, S, N, Dh); cos/sin (B, S, rotary_dim/2)."""
     xr, xp = x[..., :rotary_dim], x[..., rotary_dim:]
-    c = jnp.repeat(cos, 2, axis=-1)[None, :, None, :].astype(x.dtype)
-    s = jnp.repeat(sin, 2, axis=-1)[None, :, None, :].astype(x.dtype)
+    c = jnp.repeat(cos, 2, axis=-1)[:, :, None, :].astype(x.dtype)
+    s = jnp.repeat(sin, 2, axis=-1)[:, :, None, :].astype(x.dtype)
     x1, x2 = xr[..., 0::2], xr[..., 1::2]
     rot = jnp.stack([-x2, x1], axis=-1).reshape(xr.shape)
     return jnp.concatenate([xr * c + rot * s, xp], axis=-1)
 
 
+def default_positions(attention_mask: Array) -> Array:
+    """Positions 0..S-1 for every row (right padding)."""
+    return jnp.broadcast_to(jnp.arange(attention_mask.shape[1], dtype=jnp.int32), attention_mask.shape)
+
+
 def attention_bias(attention_mask: Array, sliding_window: int | None = None) -> Array:
-    """Additive mask (B, 1, 1, S, S) in float32: causal, key padding, optional window."""
+    """Additive mask (B, 1, 1, S, S) in float32: causal, and a query sees only keys of
+    its own sequence. `attention_mask` is 0 on padding and, for packed rows, holds a
+    distinct positive segment id per packed sequence (a plain 0/1 mask is one segment)."""
     s = attention_mask.shape[1]
     q = jnp.arange(s)[:, None]
     k = jnp.arange(s)[None, :]
-    allowed = (k <= q)[None] & (attention_mask[:, None, :] > 0)
+    seg = attention_mask
+    allowed = (k <= q)[None] & (seg[:, None, :] == seg[:, :, None]) & (seg[:, None, :] > 0)
     if sliding_window is not None:
         allowed = allowed & ((q - k) < sliding_window)[None]
     bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)

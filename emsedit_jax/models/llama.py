@@ -33,13 +33,12 @@ def tensor_specs(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     return specs
 
 
-def context(cfg: ModelConfig, attention_mask):
-    s = attention_mask.shape[1]
-    cos, sin = rope_tables(rope_inv_freq(cfg, cfg.head_dim), s)
+def context(cfg: ModelConfig, attention_mask, positions):
+    cos, sin = rope_tables(rope_inv_freq(cfg, cfg.head_dim), positions)
     return {"bias": attention_bias(attention_mask, cfg.sliding_window), "cos": cos, "sin": sin}
 
 
-def embed(cfg: ModelConfig, params, input_ids):
+def embed(cfg: ModelConfig, params, input_ids, positions):
     return params["embed_tokens"]["embedding"][input_ids]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import gpt2, gptj, llama
 from .config import ModelConfig
-from .layers import Array, ModuleEdit, Params, Tap, TensorSpec, set_path
+from .layers import Array, ModuleEdit, Params, Tap, TensorSpec, default_positions, set_path
 
 Edits = Mapping[int, Mapping[str, ModuleEdit]]   # layer index -> module suffix -> edit
 
@@ -105,14 +105,15 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> Params:
 
 
 # ---------------------------------------------------------------- forward pieces
-def embed(cfg: ModelConfig, params: Params, input_ids: Array) -> Array:
-    """input_ids (B, S) -> hidden (B, S, D)."""
-    return family(cfg).embed(cfg, params, input_ids)
+def embed(cfg: ModelConfig, params: Params, input_ids: Array, positions: Array) -> Array:
+    """input_ids (B, S), positions (B, S) -> hidden (B, S, D)."""
+    return family(cfg).embed(cfg, params, input_ids, positions)
 
 
-def context(cfg: ModelConfig, attention_mask: Array) -> dict:
-    """Per-batch constants of the layers (mask bias, rotary tables)."""
-    return family(cfg).context(cfg, attention_mask)
+def context(cfg: ModelConfig, attention_mask: Array, positions: Array) -> dict:
+    """Per-batch constants of the layers (mask bias, rotary tables). attention_mask
+    (B, S) is 0 on padding and a segment id per packed sequence otherwise."""
+    return family(cfg).context(cfg, attention_mask, positions)
 
 
 def _layer(tree, i):
@@ -159,11 +160,14 @@ def head(cfg: ModelConfig, params: Params, h: Array, positions: Array | None = N
 
 
 def forward(cfg: ModelConfig, params: Params, input_ids: Array, attention_mask: Array, *,
-            edits: Edits | None = None, logit_positions: Array | None = None,
-            remat: bool = False) -> tuple[Array, dict[tuple[int, str], Array]]:
-    """Full model: (B, S) ids and mask -> (logits, captured keys)."""
-    ctx = context(cfg, attention_mask)
-    h, keys = run_layers(cfg, params, embed(cfg, params, input_ids), ctx, edits=edits, remat=remat)
+            positions: Array | None = None, edits: Edits | None = None,
+            logit_positions: Array | None = None, remat: bool = False
+            ) -> tuple[Array, dict[tuple[int, str], Array]]:
+    """Full model: (B, S) ids and mask -> (logits, captured keys). `positions`
+    defaults to 0..S-1 (right padding); packed rows pass each token's position."""
+    positions = default_positions(attention_mask) if positions is None else positions
+    ctx = context(cfg, attention_mask, positions)
+    h, keys = run_layers(cfg, params, embed(cfg, params, input_ids, positions), ctx, edits=edits, remat=remat)
     return head(cfg, params, h, logit_positions), keys
 
 

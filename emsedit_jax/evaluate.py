@@ -1,0 +1,187 @@
+"""Editing protocols and metrics.
+
+Protocols: sequential (`num_seq` batches of `n_edits` requests applied one after the
+other, never reset; scored after the last batch over every request edited so far,
+optionally after each batch: the "full curve") and batch (one batch of `n_edits`).
+
+Metrics, in % and averaged over requests:
+- "zsre": ES / GS / LS = teacher-forced token accuracy of the new target on the edit
+  prompt / the paraphrase, and of the locality answer on the locality prompt.
+- "counterfact": ES / GS = fraction of answer positions where the new target's token
+  has a higher logit than the true target's token at the same position; LS = fraction
+  of the locality prompt's answer positions where the true token beats the new one.
+The unedited model is scored on the same requests with the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .editor.capture import Batch, answer_slots, edited_logits, first_layer, prefix_hidden
+from .editor.config import EditorConfig
+from .editor.steps import Deltas, EditorState, multi_step_edit, zero_deltas
+from .models.config import ModelConfig
+from .models.hf_io import Model
+from .pipeline import VIEWS, EncodedSplit, Layout
+
+Metric = Literal["zsre", "counterfact"]
+SCORE_CHUNK = 25
+METRIC_NAMES = {"edit": "ES", "rephrase": "GS", "loc": "LS"}
+
+
+@functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "n_answer"))
+def edit_batch(state: EditorState, params, batch: Batch, deltas: Deltas, *, ecfg: EditorConfig,
+               lcfg: ModelConfig, n_answer: int) -> tuple[Deltas, EditorState]:
+    """Applies the T-step edit of one batch (its edit view) to params + deltas."""
+    prefix = prefix_hidden(lcfg, params, batch, first_layer(lcfg, ecfg.modules))
+    deltas, state, _ = multi_step_edit(ecfg, lcfg, params, state, batch, deltas, n_answer=n_answer, prefix=prefix)
+    return deltas, state
+
+
+@functools.partial(jax.jit, static_argnames=("lcfg", "n_answer"))
+def slot_scores(params, deltas: Deltas, batch: Batch, alt: jax.Array, *, lcfg: ModelConfig, n_answer: int):
+    """Per answer slot: argmax == label, logit(label) > logit(alt), and whether the
+    comparison exists; plus the slot mask and segment (request) id. All (R, A)."""
+    logits, targets, mask = edited_logits(lcfg, params, batch, deltas, n_answer=n_answer)
+    positions, _, _ = answer_slots(batch.labels, n_answer)
+    alt_ids = jnp.take_along_axis(alt, positions, axis=1)
+    has_alt = mask & (alt_ids >= 0)
+    lt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    la = jnp.take_along_axis(logits, jnp.maximum(alt_ids, 0)[..., None], axis=-1)[..., 0]
+    segment = jnp.take_along_axis(batch.attention_mask, positions, axis=1)
+    return jnp.argmax(logits, -1) == targets, lt > la, has_alt, mask, segment
+
+
+def _per_request(values: np.ndarray, valid: np.ndarray, segment: np.ndarray, n: int) -> np.ndarray:
+    """Mean of `values` over the valid slots of each request (segment k+1 -> request k)."""
+    seg = segment[valid] - 1
+    num = np.bincount(seg, weights=values[valid].astype(np.float64), minlength=n)
+    den = np.bincount(seg, minlength=n)
+    return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], deltas: Deltas, metric: Metric,
+                   chunk: int = SCORE_CHUNK) -> dict[str, np.ndarray]:
+    """Per-request ES / GS / LS (fractions) of params + deltas on requests `rows`."""
+    rows = np.asarray(rows)
+    chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+    layout = split.layout(chunks)
+    out = {METRIC_NAMES[v]: [] for v in VIEWS}
+    for c in chunks:
+        for view in VIEWS:
+            vl = getattr(layout, view)
+            batch, alt = split.pack(view, c, vl)
+            batch = Batch(*(jnp.asarray(a) for a in batch))
+            correct, beats, has_alt, mask, seg = jax.device_get(
+                slot_scores(model.params, deltas, batch, jnp.asarray(alt), lcfg=model.config, n_answer=vl.n_answer))
+            if metric == "zsre":
+                vals = _per_request(correct, mask, seg, len(c))
+            else:
+                vals = _per_request(beats, has_alt, seg, len(c))
+            out[METRIC_NAMES[view]].append(vals)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def summarise(per_request: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(100 * np.nanmean(v)) for k, v in per_request.items()}
+
+
+@dataclasses.dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    baseline: dict[str, float]
+    n_requests: int
+    edit_seconds_per_edit: float
+    edit_compile_seconds: float
+    curve: list[dict[str, Any]]
+    deltas: Deltas
+    state: EditorState
+
+
+def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: EncodedSplit, *,
+                 protocol: Literal["sequential", "batch"], num_seq: int, n_edits: int, metric: Metric,
+                 full_curve: bool = False, progress: bool = True) -> EvalResult:
+    """Edits the first num_seq * n_edits requests of `split` (sequential) or the first
+    n_edits at once (batch), then scores every edited request, and the unedited model."""
+    if protocol == "batch":
+        num_seq = 1
+    need = num_seq * n_edits
+    if len(split) < need:
+        raise ValueError(f"the protocol needs {need} test requests, the data has {len(split)}")
+    batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(num_seq)]
+    layout: Layout = split.layout(batches)
+    deltas = zero_deltas(ecfg, model.config)
+    from tqdm.auto import tqdm
+    times, compile_s, curve = [], 0.0, []
+    for i, rows in enumerate(tqdm(batches, desc=f"{protocol} editing", disable=not progress, unit="batch")):
+        batch = split.batch(rows, layout)
+        t0 = time.perf_counter()
+        deltas, state = edit_batch(state, model.params, batch.edit, deltas, ecfg=ecfg, lcfg=model.config,
+                                   n_answer=layout.edit.n_answer)
+        jax.block_until_ready(deltas)
+        dt = time.perf_counter() - t0
+        if i == 0:
+            compile_s = dt
+        else:
+            times.append(dt)
+        if full_curve and i < num_seq - 1:
+            curve.append({"batches": i + 1, **summarise(score_requests(model, split, np.arange((i + 1) * n_edits),
+                                                                         deltas, metric))})
+    edited = np.arange(need)
+    metrics = summarise(score_requests(model, split, edited, deltas, metric))
+    baseline = summarise(score_requests(model, split, edited, zero_deltas(ecfg, model.config), metric))
+    if full_curve:
+        curve.append({"batches": num_seq, **metrics})
+    per_edit = float(np.median(times) / n_edits) if times else float(compile_s / n_edits)
+    return EvalResult(metrics, baseline, need, per_edit, compile_s, curve, deltas, state)
+
+
+def mquake_accuracy(model: Model, ecfg: EditorConfig, state: EditorState, requests, *, n_cases: int,
+                    progress: bool = True) -> dict[str, float]:
+    """Multi-hop accuracy on MQuAKE: the rewrites of each case are batch-edited together
+    (from the unedited model), then each of the case's multi-hop questions is answered
+    teacher-forced; a case counts as solved if any question's new answer is predicted
+    token for token. Returns edited and unedited accuracy in %."""
+    from tqdm.auto import tqdm
+
+    from .data import EditRequest
+    from .pipeline import encode_split
+    cases: dict[Any, list] = {}
+    for r in requests:
+        cases.setdefault(r.case_id, []).append(r)
+    chosen = [v for v in cases.values() if v[0].hop_questions][:n_cases]
+    if not chosen:
+        raise ValueError("no MQuAKE cases with multi-hop questions in the data")
+    rewrites = [r for case in chosen for r in case]
+    questions = [EditRequest(prompt=q, target_new=case[0].hop_answer, rephrase=q, loc_prompt=q,
+                             loc_answer=case[0].hop_answer, source=f"case {case[0].case_id} question {i}")
+                 for case in chosen for i, q in enumerate(case[0].hop_questions)]
+    rsplit, qsplit = encode_split(model.tokenizer, rewrites), encode_split(model.tokenizer, questions)
+    r_groups, q_groups, r0, q0 = [], [], 0, 0
+    for case in chosen:
+        r_groups.append(np.arange(r0, r0 + len(case)))
+        q_groups.append(np.arange(q0, q0 + len(case[0].hop_questions)))
+        r0, q0 = r0 + len(case), q0 + len(case[0].hop_questions)
+    r_layout, q_layout = rsplit.layout(r_groups), qsplit.layout(q_groups).edit
+    solved = {"edited": [], "unedited": []}
+    zero = zero_deltas(ecfg, model.config)
+    for rg, qg in tqdm(list(zip(r_groups, q_groups)), desc="MQuAKE cases", disable=not progress):
+        batch = rsplit.batch(rg, r_layout)
+        deltas, _ = edit_batch(state, model.params, batch.edit, zero, ecfg=ecfg, lcfg=model.config,
+                               n_answer=r_layout.edit.n_answer)
+        qb, alt = qsplit.pack("edit", qg, q_layout)
+        qb = Batch(*(jnp.asarray(a) for a in qb))
+        for name, d in (("edited", deltas), ("unedited", zero)):
+            correct, _, _, mask, seg = jax.device_get(slot_scores(
+                model.params, d, qb, jnp.asarray(alt), lcfg=model.config, n_answer=q_layout.n_answer))
+            acc = _per_request(correct, mask, seg, len(qg))
+            solved[name].append(bool(np.any(acc >= 1.0 - 1e-9)))
+    return {"multi_hop_accuracy": 100 * float(np.mean(solved["edited"])),
+            "multi_hop_accuracy_unedited": 100 * float(np.mean(solved["unedited"])), "n_cases": len(chosen)}

@@ -1,0 +1,126 @@
+"""From edit requests to packed device batches with static shapes.
+
+Each view (edit prompt, paraphrase, locality prompt) of a batch of requests is packed:
+the teacher-forced sequences are laid end to end in as few rows as possible, each with
+its own segment id (its index in the batch + 1) and positions restarting at 0, so the
+model sees no padding between sequences and the answer slots are only the real answer
+tokens. A `Layout` fixes the number of rows, their length and the answer slots per
+row for every batch a run will use, so jitted code compiles once per layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from .data import EditRequest, TeacherForced, encode
+from .editor.capture import IGNORE, Batch
+from .editor.objective import EditBatch, NAnswer
+
+VIEWS = ("edit", "rephrase", "loc")
+MAX_ROW_LEN = 512
+
+
+def _round_up(x: int, k: int) -> int:
+    return max(k, -(-x // k) * k)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewLayout:
+    n_rows: int
+    row_len: int
+    n_answer: int    # answer slots per row
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static shapes of packed batches, one ViewLayout per view."""
+    edit: ViewLayout
+    rephrase: ViewLayout
+    loc: ViewLayout
+
+    @property
+    def n_answer(self) -> NAnswer:
+        return NAnswer(self.edit.n_answer, self.rephrase.n_answer, self.loc.n_answer)
+
+
+def _assign_rows(lengths: Sequence[int], row_len: int) -> list[int]:
+    """Greedy in-order packing: the row of each sequence."""
+    rows, row, fill = [], 0, 0
+    for n in lengths:
+        if fill and fill + n > row_len:
+            row, fill = row + 1, 0
+        rows.append(row)
+        fill += n
+    return rows
+
+
+@dataclasses.dataclass
+class EncodedSplit:
+    """Teacher-forced arrays of every view of a list of requests."""
+    requests: list[EditRequest]
+    views: dict[str, TeacherForced]    # "edit" | "rephrase" | "loc"
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def _lengths(self, view: str) -> np.ndarray:
+        return self.views[view].attention_mask.sum(axis=1)
+
+    def _answers(self, view: str) -> np.ndarray:
+        return (self.views[view].labels != IGNORE).sum(axis=1)
+
+    def layout(self, batches: Sequence[Sequence[int]], max_row_len: int = MAX_ROW_LEN) -> Layout:
+        """The smallest layout that holds every batch in `batches` (lists of indices)."""
+        views = {}
+        for view in VIEWS:
+            lengths, answers = self._lengths(view), self._answers(view)
+            longest_total = max(int(lengths[list(b)].sum()) for b in batches)
+            row_len = min(_round_up(longest_total, 16), _round_up(max_row_len, 16))
+            row_len = max(row_len, _round_up(int(lengths.max()), 16))
+            n_rows, n_answer = 1, 1
+            for b in batches:
+                assign = _assign_rows(lengths[list(b)], row_len)
+                n_rows = max(n_rows, assign[-1] + 1)
+                per_row = np.bincount(assign, weights=answers[list(b)])
+                n_answer = max(n_answer, int(per_row.max()))
+            views[view] = ViewLayout(n_rows, row_len, _round_up(n_answer, 8))
+        return Layout(**views)
+
+    def pack(self, view: str, rows: Sequence[int], vl: ViewLayout) -> tuple[Batch, np.ndarray]:
+        """Packs requests `rows` of one view. Returns the numpy Batch and alt_labels
+        laid out the same way."""
+        tf = self.views[view]
+        ids = np.zeros((vl.n_rows, vl.row_len), np.int32)
+        seg = np.zeros_like(ids)
+        pos = np.zeros_like(ids)
+        labels = np.full_like(ids, IGNORE)
+        alt = np.full_like(ids, IGNORE)
+        lengths = self._lengths(view)[list(rows)]
+        assign = _assign_rows(lengths, vl.row_len)
+        if assign and assign[-1] >= vl.n_rows:
+            raise ValueError(f"batch does not fit the layout {vl} of view {view!r}")
+        fill = np.zeros(vl.n_rows, np.int64)
+        for k, (r, n, row) in enumerate(zip(rows, lengths, assign)):
+            sl = slice(fill[row], fill[row] + n)
+            ids[row, sl] = tf.input_ids[r, :n]
+            labels[row, sl] = tf.labels[r, :n]
+            alt[row, sl] = tf.alt_labels[r, :n]
+            seg[row, sl] = k + 1
+            pos[row, sl] = np.arange(n)
+            fill[row] += n
+        return Batch(ids, seg, labels, pos), alt
+
+    def batch(self, rows: Sequence[int], layout: Layout) -> EditBatch:
+        """Device arrays of the three packed views of requests `rows`."""
+        views = [self.pack(v, rows, getattr(layout, v))[0] for v in VIEWS]
+        return EditBatch(*(Batch(*(jnp.asarray(a) for a in b)) for b in views))
+
+
+def encode_split(tokenizer, requests: Sequence[EditRequest]) -> EncodedSplit:
+    """Tokenises all three views of every request (each padded to one length)."""
+    requests = list(requests)
+    return EncodedSplit(requests, {v: encode(tokenizer, requests, v) for v in VIEWS})

@@ -1,0 +1,189 @@
+"""Meta-training of an editor: the jitted training step, the two schedules, and
+checkpoint / resume.
+
+Schedules:
+- "default": an optax update (global-norm clip + Adam) after every batch, several
+  epochs over a seeded shuffle. Sequential protocol: the LLM keeps the edits of the
+  `num_seq` batches of a stream (as at test time) and starts clean at the next stream.
+- "faithful": the authors' schedule. Sequential: the gradients of a whole stream are
+  summed and one Adam step is taken at its end, and the regulariser weight is beta**2.
+  Batch: for each edit step t, the loss of W_0 + dW_t alone, then an optimiser step.
+
+A run is fully determined by (model, editor config, train config, data): the batch plan
+is derived from the seed up front, so a killed run restarted with the same command
+resumes from its last checkpoint and ends with the same parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .checkpoint import CheckpointStore, save_editor
+from .editor.config import EditorConfig
+from .editor.objective import EditBatch, NAnswer, meta_loss
+from .editor.steps import EditorState, init_editor, zero_deltas
+from .models.config import ModelConfig
+from .models.hf_io import Model
+from .pipeline import EncodedSplit, Layout
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    protocol: Literal["sequential", "batch"] = "sequential"
+    schedule: Literal["default", "faithful"] = "default"
+    n_edits: int = 10           # requests per edit batch
+    num_seq: int = 10           # batches per sequential stream
+    epochs: int = 2
+    meta_lr: float = 1e-4
+    clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 10  # batches between checkpoints
+    max_row_len: int = 512      # packed row length cap
+
+    def __post_init__(self):
+        if self.protocol not in ("sequential", "batch"):
+            raise ValueError(f"protocol must be 'sequential' or 'batch', not {self.protocol!r}")
+        if self.schedule not in ("default", "faithful"):
+            raise ValueError(f"schedule must be 'default' or 'faithful', not {self.schedule!r}")
+        if self.n_edits < 1 or self.num_seq < 1 or self.epochs < 1:
+            raise ValueError("n_edits, num_seq and epochs must be >= 1")
+
+    @property
+    def beta_power(self) -> int:
+        return 2 if self.schedule == "faithful" else 1
+
+
+def batch_plan(n_requests: int, tcfg: TrainConfig) -> list[list[np.ndarray]]:
+    """Per epoch, the index arrays of its batches (seeded; incomplete batches dropped)."""
+    if n_requests < tcfg.n_edits:
+        raise ValueError(f"{n_requests} training requests cannot fill one batch of {tcfg.n_edits}")
+    rng = np.random.default_rng(tcfg.seed)
+    plan = []
+    for _ in range(tcfg.epochs):
+        perm = rng.permutation(n_requests)
+        plan.append([perm[i * tcfg.n_edits:(i + 1) * tcfg.n_edits] for i in range(n_requests // tcfg.n_edits)])
+    return plan
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    tx = optax.chain(optax.clip_by_global_norm(tcfg.clip), optax.adam(tcfg.meta_lr))
+    if tcfg.schedule == "faithful" and tcfg.protocol == "sequential":
+        tx = optax.MultiSteps(tx, every_k_schedule=tcfg.num_seq, use_grad_mean=False)
+    return tx
+
+
+@functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "tx", "n_answer", "beta_power", "only_step", "remat"),
+                   donate_argnames=("nets", "opt_state"))
+def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, *,
+               ecfg: EditorConfig, lcfg: ModelConfig, tx: optax.GradientTransformation, n_answer: NAnswer,
+               beta_power: int = 1, only_step: int | None = None, remat: bool = False):
+    """One meta-training update. Returns (nets, state, opt_state, deltas, metrics)."""
+    (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
+        nets, stats, ecfg, lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
+        only_step=only_step, remat=remat)
+    updates, opt_state = tx.update(grads, opt_state, nets)
+    nets = optax.apply_updates(nets, updates)
+    metrics = {"loss": loss, "gen_loss": aux.gen_loss, "reg_loss": aux.reg_loss,
+               "grad_norm": optax.global_norm(grads), "step_norms": aux.step_norms}
+    return nets, aux.stats, opt_state, aux.deltas, metrics
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: EditorState
+    history: list[dict[str, Any]]
+    seconds_per_edit: float       # steady state (first, compiling batch excluded)
+    compile_seconds: float
+    n_edits_seen: int
+
+
+def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out_dir: str | Path, *,
+          run_meta: dict | None = None, progress: bool = True, stop_after: int | None = None,
+          remat: bool = False) -> TrainResult:
+    """Meta-trains an editor on `split`, checkpointing to `out_dir/checkpoints` and
+    writing the final editor to `out_dir/editor`. Resumes if a checkpoint exists.
+    `stop_after` (batches) simulates an interruption, for tests."""
+    out = Path(out_dir)
+    lcfg = model.config
+    plan = batch_plan(len(split), tcfg)
+    layout: Layout = split.layout([b for epoch in plan for b in epoch], tcfg.max_row_len)
+    tx = make_optimizer(tcfg)
+    key = jax.random.key(tcfg.seed)
+    state = init_editor(ecfg, lcfg, key)
+    opt_state = tx.init(state.nets)
+    deltas = zero_deltas(ecfg, lcfg)
+    identity = {"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
+                "model": str(model.path), "n_train": len(split)}
+    store = CheckpointStore(out / "checkpoints", identity)
+    position, history = (0, 0), []
+    restored = store.restore_latest({"nets": state.nets, "stats": state.stats, "opt": opt_state, "deltas": deltas})
+    if restored is not None:
+        tree, meta = restored
+        state, opt_state, deltas = EditorState(tree["nets"], tree["stats"]), tree["opt"], tree["deltas"]
+        position, history = tuple(meta["position"]), meta["history"]
+
+    total = sum(len(e) for e in plan)
+    done = position[0] * len(plan[0]) + position[1]
+    bar = _progress(total, done, progress)
+    times, compile_s, n_batches_run = [], 0.0, 0
+    only_steps = list(range(ecfg.steps)) if (tcfg.schedule == "faithful" and tcfg.protocol == "batch") else [None]
+    for epoch in range(position[0], tcfg.epochs):
+        first = position[1] if epoch == position[0] else 0
+        for b in range(first, len(plan[epoch])):
+            if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
+                deltas = zero_deltas(ecfg, lcfg)
+            batch = split.batch(plan[epoch][b], layout)
+            t0 = time.perf_counter()
+            for only in only_steps:
+                nets, stats, opt_state, new_deltas, metrics = train_step(
+                    state.nets, state.stats, opt_state, model.params, batch, deltas, ecfg=ecfg, lcfg=lcfg, tx=tx,
+                    n_answer=layout.n_answer, beta_power=tcfg.beta_power, only_step=only, remat=remat)
+                state = EditorState(nets, stats)
+            deltas = new_deltas
+            metrics = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t0
+            if n_batches_run == 0:
+                compile_s = dt      # the first batch of a process includes compilation
+            else:
+                times.append(dt)
+            n_batches_run += 1
+            history.append({"epoch": epoch, "batch": b, "seconds": dt, **metrics})
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", gen=f"{metrics['gen_loss']:.3f}")
+            step_no = epoch * len(plan[0]) + b + 1
+            nxt = (epoch, b + 1) if b + 1 < len(plan[epoch]) else (epoch + 1, 0)
+            if step_no % tcfg.checkpoint_every == 0 or step_no == total:
+                store.save(step_no, {"nets": state.nets, "stats": state.stats, "opt": opt_state, "deltas": deltas},
+                           {"position": list(nxt), "history": history})
+            if stop_after is not None and n_batches_run >= stop_after:
+                bar.close()
+                store.close()
+                return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
+    bar.close()
+    store.close()
+    save_editor(out / "editor", ecfg, state, {**identity, **(run_meta or {}),
+                                              "train_seconds_per_edit": _per_edit(times, tcfg)})
+    return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
+
+
+def _per_edit(times: list[float], tcfg: TrainConfig) -> float:
+    return float(np.median(times) / tcfg.n_edits) if times else float("nan")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="meta-train", unit="batch")
+
+
+def describe(ecfg: EditorConfig, tcfg: TrainConfig) -> str:
+    return json.dumps({"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg)}, indent=1)
