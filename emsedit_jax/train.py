@@ -94,7 +94,7 @@ def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, *,
     updates, opt_state = tx.update(grads, opt_state, nets)
     nets = optax.apply_updates(nets, updates)
     metrics = {"loss": loss, "gen_loss": aux.gen_loss, "reg_loss": aux.reg_loss,
-               "grad_norm": optax.global_norm(grads), "step_norms": aux.step_norms}
+               "grad_norm": optax.tree.norm(grads), "step_norms": aux.step_norms}
     return nets, aux.stats, opt_state, aux.deltas, metrics
 
 

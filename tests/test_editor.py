@@ -43,6 +43,17 @@ def test_hypernet_is_identity_at_init():
     assert not np.allclose(np.asarray(apply_net(net, h, jnp.ones(4))), np.asarray(h))
 
 
+def test_hypernet_blocks_receive_gradient_at_init():
+    """B = 0 and b = 0 put every pre-activation at exactly 0: the ReLU must pass
+    gradient there or the blocks never train."""
+    net = init_net(jax.random.key(0), 5, 7, n_layers=2, rank=4, n_blocks=2, lr_init=1e-3, lamda_init=0.0)
+    h = jax.random.normal(jax.random.key(1), (2, 6, 12))
+    target = jax.random.normal(jax.random.key(2), (2, 6, 12))
+    grads = jax.grad(lambda n: jnp.sum((apply_net(n, h, jnp.ones(4)) - target) ** 2))(net)
+    for name in ("B", "b", "shift"):
+        assert float(jnp.abs(grads[name]).max()) > 0, name
+
+
 def test_ridge_gradient_matches_handwritten_adjoint():
     with jax.enable_x64(True):
         k1, k2, k3 = jax.random.split(jax.random.key(0), 3)

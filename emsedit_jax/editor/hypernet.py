@@ -30,6 +30,13 @@ def init_net(key: Array, d_in: int, d_out: int, n_layers: int, rank: int, n_bloc
     }
 
 
+def relu_open(x: Array) -> Array:
+    """max(x, 0) with derivative 1 at x = 0 (like torch.clamp(min=0)). At initialisation
+    B = 0 and b = 0 make every pre-activation exactly 0; with jax.nn.relu's derivative
+    of 0 there, no gradient would ever reach A, B, b or scale."""
+    return jnp.where(x >= 0, x, 0.0)
+
+
 def apply_net(net: dict[str, Array], h: Array, rank_mask: Array) -> Array:
     """h (K, N, D): rows of the K layers sharing this net -> (K, N, D).
     rank_mask (r,) zeroes the columns of A above this step's rank."""
@@ -37,7 +44,7 @@ def apply_net(net: dict[str, Array], h: Array, rank_mask: Array) -> Array:
 
     def block(h, p):
         a, b_mat, bias, scale, shift = p
-        z = jax.nn.relu(jnp.einsum("knd,dr,re->kne", h, a, b_mat) + bias)
+        z = relu_open(jnp.einsum("knd,dr,re->kne", h, a, b_mat) + bias)
         return h + scale[:, None, :] * z + shift[:, None, :], None
 
     h, _ = jax.lax.scan(block, h, (a, net["B"], net["b"], net["scale"], net["shift"]))

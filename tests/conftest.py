@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random LLaMA-style model with a word-level tokenizer, saved as
+a Hugging Face folder, and synthetic edit requests over its vocabulary."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+WORDS = [f"w{i}" for i in range(150)]
+
+
+def make_word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[PAD]")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 4-layer LLaMA-style checkpoint folder with a word-level tokenizer."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(WORDS) + 2, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def synthetic_requests(n: int, seed: int = 0):
+    """Edit requests over the tiny vocabulary: 'wA wB wC' -> 'wD', with a paraphrase
+    'wB wA wC' and an unrelated locality prompt."""
+    from emsedit_jax.data import EditRequest
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        a, b, c, d, e, f, g = (WORDS[j] for j in rng.choice(len(WORDS), 7, replace=False))
+        out.append(EditRequest(prompt=f"{a} {b} {c}", target_new=d, rephrase=f"{b} {a} {c}",
+                               loc_prompt=f"{e} {f}", loc_answer=g, target_true=WORDS[(WORDS.index(d) + 1) % 150],
+                               case_id=i, source=f"synthetic#{i}"))
+    return out

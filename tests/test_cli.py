@@ -1,0 +1,77 @@
+"""The command line end to end on the tiny model: train -> evaluate -> edit, the
+results.json schema, the saved edited checkpoint, and bad data stopping the run
+before any work with the file, record and field named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import synthetic_requests
+from emsedit_jax.cli import default_modules, main, parse_modules
+from emsedit_jax.data import DataError
+from emsedit_jax.models import ModelConfig, load_model
+
+
+def write_user_file(path, requests):
+    with open(path, "w") as f:
+        for r in requests:
+            f.write(json.dumps({"prompt": r.prompt, "target_new": r.target_new, "ground_truth": r.target_true,
+                                "rephrase_prompt": r.rephrase, "locality_prompt": r.loc_prompt,
+                                "locality_ground_truth": r.loc_answer, "subject": "x", "case_id": r.case_id}) + "\n")
+    return path
+
+
+def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys):
+    data = write_user_file(tmp_path / "edits.jsonl", synthetic_requests(40, seed=5))
+    common = ["--model", str(tiny_model_dir), "--dataset", "user", "--data", str(data), "--n-train", "24",
+              "--n-test", "16", "--split-seed", "1", "--quiet"]
+    main(["train", *common, "--out", str(tmp_path / "run"), "--epochs", "2", "--n-edits", "4", "--num-seq", "2",
+          "--rank", "8", "--blocks", "1", "--lr-init", "1e-3", "--meta-lr", "1e-3"])
+    assert (tmp_path / "run" / "editor" / "editor.json").is_file()
+    out = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
+                "--out", str(tmp_path / "results.json"), "--plot", str(tmp_path / "curve.png"), "--quiet"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved) >= {"metrics", "baseline", "timing", "config", "n_requests"}
+    assert set(saved["metrics"]) == set(saved["baseline"]) == {"ES", "GS", "LS"}
+    assert saved["n_requests"] == 8 and saved["config"]["data"] == str(data)  # split taken from the editor
+    assert saved["timing"]["train_seconds_per_edit"] > 0 and saved["timing"]["edit_seconds_per_edit"] > 0
+    assert (tmp_path / "curve.png").stat().st_size > 0 and len(out["curve"]) == 2
+    printed = capsys.readouterr().out
+    assert "| unedited |" in printed and "configuration:" in printed
+
+    res = main(["edit", "--model", str(tiny_model_dir), "--editor", str(tmp_path / "run" / "editor"),
+                "--fact", "w1 w2 w3", "w4", "--save", str(tmp_path / "edited")])
+    assert len(res["before"]) == 1
+    edited = load_model(tmp_path / "edited", tokenizer=False)
+    base = load_model(tiny_model_dir, tokenizer=False)
+    k = "model.layers.3.mlp.up_proj"
+    assert k in default_modules(base.config)
+    diff = abs(edited.params["layers"]["mlp"]["up_proj"]["kernel"][3] - base.params["layers"]["mlp"]["up_proj"]["kernel"][3]).max()
+    assert float(diff) > 0
+
+
+def test_cli_bad_data_stops_before_work(tiny_model_dir, tmp_path):
+    reqs = synthetic_requests(20, seed=6)
+    data = write_user_file(tmp_path / "edits.jsonl", reqs)
+    lines = data.read_text().splitlines()
+    bad = json.loads(lines[7])
+    bad["target_new"] = "   "
+    lines[7] = json.dumps(bad)
+    data.write_text("\n".join(lines) + "\n")
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", "user", "--data", str(data), "--n-train", "10",
+            "--n-test", "9", "--out", str(tmp_path / "run"), "--quiet"]
+    with pytest.raises(DataError, match=r"edits\.jsonl.*record 7.*target_new"):
+        main(args)
+    assert not (tmp_path / "run").exists()
+    main(args[:-1] + ["--skip-invalid", "--epochs", "1", "--n-edits", "5", "--rank", "4", "--blocks", "1", "--quiet"])
+    assert (tmp_path / "run" / "editor" / "editor.json").is_file()
+
+
+def test_module_selection():
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
+                                   num_hidden_layers=30, num_attention_heads=2))
+    assert default_modules(cfg) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(18, 24))
+    assert parse_modules(None, "3-4", "mlp.down_proj", cfg) == ("model.layers.3.mlp.down_proj", "model.layers.4.mlp.down_proj")
+    assert parse_modules("model.layers.1.self_attn.o_proj", None, None, cfg) == ("model.layers.1.self_attn.o_proj",)
