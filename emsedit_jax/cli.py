@@ -123,6 +123,7 @@ def cmd_train(args) -> dict:
     ecfg = EditorConfig(modules=parse_modules(args.modules, args.layers, args.module, model.config),
                         method=args.method, steps=args.steps, step_specific=args.protocol == "sequential",
                         rank=args.rank, n_blocks=args.blocks, lr_init=args.lr_init, msbp=args.msbp,
+                        log_step_size=args.schedule == "default",
                         regulariser="norm" if args.method == "emsedit" else "kl", beta=args.beta)
     tcfg = TrainConfig(protocol=args.protocol, schedule=args.schedule, n_edits=args.n_edits, num_seq=args.num_seq,
                        epochs=args.epochs, meta_lr=args.meta_lr, seed=args.seed)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -183,7 +182,3 @@ def _per_edit(times: list[float], tcfg: TrainConfig) -> float:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc="meta-train", unit="batch")
-
-
-def describe(ecfg: EditorConfig, tcfg: TrainConfig) -> str:
-    return json.dumps({"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg)}, indent=1)

@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from emsedit_jax.models import (CheckpointError, ConfigError, ModelConfig, apply_deltas, load_model,  # noqa: E402
-                                logits, module_shape, save_hf)
+from emsedit_jax.models import (CheckpointError, ConfigError, ModelConfig, abstract_params, apply_deltas,  # noqa: E402
+                                get_kernel, load_model, logits, module_shape, save_hf)
 from emsedit_jax.models.hf_io import hf_state_dict, read_safetensors_header, write_safetensors  # noqa: E402
 
 CFG = dict(vocab_size=67, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
@@ -47,6 +47,10 @@ def test_export_round_trip_with_edit(tiny, tmp_path):
     name = "model.layers.1.mlp.up_proj"
     delta = {name: 0.05 * jax.random.normal(jax.random.key(1), module_shape(model.config, name))}
     edited = apply_deltas(model.config, model.params, delta)
+    np.testing.assert_allclose(get_kernel(model.config, edited, name),
+                               get_kernel(model.config, model.params, name) + delta[name], rtol=1e-6)
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(model.config))
+    assert shapes == jax.tree.map(lambda a: (a.shape, a.dtype), model.params)
     out = save_hf(model, tmp_path / "edited", edited)
     ours = np.asarray(logits(model.config, edited, IDS, MASK))
     real = MASK.astype(bool)

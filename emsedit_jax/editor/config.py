@@ -21,6 +21,9 @@ class EditorConfig:
     msbp:          "detached" (the paper's: keys and value gradients of each step are
                    constants) or "exact" (gradients also flow through how a step's
                    keys and value gradients depend on earlier steps).
+    log_step_size: learn log(eta) instead of eta (like lamda, which is always learned
+                   in log space); Adam then changes eta by a relative amount per step.
+                   The authors' parametrisation is linear (False).
     regulariser:   "norm" (EMSEdit: beta * sum ||W_T - W_0||^2) or "kl" (baselines:
                    loc_coef * KL on locality prompts + 1e-4 * sum ||dW||^2).
     """
@@ -31,6 +34,7 @@ class EditorConfig:
     rank: int = 1024
     n_blocks: int = 4
     lr_init: float = 1e-6
+    log_step_size: bool = False
     lamda_init: float = 0.0
     msbp: Literal["detached", "exact"] = "detached"
     regulariser: Literal["norm", "kl"] = "norm"
@@ -57,6 +61,11 @@ class EditorConfig:
     def n_param_sets(self) -> int:
         """How many hypernetwork parameter sets are stacked (T or 1)."""
         return self.steps if self.step_specific else 1
+
+    def step_size(self, raw):
+        """eta_k from its stored parameter."""
+        import jax.numpy as jnp
+        return jnp.exp(raw) if self.log_step_size else raw
 
     @property
     def update_rule(self) -> str:

@@ -14,6 +14,7 @@ from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..models.config import ModelConfig
 from ..models.layers import Array, Params
@@ -46,8 +47,9 @@ def init_editor(ecfg: EditorConfig, lcfg: ModelConfig, key: Array) -> EditorStat
     for g, (shape_key, names) in enumerate(sorted(groups(ecfg, lcfg).items())):
         d_in, d_out = module_shape(lcfg, names[0])
         keys = jax.random.split(jax.random.fold_in(key, g), ecfg.n_param_sets)
-        per_step = [init_net(k, d_in, d_out, len(names), max_rank, ecfg.n_blocks, ecfg.lr_init,
-                             ecfg.lamda_init) for k in keys]
+        lr0 = float(np.log(ecfg.lr_init)) if ecfg.log_step_size else ecfg.lr_init
+        per_step = [init_net(k, d_in, d_out, len(names), max_rank, ecfg.n_blocks, lr0, ecfg.lamda_init)
+                    for k in keys]
         nets[shape_key] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
         stats[shape_key] = jax.tree.map(lambda x: jnp.stack([x] * ecfg.n_param_sets),
                                         normalizer.init_stats(d_in + d_out))
@@ -82,7 +84,7 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
         h = normalizer.normalise(st, x, ecfg.norm_eps) * maskf[None, :, None]
         out = apply_net(nets[key], h, rank_mask)
         u_t, g_t = out[..., :d_in], out[..., d_in:]
-        lr = nets[key]["lr"][:, None]
+        lr = ecfg.step_size(nets[key]["lr"])[:, None]
         if ecfg.update_rule == "rank1":
             dws = jax.vmap(solve.rank1)(u_t * maskf[None, :, None], -lr[..., None] * g_t * maskf[None, :, None])
         else:
