@@ -104,7 +104,7 @@ def _check_tokenised(model, train, test, skip_invalid):
 # default loop trains for real, and its step size and regulariser weight are set for the
 # scale of the embedded model (see the README for the measurements behind them).
 SCHEDULE_DEFAULTS = {
-    "default": {"epochs": 3, "meta_lr": 3e-4, "lr_init": 1e-3, "beta": 1e-2},
+    "default": {"epochs": 3, "meta_lr": 1e-4, "lr_init": 1e-3, "beta": 1e-2},
     "faithful": {"epochs": 1, "meta_lr": 1e-5, "lr_init": 1e-6, "beta": 0.5},
 }
 
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-edits", type=int, default=10)
     p.add_argument("--num-seq", type=int, default=10)
     p.add_argument("--epochs", type=int, default=None, help="default 3 (faithful: 1)")
-    p.add_argument("--meta-lr", type=float, default=None, help="default 3e-4 (faithful: 1e-5)")
+    p.add_argument("--meta-lr", type=float, default=None, help="default 1e-4 (faithful: 1e-5)")
     p.add_argument("--lr-init", type=float, default=None, help="initial step size eta (default 1e-3; faithful: 1e-6)")
     p.add_argument("--rank", type=int, default=1024)
     p.add_argument("--blocks", type=int, default=4)

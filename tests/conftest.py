@@ -31,7 +31,8 @@ def tiny_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(WORDS) + 2, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, tie_word_embeddings=True)
+                                   max_position_embeddings=64, tie_word_embeddings=True,
+                                   initializer_range=0.2)  # 0.02 leaves the MLPs almost no effect on the logits
     folder = tmp_path_factory.mktemp("tiny_llama")
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     make_word_tokenizer().save_pretrained(folder)

@@ -28,7 +28,7 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys):
     common = ["--model", str(tiny_model_dir), "--dataset", "user", "--data", str(data), "--n-train", "24",
               "--n-test", "16", "--split-seed", "1", "--quiet"]
     main(["train", *common, "--out", str(tmp_path / "run"), "--epochs", "2", "--n-edits", "4", "--num-seq", "2",
-          "--rank", "8", "--blocks", "1", "--lr-init", "1e-3", "--meta-lr", "1e-3"])
+          "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"])
     assert (tmp_path / "run" / "editor" / "editor.json").is_file()
     out = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
                 "--out", str(tmp_path / "results.json"), "--plot", str(tmp_path / "curve.png"), "--quiet"])

@@ -29,7 +29,7 @@ def tiny(tiny_model_dir):
 
 
 def ecfg(**kw):
-    return EditorConfig(modules=MODULES, rank=8, n_blocks=2, lr_init=1e-3, **kw)
+    return EditorConfig(modules=MODULES, rank=8, n_blocks=2, lr_init=0.1, **kw)
 
 
 def test_batch_plan_is_seeded_and_covers_epochs():
@@ -72,10 +72,12 @@ def test_train_then_evaluate_raises_efficacy(tiny, tmp_path):
     model, _ = tiny
     train_split = encode_split(model.tokenizer, synthetic_requests(48, seed=2))
     test_split = encode_split(model.tokenizer, synthetic_requests(12, seed=3))
-    tcfg = TrainConfig(n_edits=4, num_seq=3, epochs=3, meta_lr=3e-3)
+    tcfg = TrainConfig(n_edits=4, num_seq=3, epochs=3, meta_lr=1e-3)
     cfg = ecfg()
     res = train(model, cfg, tcfg, train_split, tmp_path / "run", progress=False)
-    assert res.history[-1]["gen_loss"] < res.history[0]["gen_loss"]
+    # The meta-training objective (paraphrase loss + regulariser) goes down.
+    per_epoch = [np.mean([h["loss"] for h in res.history if h["epoch"] == e]) for e in range(3)]
+    assert per_epoch[-1] < per_epoch[0], per_epoch
     ev = run_protocol(model, cfg, res.state, test_split, protocol="sequential", num_seq=3, n_edits=4,
                       metric="zsre", progress=False)
     assert ev.n_requests == 12
