@@ -75,3 +75,12 @@ def test_module_selection():
     assert default_modules(cfg) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(18, 24))
     assert parse_modules(None, "3-4", "mlp.down_proj", cfg) == ("model.layers.3.mlp.down_proj", "model.layers.4.mlp.down_proj")
     assert parse_modules("model.layers.1.self_attn.o_proj", None, None, cfg) == ("model.layers.1.self_attn.o_proj",)
+
+
+def test_console_entry_exits_zero(tiny_model_dir, monkeypatch, capsys):
+    """The installed script calls sys.exit(console()): it must return 0, not a dict."""
+    from emsedit_jax.cli import console
+    monkeypatch.setattr("sys.argv", ["emsedit-jax", "generate", "--model", str(tiny_model_dir), "--prompt", "w1 w2",
+                                     "--max-new-tokens", "2"])
+    assert console() == 0
+    assert "'w1 w2' ->" in capsys.readouterr().out
