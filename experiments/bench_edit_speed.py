@@ -32,9 +32,9 @@ from emsedit_jax.pipeline import encode_split
 from emsedit_jax.train import TrainConfig, make_optimizer, train_step
 
 CONFIGS = {
-    "default (layers 18-23, rank 1024)": dict(layers=range(18, 24), rank=1024),
-    "layers 24-29, rank 1024": dict(layers=range(24, 30), rank=1024),
-    "layers 18-23, rank 256": dict(layers=range(18, 24), rank=256),
+    "default: layers 18-23 rank 1024": dict(layers=range(18, 24), rank=1024),
+    "layers 24-29 rank 1024": dict(layers=range(24, 30), rank=1024),
+    "layers 18-23 rank 256": dict(layers=range(18, 24), rank=256),
 }
 
 
