@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,6 @@ def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: d
     with ocp.StandardCheckpointer() as ckptr:
         target = directory / "state"
         if target.exists():
-            import shutil
             shutil.rmtree(target)
         ckptr.save(target, {"nets": state.nets, "stats": state.stats})
     record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"}}

@@ -115,6 +115,17 @@ class DataError(ValueError):
         super().__init__(f"{prefix}: {reason}" if prefix else reason)
 
 
+def raise_first(errors: Sequence["DataError"], what: str, hint: str) -> None:
+    """Raises the first of `errors`, saying how many more there are (no-op if none)."""
+    if not errors:
+        return
+    first = errors[0]
+    if len(errors) == 1:
+        raise first
+    raise DataError(f"{first.reason} (and {len(errors) - 1} more {what}; {hint})", file=first.file,
+                    index=first.index, case_id=first.case_id, field=first.field)
+
+
 @dataclasses.dataclass
 class LoadResult:
     """Requests that passed validation and the reasons for those that were skipped."""
@@ -685,19 +696,8 @@ def load_requests(
             continue
         requests.extend(reqs)
 
-    if errors and not skip_invalid:
-        first = errors[0]
-        more = len(errors) - 1
-        if more:
-            raise DataError(
-                f"{first.reason} (and {more} more invalid record(s); "
-                "skip_invalid=True skips them)",
-                file=first.file,
-                index=first.index,
-                case_id=first.case_id,
-                field=first.field,
-            )
-        raise first
+    if not skip_invalid:
+        raise_first(errors, "invalid record(s)", "skip_invalid=True skips them")
     return LoadResult(requests=requests, skipped=[str(e) for e in errors])
 
 

@@ -27,7 +27,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from .records import DataError, EditRequest, LoadResult
+from .records import DataError, EditRequest, LoadResult, raise_first
 
 __all__ = [
     "IGNORE",
@@ -240,16 +240,8 @@ def check_lengths(
             problem = _row_problem(len(p), len(t), max_len)
             if problem is not None:
                 problems[i] = _error(req, field, problem)
-    if problems and not skip_invalid:
-        first = problems[min(problems)]
-        if len(problems) > 1:
-            raise DataError(
-                f"{first.reason} (and {len(problems) - 1} more request(s) with problems; "
-                "skip_invalid=True drops them)",
-                file=first.file,
-                case_id=first.case_id,
-                field=first.field,
-            )
-        raise first
+    if not skip_invalid:
+        raise_first([problems[i] for i in sorted(problems)], "request(s) with problems",
+                     "skip_invalid=True drops them")
     kept = [r for i, r in enumerate(requests) if i not in problems]
     return LoadResult(requests=kept, skipped=[str(problems[i]) for i in sorted(problems)])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax.numpy as jnp
+
 METHODS = ("emsedit", "mend", "malmen", "rledit")
 
 
@@ -64,7 +66,6 @@ class EditorConfig:
 
     def step_size(self, raw):
         """eta_k from its stored parameter."""
-        import jax.numpy as jnp
         return jnp.exp(raw) if self.log_step_size else raw
 
     @property
