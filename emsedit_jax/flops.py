@@ -1,0 +1,63 @@
+"""Matrix-multiply FLOPs of a JAX function, counted on its jaxpr.
+
+XLA's `cost_analysis()` counts the body of a loop once, so it undercounts anything
+written as a `lax.scan` (our layer stack and the T edit steps). This walks the jaxpr
+instead: every `dot_general` costs 2 * batch * M * N * K, and the body of a scan is
+multiplied by its length; nested jaxprs (jit, remat, custom derivatives, cond branches:
+the most expensive one) are entered. Elementwise work is not counted: on the models
+edited here the matmuls are the cost that a roofline compares with.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+from jax.extend import core as jcore
+
+
+def _dot_flops(eqn) -> int:
+    (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    batch = math.prod(lhs[d] for d in lb)
+    contract = math.prod(lhs[d] for d in lc)
+    m = math.prod(s for d, s in enumerate(lhs) if d not in lc and d not in lb)
+    n = math.prod(s for d, s in enumerate(rhs) if d not in rc and d not in eqn.params["dimension_numbers"][1][1])
+    return 2 * batch * m * n * contract
+
+
+def _sub_jaxprs(value: Any):
+    if isinstance(value, jcore.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jcore.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _sub_jaxprs(v)
+
+
+def jaxpr_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += _dot_flops(eqn)
+        elif name == "scan":
+            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+        elif name == "cond":
+            total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+        elif name == "while":
+            raise ValueError("while loops have no static trip count; FLOPs cannot be counted")
+        else:
+            for value in eqn.params.values():
+                for sub in _sub_jaxprs(value):
+                    total += jaxpr_flops(sub)
+    return total
+
+
+def count_flops(fn: Callable, *args, **kwargs) -> int:
+    """Matmul FLOPs of one call of `fn(*args, **kwargs)` (traced, not run). Keyword
+    arguments are bound as constants, so static configuration goes there."""
+    return jaxpr_flops(jax.make_jaxpr(functools.partial(fn, **kwargs))(*args).jaxpr)
