@@ -77,3 +77,45 @@ class EditorConfig:
         if not self.step_specific:
             return (self.rank,)
         return tuple(max(1, self.rank // (t + 1)) for t in range(self.steps))
+
+    @property
+    def memory_slots(self) -> int:
+        """Earlier batches of a training stream whose losses RLEdit adds back (its
+        memory backtracking: the last back_depth batches, the current one included);
+        0 for the other methods."""
+        return max(0, self.back_depth - 1) if self.method == "rledit" else 0
+
+
+# What distinguishes the methods when nothing else is overridden. Every other field
+# (rank, blocks, step size, ...) is shared, so the methods differ by configuration alone.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "emsedit": {"steps": 2, "regulariser": "norm"},
+    "mend": {"steps": 1, "regulariser": "kl"},
+    "malmen": {"steps": 1, "regulariser": "kl"},
+    "rledit": {"steps": 1, "regulariser": "kl"},
+}
+
+
+def parse_method(name: str) -> tuple[str, int | None]:
+    """'malmen' -> ('malmen', None); 'malmen2' (Method², MSBP plugged in) -> ('malmen', 2)."""
+    if name in METHODS:
+        return name, None
+    base = name.rstrip("0123456789")
+    if base in METHODS and base != name:
+        return base, int(name[len(base):])
+    raise ValueError(f"unknown method {name!r} (choose from {', '.join(METHODS)}, optionally followed by "
+                     "a step count, e.g. malmen2)")
+
+
+def method_config(method: str, modules, steps: int | None = None, **overrides) -> EditorConfig:
+    """The editor configuration of `method` with its defaults (METHOD_DEFAULTS):
+    EMSEdit 2 steps with the norm regulariser, MEND / MALMEN / RLEdit 1 step with the KL
+    regulariser. `steps` (or a name like 'rledit2') gives "Method²", the same method
+    with T steps; `overrides` set any other EditorConfig field."""
+    base, named_steps = parse_method(method)
+    if steps is not None and named_steps is not None and steps != named_steps:
+        raise ValueError(f"method {method!r} names {named_steps} steps but steps={steps}")
+    fields = {**METHOD_DEFAULTS[base], **overrides}
+    if steps is not None or named_steps is not None:
+        fields["steps"] = steps if steps is not None else named_steps
+    return EditorConfig(modules=tuple(modules), method=base, **fields)
