@@ -36,12 +36,16 @@ SCORE_CHUNK = 25
 METRIC_NAMES = {"edit": "ES", "rephrase": "GS", "loc": "LS"}
 
 
-@functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "n_answer"))
+@functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "n_answer", "remat", "chunk"))
 def edit_batch(state: EditorState, params, batch: Batch, deltas: Deltas, *, ecfg: EditorConfig,
-               lcfg: ModelConfig, n_answer: int) -> tuple[Deltas, EditorState]:
-    """Applies the T-step edit of one batch (its edit view) to params + deltas."""
-    prefix = prefix_hidden(lcfg, params, batch, first_layer(lcfg, ecfg.modules))
-    deltas, state, _ = multi_step_edit(ecfg, lcfg, params, state, batch, deltas, n_answer=n_answer, prefix=prefix)
+               lcfg: ModelConfig, n_answer: int, remat: bool = False, chunk: int | None = None
+               ) -> tuple[Deltas, EditorState]:
+    """Applies the T-step edit of one batch (its edit view) to params + deltas.
+    `remat` recomputes the LLM layers' activations in the backward pass; `chunk` runs
+    the capture in microbatches of that many rows (both save memory, same result)."""
+    prefix = prefix_hidden(lcfg, params, batch, first_layer(lcfg, ecfg.modules), remat)
+    deltas, state, _ = multi_step_edit(ecfg, lcfg, params, state, batch, deltas, n_answer=n_answer, prefix=prefix,
+                                       remat=remat, chunk=chunk)
     return deltas, state
 
 
@@ -107,9 +111,17 @@ class EvalResult:
 
 def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: EncodedSplit, *,
                  protocol: Literal["sequential", "batch"], num_seq: int, n_edits: int, metric: Metric,
-                 full_curve: bool = False, progress: bool = True) -> EvalResult:
+                 full_curve: bool = False, progress: bool = True, mesh=None, remat: bool = False,
+                 capture_chunk: int | None = None) -> EvalResult:
     """Edits the first num_seq * n_edits requests of `split` (sequential) or the first
-    n_edits at once (batch), then scores every edited request, and the unedited model."""
+    n_edits at once (batch), then scores every edited request, and the unedited model.
+    `mesh` (a `sharding.make_mesh` mesh; None: one device) shards the LLM parameters
+    and the edit batches; `remat` and `capture_chunk` trade compute for memory."""
+    edit = edit_batch
+    if mesh is not None:
+        from .sharding import place_params, sharded_edit_batch
+        model = dataclasses.replace(model, params=place_params(model.params, mesh))
+        edit = functools.partial(sharded_edit_batch, mesh=mesh)
     if protocol == "batch":
         num_seq = 1
     need = num_seq * n_edits
@@ -123,8 +135,8 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
     for i, rows in enumerate(tqdm(batches, desc=f"{protocol} editing", disable=not progress, unit="batch")):
         batch = split.batch(rows, layout)
         t0 = time.perf_counter()
-        deltas, state = edit_batch(state, model.params, batch.edit, deltas, ecfg=ecfg, lcfg=model.config,
-                                   n_answer=layout.edit.n_answer)
+        deltas, state = edit(state, model.params, batch.edit, deltas, ecfg=ecfg, lcfg=model.config,
+                             n_answer=layout.edit.n_answer, remat=remat, chunk=capture_chunk)
         jax.block_until_ready(deltas)
         dt = time.perf_counter() - t0
         if i == 0:

@@ -9,6 +9,10 @@ Schedules:
   summed and one Adam step is taken at its end, and the regulariser weight is beta**2.
   Batch: for each edit step t, the loss of W_0 + dW_t alone, then an optimiser step.
 
+RLEdit, sequential protocol: the loop also carries a buffer of the stream's earlier
+batches (editor.memory) whose weighted losses join each batch's loss; on resume it is
+rebuilt from the batch plan.
+
 A run is fully determined by (model, editor config, train config, data): the batch plan
 is derived from the seed up front, so a killed run restarted with the same command
 resumes from its last checkpoint and ends with the same parameters.
@@ -27,6 +31,7 @@ import numpy as np
 import optax
 
 from .checkpoint import CheckpointStore, save_editor
+from .editor import memory as mem
 from .editor.config import EditorConfig
 from .editor.objective import EditBatch, NAnswer, meta_loss
 from .editor.steps import EditorState, init_editor, zero_deltas
@@ -74,25 +79,37 @@ def batch_plan(n_requests: int, tcfg: TrainConfig) -> list[list[np.ndarray]]:
 
 
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-    tx = optax.chain(optax.clip_by_global_norm(tcfg.clip), optax.adam(tcfg.meta_lr))
-    if tcfg.schedule == "faithful" and tcfg.protocol == "sequential":
-        tx = optax.MultiSteps(tx, every_k_schedule=tcfg.num_seq, use_grad_mean=False)
+    """The optimiser of a run: the same object for runs that differ only in what it does
+    not depend on (seed, epochs, ...), so the jitted train_step, which takes it as a
+    static argument, is not recompiled for every run of a process."""
+    every = tcfg.num_seq if (tcfg.schedule == "faithful" and tcfg.protocol == "sequential") else None
+    return _optimizer(tcfg.clip, tcfg.meta_lr, every)
+
+
+@functools.cache
+def _optimizer(clip: float, meta_lr: float, every_k: int | None) -> optax.GradientTransformation:
+    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adam(meta_lr))
+    if every_k is not None:
+        tx = optax.MultiSteps(tx, every_k_schedule=every_k, use_grad_mean=False)
     return tx
 
 
 @functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "tx", "n_answer", "beta_power", "only_step", "remat"),
                    donate_argnames=("nets", "opt_state"))
-def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, *,
+def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory: mem.Memory | None = None, *,
                ecfg: EditorConfig, lcfg: ModelConfig, tx: optax.GradientTransformation, n_answer: NAnswer,
                beta_power: int = 1, only_step: int | None = None, remat: bool = False):
-    """One meta-training update. Returns (nets, state, opt_state, deltas, metrics)."""
+    """One meta-training update. Returns (nets, state, opt_state, deltas, metrics).
+    `memory`: RLEdit's buffer of the stream's earlier batches (None: no backtracking)."""
     (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
         nets, stats, ecfg, lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
-        only_step=only_step, remat=remat)
+        only_step=only_step, memory=memory, remat=remat)
     updates, opt_state = tx.update(grads, opt_state, nets)
     nets = optax.apply_updates(nets, updates)
     metrics = {"loss": loss, "gen_loss": aux.gen_loss, "reg_loss": aux.reg_loss,
                "grad_norm": optax.tree.norm(grads), "step_norms": aux.step_norms}
+    if memory is not None:
+        metrics["memory_loss"] = aux.memory_loss
     return nets, aux.stats, opt_state, aux.deltas, metrics
 
 
@@ -107,12 +124,19 @@ class TrainResult:
 
 def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out_dir: str | Path, *,
           run_meta: dict | None = None, progress: bool = True, stop_after: int | None = None,
-          remat: bool = False) -> TrainResult:
+          remat: bool = False, mesh=None) -> TrainResult:
     """Meta-trains an editor on `split`, checkpointing to `out_dir/checkpoints` and
     writing the final editor to `out_dir/editor`. Resumes if a checkpoint exists.
-    `stop_after` (batches) simulates an interruption, for tests."""
+    `stop_after` (batches) simulates an interruption, for tests. `mesh` (a
+    `sharding.make_mesh` mesh; None: one device) shards the LLM parameters and the
+    batches; `remat` recomputes the LLM layers' activations in the backward pass."""
     out = Path(out_dir)
     lcfg = model.config
+    step = train_step
+    if mesh is not None:
+        from .sharding import place_params, sharded_train_step
+        model = dataclasses.replace(model, params=place_params(model.params, mesh))
+        step = functools.partial(sharded_train_step, mesh=mesh)
     plan = batch_plan(len(split), tcfg)
     layout: Layout = split.layout([b for epoch in plan for b in epoch], tcfg.max_row_len)
     tx = make_optimizer(tcfg)
@@ -135,19 +159,26 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     bar = _progress(total, done, progress)
     times, compile_s, n_batches_run = [], 0.0, 0
     only_steps = list(range(ecfg.steps)) if (tcfg.schedule == "faithful" and tcfg.protocol == "batch") else [None]
+    # A stream of num_seq batches has at most num_seq - 1 earlier batches to remember.
+    slots = min(ecfg.memory_slots, tcfg.num_seq - 1) if tcfg.protocol == "sequential" else 0
+    memory = None
     for epoch in range(position[0], tcfg.epochs):
         first = position[1] if epoch == position[0] else 0
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
                 deltas = zero_deltas(ecfg, lcfg)
             batch = split.batch(plan[epoch][b], layout)
+            if slots and (b % tcfg.num_seq == 0 or memory is None):
+                memory = _stream_memory(split, layout, plan[epoch], b, tcfg.num_seq, slots, ecfg.time_decay, batch)
             t0 = time.perf_counter()
             for only in only_steps:
-                nets, stats, opt_state, new_deltas, metrics = train_step(
-                    state.nets, state.stats, opt_state, model.params, batch, deltas, ecfg=ecfg, lcfg=lcfg, tx=tx,
-                    n_answer=layout.n_answer, beta_power=tcfg.beta_power, only_step=only, remat=remat)
+                nets, stats, opt_state, new_deltas, metrics = step(
+                    state.nets, state.stats, opt_state, model.params, batch, deltas, memory, ecfg=ecfg, lcfg=lcfg,
+                    tx=tx, n_answer=layout.n_answer, beta_power=tcfg.beta_power, only_step=only, remat=remat)
                 state = EditorState(nets, stats)
             deltas = new_deltas
+            if slots:
+                memory = mem.push(memory, batch, b % tcfg.num_seq, ecfg.time_decay)
             metrics = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
             if n_batches_run == 0:
@@ -172,6 +203,17 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     save_editor(out / "editor", ecfg, state, {**identity, **(run_meta or {}),
                                               "train_seconds_per_edit": _per_edit(times, tcfg)})
     return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
+
+
+def _stream_memory(split: EncodedSplit, layout: Layout, epoch_plan: list[np.ndarray], b: int, num_seq: int,
+                   slots: int, time_decay: float, batch: EditBatch) -> mem.Memory:
+    """RLEdit's buffer before batch `b`: the stream's earlier batches pushed in order (at
+    a stream's start, or to rebuild it on resume: the same arrays either way)."""
+    start = b - b % num_seq
+    memory = mem.empty_memory(batch if b == start else split.batch(epoch_plan[start], layout), slots)
+    for j in range(max(start, b - slots), b):
+        memory = mem.push(memory, split.batch(epoch_plan[j], layout), j - start, time_decay)
+    return memory
 
 
 def _per_edit(times: list[float], tcfg: TrainConfig) -> float:

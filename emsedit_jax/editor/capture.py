@@ -120,10 +120,15 @@ def edited_loss(cfg: ModelConfig, params: Params, batch: Batch, deltas: Mapping[
 
 def capture(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[str],
             deltas: Mapping[str, Array] | None = None, *, n_answer: int,
-            prefix: Prefix | None = None, remat: bool = False) -> Capture:
+            prefix: Prefix | None = None, remat: bool = False, chunk: int | None = None) -> Capture:
     """Loss, keys and value gradients of `modules` on params + deltas (jittable;
     `modules` and `n_answer` are static). With `prefix` the unedited lower layers
-    are not recomputed."""
+    are not recomputed. `chunk` (static, rows) runs the forward and backward passes in
+    microbatches of that many rows, one after the other, to bound activation memory;
+    the result is that of the whole batch."""
+    if chunk is not None and chunk < batch.input_ids.shape[0]:
+        return _capture_chunked(cfg, params, batch, modules, deltas, n_answer=n_answer, prefix=prefix,
+                                remat=remat, chunk=chunk)
     modules = tuple(modules)
     deltas = dict(deltas or {})
     positions, targets, mask = answer_slots(batch.labels, n_answer)
@@ -140,3 +145,55 @@ def capture(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[st
     probes = {name: jnp.zeros((b, n_answer, module_shape(cfg, name)[1]), dtype) for name in modules}
     (loss, keys), grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
     return Capture(loss, keys, grads, mask)
+
+
+def pad_rows(batch: Batch, n_rows: int) -> Batch:
+    """`batch` with empty rows appended up to `n_rows` rows: no tokens (attention_mask
+    0), no answer slots (labels IGNORE), so they change no loss, key or statistic."""
+    extra = n_rows - batch.input_ids.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot pad a batch of {batch.input_ids.shape[0]} rows to {n_rows}")
+    if extra == 0:
+        return batch
+
+    def pad(x, fill):
+        return None if x is None else jnp.concatenate([x, jnp.full((extra, *x.shape[1:]), fill, x.dtype)])
+
+    return Batch(pad(batch.input_ids, 0), pad(batch.attention_mask, 0), pad(batch.labels, IGNORE),
+                 pad(batch.positions, 0))
+
+
+def _capture_chunked(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[str],
+                     deltas: Mapping[str, Array] | None, *, n_answer: int, prefix: Prefix | None,
+                     remat: bool, chunk: int) -> Capture:
+    """`capture` over microbatches of `chunk` rows (a `lax.map`). Rows never attend to
+    each other, so a microbatch's keys are the batch's; its value gradients are those of
+    its own mean loss, rescaled by (its answer slots / the batch's) to be the gradients
+    of the batch's mean loss. Microbatch j holds rows j, j + n, j + 2n, ... (n
+    microbatches), so rows split over devices stay split within every microbatch."""
+    b = batch.input_ids.shape[0]
+    n = -(-b // chunk)
+    padded = pad_rows(batch, n * chunk)
+    total = jnp.maximum(jnp.sum(answer_slots(batch.labels, n_answer)[2]), 1).astype(jnp.float32)
+
+    def split(x):      # (n * chunk, ...) -> (n, chunk, ...)
+        return x.reshape(chunk, n, *x.shape[1:]).swapaxes(0, 1)
+
+    def merge(x):      # (n, chunk, ...) -> (b, ...)
+        return x.swapaxes(0, 1).reshape(n * chunk, *x.shape[2:])[:b]
+
+    hidden = None
+    if prefix is not None:
+        hidden = jnp.concatenate([prefix.hidden, jnp.zeros((n * chunk - b, *prefix.hidden.shape[1:]),
+                                                           prefix.hidden.dtype)])
+
+    def one(xs):
+        rows, h = xs
+        cap = capture(cfg, params, rows, modules, deltas, n_answer=n_answer, remat=remat,
+                      prefix=None if prefix is None else Prefix(h, prefix.start))
+        weight = jnp.maximum(jnp.sum(cap.mask), 1).astype(jnp.float32) / total
+        grads = {m: g * weight.astype(g.dtype) for m, g in cap.grads.items()}
+        return cap.loss * weight.astype(cap.loss.dtype), cap.keys, grads, cap.mask
+
+    loss, keys, grads, mask = jax.lax.map(one, jax.tree.map(split, (padded, hidden)))
+    return Capture(jnp.sum(loss), jax.tree.map(merge, keys), jax.tree.map(merge, grads), merge(mask))

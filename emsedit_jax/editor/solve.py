@@ -27,6 +27,15 @@ def ridge(u: Array, d: Array, lamda: Array) -> Array:
     return jnp.linalg.solve(gram, u.T @ d)
 
 
+def ridge_stack(u: Array, d: Array, lamda: Array) -> Array:
+    """`ridge` for K modules at once: u (K, N, d_in), d (K, N, d_out), lamda (K,) ->
+    (K, d_in, d_out). One unbatched solve per module rather than a vmap: jaxlib's CPU
+    LAPACK kernels split a batched factorisation into tasks on the intra-op thread pool
+    and block until they finish, which deadlocks when several host devices of a mesh
+    factorise at the same time and occupy every pool thread (e.g. 2 cores, 2 devices)."""
+    return jnp.stack([ridge(u[k], d[k], lamda[k]) for k in range(u.shape[0])])
+
+
 def ridge_primal(u: Array, d: Array, lamda: Array) -> Array:
     """The (d_in x d_in) normal-equation form, whatever the shapes (for tests)."""
     gram = u.T @ u + jnp.exp(lamda) * jnp.eye(u.shape[1], dtype=u.dtype)

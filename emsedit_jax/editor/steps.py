@@ -90,24 +90,25 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
         else:
             coeff = -lr * jnp.sum(u * u_t, axis=-1)                 # (K, N)
             d = coeff[..., None] * g_t * maskf[None, :, None]
-            dws = jax.vmap(solve.ridge)(u * maskf[None, :, None], d, nets[key]["lamda"])
+            dws = solve.ridge_stack(u * maskf[None, :, None], d, nets[key]["lamda"])
         deltas.update({m: dws[i] for i, m in enumerate(names)})
     return deltas, new_stats
 
 
 def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state: EditorState,
                     batch: Batch, deltas: Deltas, *, n_answer: int, prefix: Prefix | None = None,
-                    remat: bool = False) -> tuple[Deltas, EditorState, Deltas]:
+                    remat: bool = False, chunk: int | None = None) -> tuple[Deltas, EditorState, Deltas]:
     """Applies T edit steps to params + deltas for `batch`.
     Returns (new deltas, editor state with updated stats, the per-step updates stacked
-    on a leading T axis)."""
+    on a leading T axis). `chunk`: capture in microbatches of that many rows."""
 
     def body(carry, t):
         deltas, stats = carry
         i = t if ecfg.step_specific else 0
         nets_i = jax.tree.map(lambda a: a[i], state.nets)
         stats_i = jax.tree.map(lambda a: a[i], stats)
-        cap = capture(lcfg, params, batch, ecfg.modules, deltas, n_answer=n_answer, prefix=prefix, remat=remat)
+        cap = capture(lcfg, params, batch, ecfg.modules, deltas, n_answer=n_answer, prefix=prefix, remat=remat,
+                      chunk=chunk)
         if ecfg.msbp == "detached":
             cap = cap._replace(keys=jax.lax.stop_gradient(cap.keys), grads=jax.lax.stop_gradient(cap.grads))
         dws, st = step_update(ecfg, lcfg, nets_i, stats_i, cap, _rank_mask(ecfg, i))

@@ -1,0 +1,133 @@
+"""Sharded vs single-device edit and meta-training steps on the tiny test model, over
+meshes of 4 host devices. tests/test_sharding.py runs it in a subprocess, because the
+number of host devices is fixed when JAX starts:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharding_check.py MODEL_DIR OUT.json
+
+For each mesh it writes the largest relative difference of every result from the
+single-device run, the shard shapes of LLM parameters, deltas, hypernetwork and batch
+arrays, and how many times each sharded step compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+
+from emsedit_jax import sharding
+from emsedit_jax.data import TeacherForced
+from emsedit_jax.editor.capture import IGNORE
+from emsedit_jax.editor.config import EditorConfig
+from emsedit_jax.editor.steps import init_editor, zero_deltas
+from emsedit_jax.evaluate import edit_batch
+from emsedit_jax.models import load_model
+from emsedit_jax.pipeline import VIEWS, EncodedSplit
+from emsedit_jax.train import train_step
+
+# One edited layer, two kernel shapes: up_proj (32, 64) is split on its output
+# dimension, down_proj (64, 32) on its input dimension.
+MODULES = ("model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj")
+# (data, model, shard_editor)
+MESHES = [(4, 1, False), (2, 2, True), (1, 4, False)]
+EDITOR_MIN_SIZE = 1024       # small enough that the tiny hypernetworks get split too
+
+
+def random_view(rng, n: int, vocab: int) -> TeacherForced:
+    """n teacher-forced sequences: a 3-5 token prompt and a 1-2 token target."""
+    p_len, t_len = rng.integers(3, 6, n), rng.integers(1, 3, n)
+    s = int((p_len + t_len - 1).max())
+    ids = np.zeros((n, s), np.int32)
+    labels = np.full((n, s), IGNORE, np.int32)
+    for i, (p, t) in enumerate(zip(p_len, t_len)):
+        prompt, target = rng.integers(2, vocab, p), rng.integers(2, vocab, t)
+        ids[i, :p + t - 1] = np.concatenate([prompt, target[:-1]])
+        labels[i, p - 1:p + t - 1] = target
+    mask = (labels != IGNORE) | (np.arange(s) < (p_len - 1)[:, None])
+    return TeacherForced(ids, mask.astype(np.int32), labels, np.full_like(labels, IGNORE), 2, p_len - 1, t_len)
+
+
+def rel_err(a, b) -> float:
+    """Largest |a - b| over all leaves, relative to the largest |b| of that leaf."""
+    errs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                  / max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-12))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return max(errs)
+
+
+def shard_shapes(x) -> list[list[int]]:
+    return sorted({tuple(s.data.shape) for s in x.addressable_shards})
+
+
+def main(model_dir: str, out: str) -> None:
+    assert jax.device_count() >= 4, f"needs 4 devices, has {jax.devices()}"
+    model = load_model(model_dir, tokenizer=False)
+    lcfg = model.config
+    rng = np.random.default_rng(0)
+    split = EncodedSplit([None] * 16, {v: random_view(rng, 16, lcfg.vocab_size) for v in VIEWS})
+    rows = [np.arange(0, 8), np.arange(8, 16)]
+    layout = split.layout(rows, max_row_len=16)      # 3 rows per view: divisible by neither 2 nor 4
+    data = [split.batch(r, layout) for r in rows]
+    ecfg = EditorConfig(modules=MODULES, rank=8, n_blocks=1, lr_init=0.1)
+    # SGD keeps the comparison linear in the gradients; Adam would blow float noise in
+    # (near-)zero gradient components up to +-lr.
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
+    key = jax.random.key(0)
+
+    def run_train(step, **kw):
+        state = init_editor(ecfg, lcfg, key)
+        nets, stats, opt, deltas = state.nets, state.stats, tx.init(state.nets), zero_deltas(ecfg, lcfg)
+        metrics = []
+        for batch in data:          # two batches of one sequential stream
+            nets, stats, opt, deltas, m = step(nets, stats, opt, params, batch, deltas, ecfg=ecfg, lcfg=lcfg,
+                                               tx=tx, n_answer=layout.n_answer, **kw)
+            metrics.append(m)
+        return {"nets": nets, "stats": stats, "deltas": deltas, "metrics": metrics}
+
+    def run_edit(step, **kw):
+        state, deltas = init_editor(ecfg, lcfg, key), zero_deltas(ecfg, lcfg)
+        for batch in data:          # sequential editing: the second batch edits the edited model
+            deltas, state = step(state, params, batch.edit, deltas, ecfg=ecfg, lcfg=lcfg,
+                                 n_answer=layout.edit.n_answer, **kw)
+        return {"deltas": deltas, "stats": state.stats, "nets": state.nets}
+
+    params = model.params
+    ref_train, ref_edit = run_train(train_step), run_edit(edit_batch)
+    results = {"rows_per_view": layout.edit.n_rows, "meshes": {}}
+    for d, m, shard_editor in MESHES:
+        mesh = sharding.make_mesh(d, m)
+        kw = {"mesh": mesh, "shard_editor": shard_editor}
+        if shard_editor:
+            kw["min_size"] = EDITOR_MIN_SIZE
+        before = set(sharding._COMPILED)
+        params = sharding.place_params(model.params, mesh)
+        train_out, edit_out = run_train(sharding.sharded_train_step, **kw), run_edit(sharding.sharded_edit_batch, **kw)
+        new = [sharding._COMPILED[k] for k in set(sharding._COMPILED) - before]
+        kernel = params["layers"]["mlp"]["up_proj"]["kernel"]
+        results["meshes"][f"{d}x{m}"] = {
+            "data": d, "model": m, "shard_editor": shard_editor,
+            "train_err": {k: rel_err(train_out[k], ref_train[k]) for k in ref_train},
+            "edit_err": {k: rel_err(edit_out[k], ref_edit[k]) for k in ("deltas", "stats")},
+            "compilations": [f._cache_size() for f in new],
+            "kernel_spec": str(kernel.sharding.spec),
+            "n_kernel_shards": len(kernel.addressable_shards),
+            "shards": {
+                "up_proj_kernel": shard_shapes(kernel),
+                "down_proj_kernel": shard_shapes(params["layers"]["mlp"]["down_proj"]["kernel"]),
+                "embedding": shard_shapes(params["embed_tokens"]["embedding"]),
+                "norm": shard_shapes(params["layers"]["input_layernorm"]["weight"]),
+                "up_proj_delta": shard_shapes(edit_out["deltas"][MODULES[0]]),
+                "down_proj_delta": shard_shapes(train_out["deltas"][MODULES[1]]),
+                "hypernet_A": shard_shapes(edit_out["nets"]["32x64"]["A"]),
+                "batch_rows": shard_shapes(sharding.place_batch(data[0], mesh).edit.input_ids),
+            },
+        }
+    Path(out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
