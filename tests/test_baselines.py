@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import synthetic_requests
+from test_editor import TINY, tiny_batch  # the same tiny config and batches as the editor tests
 
 from emsedit_jax import cli
 from emsedit_jax.editor import memory as mem
-from emsedit_jax.editor.capture import IGNORE, Batch, Capture, edited_loss
+from emsedit_jax.editor.capture import Batch, Capture, edited_loss
 from emsedit_jax.editor.config import EditorConfig, method_config, parse_method
 from emsedit_jax.editor.hypernet import init_net
 from emsedit_jax.editor.losses import kl_locality
@@ -27,15 +28,12 @@ from emsedit_jax.editor.steps import (
     step_update,
     zero_deltas,
 )
-from emsedit_jax.models import ModelConfig, load_model
+from emsedit_jax.models import load_model
 from emsedit_jax.models.layers import set_path
 from emsedit_jax.models.transformer import tensor_specs
 from emsedit_jax.pipeline import encode_split
 from emsedit_jax.train import TrainConfig, batch_plan, make_optimizer, train, train_step
 
-TINY = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 53, "hidden_size": 16, "intermediate_size": 24,
-                            "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
-                            "tie_word_embeddings": True})
 # Two modules share the 16x24 hypernetwork (per-layer eta and lambda); one has its own (24x16).
 MODULES = ("model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj")
 
@@ -158,17 +156,6 @@ def test_memory_push_ages_entries_and_drops_the_oldest():
     np.testing.assert_array_equal(np.asarray(memory.gen.input_ids[:, 0, 0]), [410, 310, 210])
     np.testing.assert_array_equal(np.asarray(memory.loc.labels[:, 0, 0]), [422, 322, 222])
     np.testing.assert_allclose(np.asarray(memory.weights), [0.5, 0.25, 0.125])
-
-
-def tiny_batch(seed, b=3, s=7):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, TINY.vocab_size, size=(b, s)).astype(np.int32)
-    lengths = np.array([s, s - 1, s - 2])[:b]
-    mask = (np.arange(s)[None] < lengths[:, None]).astype(np.int32)
-    labels = np.full((b, s), IGNORE, np.int32)
-    for r, n in enumerate(lengths):
-        labels[r, n - 2:n] = rng.integers(1, TINY.vocab_size, size=2)
-    return Batch(jnp.asarray(ids * mask), jnp.asarray(mask), jnp.asarray(labels))
 
 
 def test_kl_term_is_zero_for_a_zero_edit():
