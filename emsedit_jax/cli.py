@@ -124,20 +124,32 @@ def train_editor_config(args, model_cfg):
                          steps=args.steps, **{k: v for k, v in options.items() if v is not None})
 
 
-def cmd_train(args) -> dict:
-    from .models import load_model
-    from .pipeline import encode_split
-    from .train import TrainConfig, train
+def resolve_schedule(args):
+    """Fills the options `train` left unset with its --schedule's defaults (in place)."""
     for key, value in SCHEDULE_DEFAULTS[args.schedule].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    return args
+
+
+def train_config(args):
+    """The TrainConfig of `train` (after resolve_schedule)."""
+    from .train import TrainConfig
+    return TrainConfig(protocol=args.protocol, schedule=args.schedule, n_edits=args.n_edits, num_seq=args.num_seq,
+                       epochs=args.epochs, meta_lr=args.meta_lr, seed=args.seed, buckets=args.buckets)
+
+
+def cmd_train(args) -> dict:
+    from .models import load_model
+    from .pipeline import encode_split
+    from .train import train
+    resolve_schedule(args)
     mesh = _scale_setup(args)
     model = load_model(args.model, dtype=_dtype(args.dtype))
     train_reqs, test_reqs = _load_data(args)
     train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid)
     ecfg = train_editor_config(args, model.config)
-    tcfg = TrainConfig(protocol=args.protocol, schedule=args.schedule, n_edits=args.n_edits, num_seq=args.num_seq,
-                       epochs=args.epochs, meta_lr=args.meta_lr, seed=args.seed)
+    tcfg = train_config(args)
     run_meta = {"model_name": args.model, "dataset": args.dataset, "data": args.data, "test_data": args.test_data,
                 "n_train": args.n_train, "n_test": args.n_test, "split_seed": args.split_seed, "dtype": args.dtype,
                 "skip_invalid": args.skip_invalid, "mesh": args.mesh, "remat": args.remat}
@@ -182,7 +194,7 @@ def cmd_evaluate(args) -> dict:
               "test_data": args.test_data, "n_train": args.n_train, "n_test": args.n_test,
               "split_seed": args.split_seed, "dtype": args.dtype, "editor_dir": str(args.editor),
               "train": record.get("train"), "mesh": args.mesh, "remat": args.remat,
-              "capture_chunk": args.capture_chunk}
+              "capture_chunk": args.capture_chunk, "buckets": args.buckets}
     print("configuration:", json.dumps(config, indent=1))
     if args.dataset == "mquake":
         result = mquake_accuracy(model, ecfg, state, test_reqs, n_cases=args.n_edits * args.num_seq,
@@ -192,7 +204,8 @@ def cmd_evaluate(args) -> dict:
         split = encode_split(model.tokenizer, test_reqs)
         res = run_protocol(model, ecfg, state, split, protocol=args.protocol, num_seq=args.num_seq,
                            n_edits=args.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=args.full_curve,
-                           progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=args.capture_chunk)
+                           progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=args.capture_chunk,
+                           buckets=args.buckets)
         out = {"metrics": res.metrics, "baseline": res.baseline,
                "timing": {"train_seconds_per_edit": record.get("train_seconds_per_edit"),
                           "edit_seconds_per_edit": res.edit_seconds_per_edit,
@@ -365,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "applied squared as in the authors' code)")
     p.add_argument("--msbp", default="detached", choices=["detached", "exact"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--buckets", type=int, default=3, help="distinct batch shapes to compile: more buckets, less "
+                   "padding (RLEdit uses 1: its memory stacks batches)")
     _add_scale(p)
     p.set_defaults(func=cmd_train)
 
@@ -376,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-seq", type=int, default=10)
     p.add_argument("--n-edits", type=int, default=10)
     p.add_argument("--full-curve", action="store_true", help="score after every batch")
+    p.add_argument("--buckets", type=int, default=1, help="distinct edit-batch shapes (less padding, more compiles)")
     p.add_argument("--plot", default=None, help="PNG of the sequential curve (implies --full-curve)")
     p.add_argument("--out", default=None, help="results.json")
     _add_scale(p, capture_chunk=True)

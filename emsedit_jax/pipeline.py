@@ -80,7 +80,7 @@ class EncodedSplit:
             lengths, answers = self._lengths(view), self._answers(view)
             longest_total = max(int(lengths[list(b)].sum()) for b in batches)
             row_len = min(_round_up(longest_total, 16), _round_up(max_row_len, 16))
-            row_len = max(row_len, _round_up(int(lengths.max()), 16))
+            row_len = max(row_len, max(_round_up(int(lengths[list(b)].max()), 16) for b in batches))
             n_rows, n_answer = 1, 1
             for b in batches:
                 assign = _assign_rows(lengths[list(b)], row_len)
@@ -89,6 +89,27 @@ class EncodedSplit:
                 n_answer = max(n_answer, int(per_row.max()))
             views[view] = ViewLayout(n_rows, row_len, _round_up(n_answer, 8))
         return Layout(**views)
+
+    def layouts(self, batches: Sequence[Sequence[int]], max_row_len: int = MAX_ROW_LEN,
+                buckets: int = 1) -> list[Layout]:
+        """One layout per batch, from at most `buckets` distinct ones, so that jitted code
+        compiles a handful of shapes while most batches carry little padding: the
+        batches are ranked by their token count (all views) and split into `buckets`
+        groups of equal size, each getting the smallest layout that holds its members.
+        `buckets=1` is `layout(batches)` for every batch. Results do not depend on the
+        padding (it is masked), only the cost does."""
+        batches = [list(b) for b in batches]
+        if buckets <= 1 or len(batches) <= 1:
+            one = self.layout(batches, max_row_len)
+            return [one] * len(batches)
+        size = sum(self._lengths(v) for v in VIEWS)
+        order = sorted(range(len(batches)), key=lambda i: int(size[batches[i]].sum()))
+        out: list[Layout | None] = [None] * len(batches)
+        for group in np.array_split(np.asarray(order), min(buckets, len(batches))):
+            shared = self.layout([batches[i] for i in group], max_row_len)
+            for i in group:
+                out[i] = shared
+        return out
 
     def pack(self, view: str, rows: Sequence[int], vl: ViewLayout) -> tuple[Batch, np.ndarray]:
         """Packs requests `rows` of one view. Returns the numpy Batch and alt_labels

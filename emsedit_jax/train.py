@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 10  # batches between checkpoints
     max_row_len: int = 512      # packed row length cap
+    buckets: int = 3            # distinct batch layouts (shapes compiled); RLEdit's memory needs 1
 
     def __post_init__(self):
         if self.protocol not in ("sequential", "batch"):
@@ -138,7 +139,12 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
         model = dataclasses.replace(model, params=place_params(model.params, mesh))
         step = functools.partial(sharded_train_step, mesh=mesh)
     plan = batch_plan(len(split), tcfg)
-    layout: Layout = split.layout([b for epoch in plan for b in epoch], tcfg.max_row_len)
+    # A stream of num_seq batches has at most num_seq - 1 earlier batches to remember.
+    slots = min(ecfg.memory_slots, tcfg.num_seq - 1) if tcfg.protocol == "sequential" else 0
+    flat = [b for epoch in plan for b in epoch]
+    # RLEdit's memory stacks earlier batches, so they share one layout.
+    layouts = split.layouts(flat, tcfg.max_row_len, 1 if slots else tcfg.buckets)
+    layout_of = {(e, b): layouts[e * len(plan[0]) + b] for e in range(len(plan)) for b in range(len(plan[e]))}
     tx = make_optimizer(tcfg)
     key = jax.random.key(tcfg.seed)
     state = init_editor(ecfg, lcfg, key)
@@ -157,16 +163,15 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     total = sum(len(e) for e in plan)
     done = position[0] * len(plan[0]) + position[1]
     bar = _progress(total, done, progress)
-    times, compile_s, n_batches_run = [], 0.0, 0
+    times, compile_s, n_batches_run, compiled = [], 0.0, 0, set()
     only_steps = list(range(ecfg.steps)) if (tcfg.schedule == "faithful" and tcfg.protocol == "batch") else [None]
-    # A stream of num_seq batches has at most num_seq - 1 earlier batches to remember.
-    slots = min(ecfg.memory_slots, tcfg.num_seq - 1) if tcfg.protocol == "sequential" else 0
     memory = None
     for epoch in range(position[0], tcfg.epochs):
         first = position[1] if epoch == position[0] else 0
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
                 deltas = zero_deltas(ecfg, lcfg)
+            layout = layout_of[epoch, b]
             batch = split.batch(plan[epoch][b], layout)
             if slots and (b % tcfg.num_seq == 0 or memory is None):
                 memory = _stream_memory(split, layout, plan[epoch], b, tcfg.num_seq, slots, ecfg.time_decay, batch)
@@ -181,8 +186,9 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
                 memory = mem.push(memory, batch, b % tcfg.num_seq, ecfg.time_decay)
             metrics = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
-            if n_batches_run == 0:
-                compile_s = dt      # the first batch of a process includes compilation
+            if layout not in compiled:
+                compile_s += dt     # the first batch of each layout in a process compiles it
+                compiled.add(layout)
             else:
                 times.append(dt)
             n_batches_run += 1
@@ -217,7 +223,7 @@ def _stream_memory(split: EncodedSplit, layout: Layout, epoch_plan: list[np.ndar
 
 
 def _per_edit(times: list[float], tcfg: TrainConfig) -> float:
-    return float(np.median(times) / tcfg.n_edits) if times else float("nan")
+    return float(np.mean(times) / tcfg.n_edits) if times else float("nan")
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -1,14 +1,17 @@
 """Seconds per edit of EMSEdit meta-training and editing on the embedded model.
 
-The ZsRE sequential protocol's unit of work: a batch of `--n-edits` requests, T = 2 edit
-steps, with the jitted training step (edit + paraphrase loss + gradient + Adam update)
-and the jitted edit step (T steps of capture -> hypernetwork -> ridge solve). Compile time
-is reported separately; the steady-state figure is the median over `--reps` batches after
-warm-up. Several editor configurations can be compared side by side in one run
-(`--configs`), e.g. the edited layers or the hypernetwork rank, since both set the cost.
-Each row also gives the matmul FLOPs per edit (counted on the jaxpr, see
-emsedit_jax/flops.py), the rate achieved, and the time the same FLOPs would take at this
-machine's float32 matmul rate (measured in the same run): the floor for this protocol.
+The ZsRE sequential protocol as the CLI runs it: the 500 training requests of the seeded
+split in the batches of one epoch of the training plan (batches of `--n-edits`), and the
+10 test batches of the 10 x 10 protocol; T = 2 edit steps. The jitted training step
+(edit + paraphrase loss + gradient + Adam update) and the jitted edit step (T steps of
+capture -> hypernetwork -> ridge solve) cost the same for every batch of one shape, so
+each distinct batch layout is timed `--reps` times after its compiling call, and the
+s/edit of a run is the mean over its batches (each at its layout's median). Rows compare
+`--buckets` (how many layouts the batches are packed in: 1 = one layout padded to the
+largest batch) and editor configurations (`--configs`: edited layers, hypernetwork rank)
+side by side in one run. Each row also gives the matmul FLOPs per edit (counted on the
+jaxpr, see emsedit_jax/flops.py), the rate achieved, and the time the same FLOPs would
+take at this machine's float32 matmul rate (measured in the same run): the floor.
 
     python experiments/bench_edit_speed.py --data ../shared/data/zsre/zsre_mend_train-1k.json
 """
@@ -21,19 +24,20 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from emsedit_jax.data import load_requests
+from emsedit_jax.data import load_requests, split_requests
 from emsedit_jax.editor.config import EditorConfig
 from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.evaluate import edit_batch
 from emsedit_jax.flops import count_flops
 from emsedit_jax.models import load_model
 from emsedit_jax.pipeline import encode_split
-from emsedit_jax.train import TrainConfig, make_optimizer, train_step
+from emsedit_jax.train import TrainConfig, batch_plan, make_optimizer, train_step
 
 CONFIGS = {
     "default: layers 18-23 rank 1024": dict(layers=range(18, 24), rank=1024),
@@ -42,44 +46,55 @@ CONFIGS = {
 }
 
 
-def bench(model, split, name, layers, rank, n_edits, reps):
-    ecfg = EditorConfig(modules=tuple(f"model.layers.{i}.mlp.up_proj" for i in layers), rank=rank, lr_init=1e-3)
-    tcfg = TrainConfig(n_edits=n_edits)
+def _timed(fn, reps: int) -> tuple[float, float]:
+    """(first call, median of the next `reps`) seconds of fn()."""
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times[0], statistics.median(times[1:])
+
+
+def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets):
+    ecfg = EditorConfig(modules=tuple(f"model.layers.{i}.mlp.up_proj" for i in layers), rank=rank, lr_init=1e-3,
+                        log_step_size=True)
+    tcfg = TrainConfig(n_edits=n_edits, buckets=buckets)
     tx = make_optimizer(tcfg)
-    batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(reps + 2)]
-    layout = split.layout(batches)
     state = init_editor(ecfg, model.config, jax.random.key(0))
-    opt = tx.init(state.nets)
     zero = zero_deltas(ecfg, model.config)
-    train_times, edit_times = [], []
-    nets, stats = state.nets, state.stats
-    for i, rows in enumerate(batches):
-        batch = split.batch(rows, layout)
-        t0 = time.perf_counter()
-        nets, stats, opt, deltas, m = train_step(nets, stats, opt, model.params, batch, zero, ecfg=ecfg,
-                                                 lcfg=model.config, tx=tx, n_answer=layout.n_answer)
-        jax.block_until_ready(deltas)
-        train_times.append(time.perf_counter() - t0)
-    st = state._replace(nets=nets, stats=stats)
-    for i, rows in enumerate(batches):
-        batch = split.batch(rows, layout)
-        t0 = time.perf_counter()
-        out, st = edit_batch(st, model.params, batch.edit, zero, ecfg=ecfg, lcfg=model.config,
-                             n_answer=layout.edit.n_answer)
-        jax.block_until_ready(out)
-        edit_times.append(time.perf_counter() - t0)
-    batch = split.batch(batches[0], layout)
-    flops = {"train": count_flops(train_step, state.nets, state.stats, tx.init(state.nets), model.params, batch,
-                                  zero, ecfg=ecfg, lcfg=model.config, tx=tx, n_answer=layout.n_answer),
-             "edit": count_flops(edit_batch, state, model.params, batch.edit, zero, ecfg=ecfg, lcfg=model.config,
-                                 n_answer=layout.edit.n_answer)}
-    row = {"config": name, "n_edits": n_edits, "tokens_per_batch": layout.edit.row_len * layout.edit.n_rows}
-    for kind, times in (("train", train_times), ("edit", edit_times)):
-        steady = statistics.median(times[2:])
-        row[f"{kind}_compile_s"] = times[0] - steady
+    row = {"config": name, "buckets": buckets, "n_edits": n_edits}
+    train_batches = batch_plan(len(train_split), tcfg)[0]
+    test_batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(10)]
+    for kind, split, batches in (("train", train_split, train_batches), ("edit", test_split, test_batches)):
+        layouts = split.layouts(batches, buckets=buckets)
+        uses = Counter(layouts)
+        first = {lay: batches[layouts.index(lay)] for lay in uses}
+        compile_s, cost, flops = 0.0, 0.0, 0.0
+        for lay, n_uses in uses.items():
+            batch = split.batch(first[lay], lay)
+            if kind == "train":
+                opt = tx.init(state.nets)
+                args = (state.nets, state.stats, opt, model.params, batch, zero)
+                kw = dict(ecfg=ecfg, lcfg=model.config, tx=tx, n_answer=lay.n_answer)
+                f = count_flops(train_step, *args, **kw)
+                # train_step donates the editor and optimiser: fresh copies each call.
+                fn = lambda: train_step(jax.tree.map(jax.numpy.copy, state.nets), state.stats,  # noqa: E731
+                                        jax.tree.map(jax.numpy.copy, opt), model.params, batch, zero, **kw)[3]
+            else:
+                kw = dict(ecfg=ecfg, lcfg=model.config, n_answer=lay.edit.n_answer)
+                f = count_flops(edit_batch, state, model.params, batch.edit, zero, **kw)
+                fn = lambda: edit_batch(state, model.params, batch.edit, zero, **kw)[0]  # noqa: E731
+            t_first, t = _timed(fn, reps)
+            compile_s += t_first - t
+            cost += n_uses * t
+            flops += n_uses * f
+        steady = cost / len(batches)
+        row[f"{kind}_layouts"] = len(uses)
+        row[f"{kind}_compile_s"] = compile_s
         row[f"{kind}_s_per_edit"] = steady / n_edits
-        row[f"{kind}_gflop_per_edit"] = flops[kind] / n_edits / 1e9
-        row[f"{kind}_gflops"] = flops[kind] / steady / 1e9
+        row[f"{kind}_gflop_per_edit"] = flops / len(batches) / n_edits / 1e9
+        row[f"{kind}_gflops"] = flops / cost / 1e9
     return row
 
 
@@ -99,27 +114,35 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data/zsre/zsre_mend_train-1k.json")
+    ap.add_argument("--n-train", type=int, default=500)
+    ap.add_argument("--n-test", type=int, default=498)
     ap.add_argument("--n-edits", type=int, default=10)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names from CONFIGS")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--buckets", default="1,3", help="comma-separated bucket counts to compare")
+    ap.add_argument("--configs", default=next(iter(CONFIGS)), help="comma-separated names from CONFIGS")
     ap.add_argument("--out", default="results/bench_edit_speed")
     args = ap.parse_args()
     model = load_model("smollm2")
-    reqs = load_requests(args.data, skip_invalid=True).requests[: args.n_edits * (args.reps + 2)]
-    split = encode_split(model.tokenizer, reqs)
-    rows = [bench(model, split, name, n_edits=args.n_edits, reps=args.reps, **CONFIGS[name])
-            for name in args.configs.split(",")]
+    reqs = load_requests(args.data, skip_invalid=True).requests
+    train_reqs, test_reqs = split_requests(reqs, args.n_train, args.n_test, 0)      # as the CLI splits
+    train_split, test_split = (encode_split(model.tokenizer, r) for r in (train_reqs, test_reqs))
+    rows = [bench(model, train_split, test_split, name, n_edits=args.n_edits, reps=args.reps, buckets=int(k),
+                  **CONFIGS[name])
+            for name in args.configs.split(",") for k in args.buckets.split(",")]
     peak = matmul_gflops()
-    head = ("| config | train s/edit | edit s/edit | train compile (s) | edit compile (s) | train GFLOP/edit | "
-            "edit GFLOP/edit | train GFLOP/s | edit GFLOP/s | matmul-bound train s/edit | matmul-bound edit s/edit |"
-            "\n|---|" + "---:|" * 10)
-    lines = [f"| {r['config']} | {r['train_s_per_edit']:.3f} | {r['edit_s_per_edit']:.3f} | "
+    head = ("| config | buckets | train s/edit | edit s/edit | train / edit layouts | train compile (s) | "
+            "edit compile (s) | train GFLOP/edit | edit GFLOP/edit | train GFLOP/s | edit GFLOP/s | "
+            "matmul-bound train s/edit | matmul-bound edit s/edit |\n|---|" + "---:|" * 12)
+    lines = [f"| {r['config']} | {r['buckets']} | {r['train_s_per_edit']:.3f} | {r['edit_s_per_edit']:.3f} | "
+             f"{r['train_layouts']} / {r['edit_layouts']} | "
              f"{r['train_compile_s']:.1f} | {r['edit_compile_s']:.1f} | {r['train_gflop_per_edit']:.1f} | "
              f"{r['edit_gflop_per_edit']:.1f} | {r['train_gflops']:.0f} | {r['edit_gflops']:.0f} | "
              f"{r['train_gflop_per_edit'] / peak:.3f} | {r['edit_gflop_per_edit'] / peak:.3f} |" for r in rows]
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-           f"backend {jax.default_backend()}; batch of {args.n_edits} ZsRE requests, T = 2, median of {args.reps}; "
-           f"float32 matmul rate {peak:.0f} GFLOP/s (2048^3); FLOPs: matmuls counted on the jaxpr")
+           f"backend {jax.default_backend()}; ZsRE, {args.n_train} training requests in batches of {args.n_edits} "
+           f"(one epoch's plan), the 10 test batches of the 10 x {args.n_edits} protocol, T = 2; each layout timed "
+           f"{args.reps}x after compiling; float32 matmul rate {peak:.0f} GFLOP/s (2048^3); FLOPs: matmuls "
+           "counted on the jaxpr")
     table = "\n".join([f"## EMSEdit seconds per edit ({env})", "", head, *lines])
     print(table)
     out = Path(args.out)

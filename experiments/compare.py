@@ -45,7 +45,7 @@ from emsedit_jax.editor.config import parse_method
 from emsedit_jax.evaluate import run_protocol
 from emsedit_jax.models import load_model
 from emsedit_jax.pipeline import encode_split
-from emsedit_jax.train import TrainConfig, train
+from emsedit_jax.train import train
 
 METHODS = ("emsedit", "mend", "malmen", "rledit", "mend2", "malmen2", "rledit2")
 DATASETS = {   # name -> (train file, test file or None: split the train file; format)
@@ -83,14 +83,8 @@ def editor_and_train_config(method: str, protocol: str, n_edits: int, num_seq: i
     for flag, value in (("--steps", steps), ("--epochs", epochs), ("--rank", rank), ("--blocks", blocks)):
         if value is not None:
             argv += [flag, str(value)]
-    args = cli.build_parser().parse_args(argv)
-    for key, value in cli.SCHEDULE_DEFAULTS[args.schedule].items():     # as cmd_train does
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    ecfg = cli.train_editor_config(args, model_cfg)
-    tcfg = TrainConfig(protocol=args.protocol, schedule=args.schedule, n_edits=args.n_edits, num_seq=args.num_seq,
-                       epochs=args.epochs, meta_lr=args.meta_lr, seed=args.seed)
-    return ecfg, tcfg
+    args = cli.resolve_schedule(cli.build_parser().parse_args(argv))
+    return cli.train_editor_config(args, model_cfg), cli.train_config(args)
 
 
 def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed: int, splits, opts) -> dict:

@@ -39,15 +39,20 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-def synthetic_requests(n: int, seed: int = 0):
+def synthetic_requests(n: int, seed: int = 0, ragged: bool = False):
     """Edit requests over the tiny vocabulary: 'wA wB wC' -> 'wD', with a paraphrase
-    'wB wA wC' and an unrelated locality prompt."""
+    'wB wA wC' and an unrelated locality prompt. `ragged`: prompts of 3-6 words and
+    targets of 1-3 words instead."""
     from emsedit_jax.data import EditRequest
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        a, b, c, d, e, f, g = (WORDS[j] for j in rng.choice(len(WORDS), 7, replace=False))
-        out.append(EditRequest(prompt=f"{a} {b} {c}", target_new=d, rephrase=f"{b} {a} {c}",
-                               loc_prompt=f"{e} {f}", loc_answer=g, target_true=WORDS[(WORDS.index(d) + 1) % 150],
+        n_prompt, n_target = (int(rng.integers(3, 7)), int(rng.integers(1, 4))) if ragged else (3, 1)
+        w = [WORDS[j] for j in rng.choice(len(WORDS), n_prompt + n_target + 3, replace=False)]
+        prompt, target, (e, f, g) = w[:n_prompt], w[n_prompt:n_prompt + n_target], w[-3:]
+        out.append(EditRequest(prompt=" ".join(prompt), target_new=" ".join(target),
+                               rephrase=" ".join([prompt[1], prompt[0], *prompt[2:]]),
+                               loc_prompt=f"{e} {f}", loc_answer=g,
+                               target_true=" ".join(WORDS[(WORDS.index(t) + 1) % 150] for t in target),
                                case_id=i, source=f"synthetic#{i}"))
     return out
