@@ -49,9 +49,15 @@ def parse_modules(spec: str | None, layers: str | None, module: str | None, cfg)
     return tuple(f"{cfg.layer_prefix}.{i}.{suffix}" for i in idx)
 
 
-def _dtype(name: str):
+def _load_model(args):
+    """The --model in --dtype; with bfloat16 parameters the residual stream is float32
+    unless --residual-dtype bfloat16 asks for transformers' all-bfloat16 numerics."""
     import jax.numpy as jnp
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+    from .models import load_model
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else None)
+    return load_model(args.model, dtype=dtype, residual=residual)
 
 
 def _load_data(args):
@@ -140,18 +146,18 @@ def train_config(args):
 
 
 def cmd_train(args) -> dict:
-    from .models import load_model
     from .pipeline import encode_split
     from .train import train
     resolve_schedule(args)
     mesh = _scale_setup(args)
-    model = load_model(args.model, dtype=_dtype(args.dtype))
+    model = _load_model(args)
     train_reqs, test_reqs = _load_data(args)
     train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid)
     ecfg = train_editor_config(args, model.config)
     tcfg = train_config(args)
     run_meta = {"model_name": args.model, "dataset": args.dataset, "data": args.data, "test_data": args.test_data,
                 "n_train": args.n_train, "n_test": args.n_test, "split_seed": args.split_seed, "dtype": args.dtype,
+                "residual_dtype": model.config.residual_dtype or args.dtype,
                 "skip_invalid": args.skip_invalid, "mesh": args.mesh, "remat": args.remat}
     print("configuration:", json.dumps({"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
                                          **run_meta}, indent=1))
@@ -179,20 +185,20 @@ def _editor_defaults(args, record):
 def cmd_evaluate(args) -> dict:
     from .checkpoint import load_editor
     from .evaluate import mquake_accuracy, run_protocol
-    from .models import load_model
     from .pipeline import encode_split
     mesh = _scale_setup(args)
     record = json.loads((Path(args.editor) / "editor.json").read_text())
     _editor_defaults(args, record)
     args.model = args.model or "smollm2"
-    model = load_model(args.model, dtype=_dtype(args.dtype))
+    model = _load_model(args)
     ecfg, state, record = load_editor(args.editor, model.config)
     _, test_reqs = _load_data(args)
     _, test_reqs = _check_tokenised(model, [], test_reqs, args.skip_invalid)
     config = {"editor": dataclasses.asdict(ecfg), "protocol": args.protocol, "num_seq": args.num_seq,
               "n_edits": args.n_edits, "model": args.model, "dataset": args.dataset, "data": args.data,
               "test_data": args.test_data, "n_train": args.n_train, "n_test": args.n_test,
-              "split_seed": args.split_seed, "dtype": args.dtype, "editor_dir": str(args.editor),
+              "split_seed": args.split_seed, "dtype": args.dtype,
+              "residual_dtype": model.config.residual_dtype or args.dtype, "editor_dir": str(args.editor),
               "train": record.get("train"), "mesh": args.mesh, "remat": args.remat,
               "capture_chunk": args.capture_chunk, "buckets": args.buckets}
     print("configuration:", json.dumps(config, indent=1))
@@ -260,9 +266,9 @@ def cmd_edit(args) -> dict:
     from .data import EditRequest
     from .evaluate import edit_batch
     from .editor.steps import zero_deltas
-    from .models import apply_deltas, load_model, save_hf
+    from .models import apply_deltas, save_hf
     from .pipeline import encode_split
-    model = load_model(args.model, dtype=_dtype(args.dtype))
+    model = _load_model(args)
     ecfg, state, _ = load_editor(args.editor, model.config)
     facts = [EditRequest(prompt=p, target_new=t, rephrase=p, loc_prompt=p, loc_answer=t, source=f"--fact {i}")
              for i, (p, t) in enumerate(args.fact)]
@@ -284,9 +290,8 @@ def cmd_edit(args) -> dict:
 
 
 def cmd_generate(args) -> dict:
-    from .models import load_model
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=_dtype(args.dtype))
+    model = _load_model(args)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     outs = _complete(model, args.prompt, model.params, args.max_new_tokens)
@@ -315,6 +320,9 @@ def cmd_demo(args) -> dict:
 def _add_model(p):
     p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM parameter dtype")
+    p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype of the residual stream (default: float32; with --dtype bfloat16 every matmul still "
+                        "runs in bfloat16); bfloat16 = transformers' all-bfloat16 numerics")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

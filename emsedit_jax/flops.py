@@ -38,6 +38,16 @@ def _sub_jaxprs(value: Any):
             yield from _sub_jaxprs(v)
 
 
+def iter_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (scan and cond bodies,
+    jit calls, ...), each once, depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                yield from iter_eqns(sub)
+
+
 def jaxpr_flops(jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:

@@ -182,3 +182,26 @@ def test_pad_rows_rejects_shrinking():
     p = pad_rows(b, 5)
     assert p.input_ids.shape == (5, 4) and int(p.attention_mask[3:].sum()) == 0
     assert bool((p.labels[3:] == IGNORE).all()) and p.positions is None
+
+
+def test_float32_residual_stream_keeps_matmuls_in_bf16(tiny_model_dir, models, plain_edit):
+    """Mixed precision with a float32 residual stream: bfloat16 parameters and matmuls,
+    the running sum of the layers' outputs in float32; closer to the float32 model."""
+    from emsedit_jax.flops import iter_eqns
+    from emsedit_jax.models.transformer import embed, forward
+    m32, m16 = models
+    m16r = load_model(tiny_model_dir, dtype=jnp.bfloat16, residual="float32", tokenizer=False)
+    assert m16r.config.residual_dtype == "float32" and m16.config.residual_dtype is None
+    batch = plain_edit[0].edit
+    args = (batch.input_ids, batch.attention_mask)
+    pos = batch.positions
+    assert embed(m16r.config, m16r.params, batch.input_ids, pos).dtype == jnp.float32
+    assert embed(m16.config, m16.params, batch.input_ids, pos).dtype == jnp.bfloat16
+    jaxpr = jax.make_jaxpr(lambda p: forward(m16r.config, p, *args, positions=pos)[0])(m16r.params)
+    dots = [e for e in iter_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) > 5 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    mask = np.asarray(batch.attention_mask) > 0
+    ref = np.asarray(forward(m32.config, m32.params, *args, positions=pos)[0])[mask]
+    err = {name: rel(np.asarray(forward(m.config, m.params, *args, positions=pos)[0])[mask], ref)
+           for name, m in (("bf16", m16), ("bf16 + f32 residual", m16r))}
+    assert err["bf16 + f32 residual"] < err["bf16"], err

@@ -86,6 +86,11 @@ class ModelConfig:
     rope_original_max_position: int = 8192
     rotary_dim: int | None = None    # gptj: rotary on the first rotary_dim dims
     sliding_window: int | None = None
+    # Not from config.json: the dtype of the residual stream (the running sum of the
+    # layers' outputs). None: the parameters' dtype, as in transformers. "float32" with
+    # bfloat16 parameters keeps that sum in float32 while every matmul still runs in
+    # bfloat16 (see hf_io.load_model's `residual`).
+    residual_dtype: str | None = None
 
     @property
     def layer_prefix(self) -> str:

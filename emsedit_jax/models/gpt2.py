@@ -12,7 +12,7 @@ import math
 import jax.numpy as jnp
 
 from .config import ModelConfig
-from .layers import (acc_dtype, Tap, TensorSpec, activation, attention, attention_bias, layer_norm,
+from .layers import (Tap, TensorSpec, activation, attention, attention_bias, head_matmul, layer_norm,
                      linear_specs, norm_specs)
 
 
@@ -52,4 +52,4 @@ def block(cfg: ModelConfig, lp, h, ctx, tap: Tap):
 
 def head(cfg: ModelConfig, params, h):
     x = layer_norm(h, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.norm_eps)
-    return jnp.einsum("...d,vd->...v", x, params["wte"]["embedding"], preferred_element_type=acc_dtype(x.dtype))
+    return head_matmul("...d,vd->...v", x, params["wte"]["embedding"])

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 
 from .config import ModelConfig
-from .layers import (acc_dtype, Tap, TensorSpec, activation, attention, attention_bias, layer_norm,
+from .layers import (Tap, TensorSpec, activation, attention, attention_bias, head_matmul, layer_norm,
                      linear_specs, norm_specs, rope_interleaved, rope_tables)
 
 
@@ -54,5 +53,5 @@ def block(cfg: ModelConfig, lp, h, ctx, tap: Tap):
 
 def head(cfg: ModelConfig, params, h):
     x = layer_norm(h, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.norm_eps)
-    return (jnp.einsum("...d,dv->...v", x, params["lm_head"]["kernel"], preferred_element_type=acc_dtype(x.dtype))
-            + params["lm_head"]["bias"].astype(acc_dtype(x.dtype)))
+    y = head_matmul("...d,dv->...v", x, params["lm_head"]["kernel"])
+    return y + params["lm_head"]["bias"].astype(y.dtype)

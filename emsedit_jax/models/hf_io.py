@@ -233,9 +233,14 @@ def load_tokenizer(folder: Path):
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True,
-               tokenizer: bool = True) -> Model:
+               tokenizer: bool = True, residual: str | None = None) -> Model:
+    """`dtype`: the parameters' dtype. `residual`: the residual stream's dtype (None: the
+    parameters'; "float32" with bfloat16 parameters: mixed precision with the running
+    sum of the layers' outputs in float32 and every matmul in bfloat16)."""
     folder = resolve(name_or_path)
     cfg, raw = read_config(folder, strict=strict)
+    if residual is not None:
+        cfg = dataclasses.replace(cfg, residual_dtype=jnp.dtype(residual).name)
     params = load_params(folder, cfg, dtype)
     tok = load_tokenizer(folder) if tokenizer else None
     return Model(cfg, params, tok, folder, raw)

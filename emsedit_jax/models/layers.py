@@ -103,7 +103,9 @@ class Tap:
         low_precision = jnp.finfo(w.dtype).bits < 32
         if delta is not None and not low_precision:
             w = w + delta.astype(w.dtype)
-        y = jnp.einsum("...i,io->...o", x, w)
+        # A float32 input (float32 residual stream) to bfloat16 weights: the matmul
+        # stays in bfloat16; the key keeps the input's precision.
+        y = jnp.einsum("...i,io->...o", x.astype(w.dtype) if low_precision else x, w)
         if delta is not None and low_precision:
             # A small delta would vanish in a bfloat16 W + dW: apply it as a separate
             # product in the delta's precision.
@@ -122,6 +124,13 @@ class Tap:
 def acc_dtype(dtype) -> jnp.dtype:
     """Accumulation precision: at least float32 (float64 stays float64)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def head_matmul(spec: str, x: Array, w: Array) -> Array:
+    """The LM head's matmul in the weights' dtype (a float32 residual stream does not
+    turn it into a float32 matmul), accumulated and returned in at least float32."""
+    x = x.astype(w.dtype) if jnp.finfo(w.dtype).bits < 32 else x
+    return jnp.einsum(spec, x, w, preferred_element_type=acc_dtype(x.dtype))
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:

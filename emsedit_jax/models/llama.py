@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 
 from .config import ModelConfig, rope_inv_freq
-from .layers import (acc_dtype, Tap, TensorSpec, activation, attention, attention_bias, linear_specs,
+from .layers import (Tap, TensorSpec, activation, attention, attention_bias, head_matmul, linear_specs,
                      norm_specs, rms_norm, rope_rotate_half, rope_tables)
 
 
@@ -63,5 +62,5 @@ def head(cfg: ModelConfig, params, h):
     x = rms_norm(h, params["norm"]["weight"], cfg.norm_eps)
     if cfg.tie_word_embeddings:
         w = params["embed_tokens"]["embedding"]
-        return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=acc_dtype(x.dtype))
-    return jnp.einsum("...d,dv->...v", x, params["lm_head"]["kernel"], preferred_element_type=acc_dtype(x.dtype))
+        return head_matmul("...d,vd->...v", x, w)
+    return head_matmul("...d,dv->...v", x, params["lm_head"]["kernel"])

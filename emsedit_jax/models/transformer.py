@@ -106,8 +106,9 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> Params:
 
 # ---------------------------------------------------------------- forward pieces
 def embed(cfg: ModelConfig, params: Params, input_ids: Array, positions: Array) -> Array:
-    """input_ids (B, S), positions (B, S) -> hidden (B, S, D)."""
-    return family(cfg).embed(cfg, params, input_ids, positions)
+    """input_ids (B, S), positions (B, S) -> hidden (B, S, D), in cfg.residual_dtype if set."""
+    h = family(cfg).embed(cfg, params, input_ids, positions)
+    return h if cfg.residual_dtype is None else h.astype(cfg.residual_dtype)
 
 
 def context(cfg: ModelConfig, attention_mask: Array, positions: Array) -> dict:
