@@ -386,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "applied squared as in the authors' code)")
     p.add_argument("--msbp", default="detached", choices=["detached", "exact"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--buckets", type=int, default=3, help="distinct batch shapes to compile: more buckets, less "
-                   "padding (RLEdit uses 1: its memory stacks batches)")
+    p.add_argument("--buckets", type=int, default=1, help="distinct batch shapes to compile: more buckets, less "
+                   "padding, more compiles (RLEdit uses 1: its memory stacks batches)")
     _add_scale(p)
     p.set_defaults(func=cmd_train)
 

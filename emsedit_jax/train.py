@@ -52,7 +52,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 10  # batches between checkpoints
     max_row_len: int = 512      # packed row length cap
-    buckets: int = 3            # distinct batch layouts (shapes compiled); RLEdit's memory needs 1
+    buckets: int = 1            # distinct batch layouts (shapes compiled); RLEdit's memory needs 1
 
     def __post_init__(self):
         if self.protocol not in ("sequential", "batch"):
