@@ -19,13 +19,11 @@ take at this machine's float32 matmul rate (measured in the same run): the floor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -38,6 +36,7 @@ from emsedit_jax.flops import count_flops
 from emsedit_jax.models import load_model
 from emsedit_jax.pipeline import encode_split
 from emsedit_jax.train import TrainConfig, batch_plan, make_optimizer, train_step
+from report import write_report
 
 CONFIGS = {
     "default: layers 18-23 rank 1024": dict(layers=range(18, 24), rank=1024),
@@ -144,11 +143,7 @@ def main():
            f"{args.reps}x after compiling; float32 matmul rate {peak:.0f} GFLOP/s (2048^3); FLOPs: matmuls "
            "counted on the jaxpr")
     table = "\n".join([f"## EMSEdit seconds per edit ({env})", "", head, *lines])
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    write_report(args.out, table, {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":

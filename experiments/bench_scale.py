@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from report import write_report
 
 HERE = Path(__file__).resolve().parent
 
@@ -140,12 +141,7 @@ def main_parent(args) -> None:
     text = "\n".join([f"## EMSEdit scaling ({env})", "", table(rows), "",
                       "Peak used for MFU: " + "; ".join(f"mesh {m} {dt}: {p:.3g} TFLOP/s ({s})"
                                                         for m, dt, p, s in peaks)])
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    write_report(args.out, text, {"env": env, "rows": rows})
 
 
 # ---------------------------------------------------------------- worker: one mesh

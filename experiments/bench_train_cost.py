@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +57,7 @@ from emsedit_jax.models import ModelConfig, load_model
 from emsedit_jax.models.transformer import abstract_params, init_params
 from emsedit_jax.pipeline import encode_split
 from emsedit_jax.train import TrainConfig, make_optimizer, train_step
+from report import write_report
 
 # name -> (method, overrides). T = 2 everywhere; "-noKL" are the ablations.
 CONFIGS = {
@@ -247,12 +247,7 @@ def main():
            f"{jax.default_backend()}; batch of {args.n_edits} ZsRE requests, rank {args.rank}, median of {args.reps} "
            f"after {args.warmup} warm-up")
     text = table(rows, env)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    write_report(args.out, text, {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":

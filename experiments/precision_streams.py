@@ -33,6 +33,7 @@ from emsedit_jax.checkpoint import load_editor
 from emsedit_jax.evaluate import run_protocol
 from emsedit_jax.models import load_model
 from emsedit_jax.pipeline import encode_split
+from report import write_report
 
 METRICS = ("ES", "GS", "LS")
 
@@ -91,11 +92,7 @@ def main():
         lines.append(f"| {name} | " + " | ".join(f"{mean[k]:.1f}" for k in METRICS) + f" | {gap} |")
     table = "\n".join([f"## {args.editor}: sequential {args.num_seq} x {args.n_edits}, mean of {args.streams} "
                        "disjoint streams of the test split", "", head, *lines])
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"editor": args.editor, "streams": rows}, indent=1))
+    write_report(args.out, table, {"editor": args.editor, "streams": rows})
 
 
 if __name__ == "__main__":
