@@ -143,8 +143,7 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     slots = min(ecfg.memory_slots, tcfg.num_seq - 1) if tcfg.protocol == "sequential" else 0
     flat = [b for epoch in plan for b in epoch]
     # RLEdit's memory stacks earlier batches, so they share one layout.
-    layouts = split.layouts(flat, tcfg.max_row_len, 1 if slots else tcfg.buckets)
-    layout_of = {(e, b): layouts[e * len(plan[0]) + b] for e in range(len(plan)) for b in range(len(plan[e]))}
+    layouts = split.layouts(flat, tcfg.max_row_len, 1 if slots else tcfg.buckets)     # in `flat`'s order
     tx = make_optimizer(tcfg)
     key = jax.random.key(tcfg.seed)
     state = init_editor(ecfg, lcfg, key)
@@ -171,7 +170,7 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
                 deltas = zero_deltas(ecfg, lcfg)
-            layout = layout_of[epoch, b]
+            layout = layouts[epoch * len(plan[0]) + b]
             batch = split.batch(plan[epoch][b], layout)
             if slots and (b % tcfg.num_seq == 0 or memory is None):
                 memory = _stream_memory(split, layout, plan[epoch], b, tcfg.num_seq, slots, ecfg.time_decay, batch)
