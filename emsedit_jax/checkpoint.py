@@ -99,4 +99,4 @@ def load_editor(directory: str | Path, lcfg) -> tuple[EditorConfig, EditorState,
         restored = ckptr.restore(directory / "state", _abstract(target))
     restored = _restore_like(target, restored)
     stats = {k: Stats(*v) for k, v in restored["stats"].items()}
-    return ecfg, EditorState(restored["nets"], stats), record
+    return ecfg, EditorState(restored["nets"], stats, template.key_gram), record

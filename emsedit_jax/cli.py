@@ -125,7 +125,7 @@ def train_editor_config(args, model_cfg):
     from .editor.config import method_config
     options = {"step_specific": args.protocol == "sequential", "rank": args.rank, "n_blocks": args.blocks,
                "lr_init": args.lr_init, "msbp": args.msbp, "log_step_size": args.schedule == "default",
-               "beta": args.beta}
+               "beta": args.beta, "back_depth": args.back_depth, "key_memory": args.key_memory}
     return method_config(args.method, parse_modules(args.modules, args.layers, args.module, model_cfg),
                          steps=args.steps, **{k: v for k, v in options.items() if v is not None})
 
@@ -192,6 +192,8 @@ def cmd_evaluate(args) -> dict:
     args.model = args.model or "smollm2"
     model = _load_model(args)
     ecfg, state, record = load_editor(args.editor, model.config)
+    if args.key_memory is not None:     # the solve's key memory is a test-time choice too
+        ecfg = dataclasses.replace(ecfg, key_memory=args.key_memory)
     _, test_reqs = _load_data(args)
     _, test_reqs = _check_tokenised(model, [], test_reqs, args.skip_invalid)
     config = {"editor": dataclasses.asdict(ecfg), "protocol": args.protocol, "num_seq": args.num_seq,
@@ -358,6 +360,10 @@ def _add_data(p):
     p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of stopping")
 
 
+KEY_MEMORY_HELP = ("ridge solve against the stream's earlier keys: dW = (U^T U + e^lamda I + MU G)^-1 U^T D, "
+                   "G = sum of the earlier batches' U^T U (default 0: the paper's solve; an extension)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emsedit-jax", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -385,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help="norm regulariser weight (default 1e-2; faithful: 0.5, "
                    "applied squared as in the authors' code)")
     p.add_argument("--msbp", default="detached", choices=["detached", "exact"])
+    p.add_argument("--key-memory", type=float, default=None, metavar="MU", help=KEY_MEMORY_HELP)
+    p.add_argument("--back-depth", type=int, default=None,
+                   help="memory backtracking: add the weighted losses of the stream's last N-1 earlier batches "
+                   "(default: RLEdit 10, the others 1 = none; for EMSEdit an extension, not the paper's loss)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--buckets", type=int, default=1, help="distinct batch shapes to compile: more buckets, less "
                    "padding, more compiles (RLEdit uses 1: its memory stacks batches)")
@@ -399,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-seq", type=int, default=10)
     p.add_argument("--n-edits", type=int, default=10)
     p.add_argument("--full-curve", action="store_true", help="score after every batch")
+    p.add_argument("--key-memory", type=float, default=None, metavar="MU",
+                   help="override the editor's key memory (" + KEY_MEMORY_HELP + ")")
     p.add_argument("--buckets", type=int, default=1, help="distinct edit-batch shapes (less padding, more compiles)")
     p.add_argument("--plot", default=None, help="PNG of the sequential curve (implies --full-curve)")
     p.add_argument("--out", default=None, help="results.json")

@@ -26,7 +26,7 @@ import numpy as np
 
 from .editor.capture import Batch, answer_slots, edited_logits, first_layer, prefix_hidden
 from .editor.config import EditorConfig
-from .editor.steps import Deltas, EditorState, multi_step_edit, zero_deltas
+from .editor.steps import Deltas, EditorState, multi_step_edit, new_stream, zero_deltas
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .pipeline import VIEWS, EncodedSplit, Layout
@@ -131,7 +131,7 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
         raise ValueError(f"the protocol needs {need} test requests, the data has {len(split)}")
     batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(num_seq)]
     layouts: list[Layout] = split.layouts(batches, buckets=buckets)
-    deltas = zero_deltas(ecfg, model.config)
+    deltas, state = zero_deltas(ecfg, model.config), new_stream(ecfg, model.config, state)
     from tqdm.auto import tqdm
     times, compile_s, curve, compiled = [], 0.0, [], set()
     for i, rows in enumerate(tqdm(batches, desc=f"{protocol} editing", disable=not progress, unit="batch")):
@@ -187,7 +187,7 @@ def mquake_accuracy(model: Model, ecfg: EditorConfig, state: EditorState, reques
         r0, q0 = r0 + len(case), q0 + len(case[0].hop_questions)
     r_layout, q_layout = rsplit.layout(r_groups), qsplit.layout(q_groups).edit
     solved = {"edited": [], "unedited": []}
-    zero = zero_deltas(ecfg, model.config)
+    zero, state = zero_deltas(ecfg, model.config), new_stream(ecfg, model.config, state)
     for rg, qg in tqdm(list(zip(r_groups, q_groups)), desc="MQuAKE cases", disable=not progress):
         batch = rsplit.batch(rg, r_layout)
         deltas, _ = edit_batch(state, model.params, batch.edit, zero, ecfg=ecfg, lcfg=model.config,

@@ -257,34 +257,35 @@ def sharded_edit_batch(state, params, batch: Batch, deltas, **kw):
     return fn(*args)
 
 
-def _train(nets, stats, opt_state, params, batch, deltas, *memory, **statics):
+def _train(nets, stats, opt_state, params, batch, deltas, key_gram, *memory, **statics):
     from .train import train_step
-    return train_step(nets, stats, opt_state, params, batch, deltas, *memory, **statics)
+    return train_step(nets, stats, opt_state, params, batch, deltas, *(memory or (None,)), key_gram, **statics)
 
 
-def prepare_train(nets, stats, opt_state, params, batch, deltas, memory=None, *, mesh: Mesh, ecfg,
+def prepare_train(nets, stats, opt_state, params, batch, deltas, memory=None, key_gram=None, *, mesh: Mesh, ecfg,
                   lcfg: ModelConfig, tx, n_answer, beta_power: int = 1, only_step: int | None = None,
                   remat: bool = False, shard_editor: bool = False, min_size: int = MIN_SHARD_SIZE):
     """The jitted meta-training step on `mesh` and its placed arguments (see
     `prepare_edit`). The hypernetworks and optimiser state are donated, as in
-    `train.train_step`."""
+    `train.train_step`. The key memory, if any, is replicated."""
     extra = () if memory is None else (memory,)
+    key_gram = key_gram or {}
     batch, extra = pad_for_mesh((batch, extra), mesh)
     ed = functools.partial(editor_shardings, mesh=mesh, shard=shard_editor, min_size=min_size)
     in_sh = (ed(nets), ed(stats), ed(opt_state), param_shardings(params, mesh, min_size=min_size),
              row_shardings(batch, mesh), delta_shardings(deltas, lcfg, mesh, min_size=min_size),
-             *row_shardings(extra, mesh))
-    out_sh = (in_sh[0], in_sh[1], in_sh[2], in_sh[5], NamedSharding(mesh, P()))
+             editor_shardings(key_gram, mesh), *row_shardings(extra, mesh))
+    out_sh = (in_sh[0], in_sh[1], in_sh[2], in_sh[5], NamedSharding(mesh, P()), in_sh[6])
     statics = {"ecfg": ecfg, "lcfg": lcfg, "tx": tx, "n_answer": n_answer, "beta_power": beta_power,
                "only_step": only_step, "remat": remat}
     fn = _compiled(_train, statics, in_sh, out_sh, (0, 2))
-    return fn, place((nets, stats, opt_state, params, batch, deltas, *extra), in_sh)
+    return fn, place((nets, stats, opt_state, params, batch, deltas, key_gram, *extra), in_sh)
 
 
-def sharded_train_step(nets, stats, opt_state, params, batch, deltas, memory=None, **kw):
-    """`train.train_step` on `kw["mesh"]`: (nets, stats, opt_state, deltas, metrics),
-    metrics replicated. Keywords: those of `train_step` plus mesh, shard_editor and
+def sharded_train_step(nets, stats, opt_state, params, batch, deltas, memory=None, key_gram=None, **kw):
+    """`train.train_step` on `kw["mesh"]`: (nets, stats, opt_state, deltas, metrics,
+    key_gram), metrics replicated. Keywords: those of `train_step` plus mesh, shard_editor and
     min_size. `memory` is RLEdit's buffer of earlier batches (its rows are split over the
     data axis too)."""
-    fn, args = prepare_train(nets, stats, opt_state, params, batch, deltas, memory, **kw)
+    fn, args = prepare_train(nets, stats, opt_state, params, batch, deltas, memory, key_gram, **kw)
     return fn(*args)

@@ -34,7 +34,7 @@ from .checkpoint import CheckpointStore, save_editor
 from .editor import memory as mem
 from .editor.config import EditorConfig
 from .editor.objective import EditBatch, NAnswer, meta_loss
-from .editor.steps import EditorState, init_editor, zero_deltas
+from .editor.steps import EditorState, init_editor, new_stream, zero_deltas
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .pipeline import EncodedSplit, Layout
@@ -97,21 +97,23 @@ def _optimizer(clip: float, meta_lr: float, every_k: int | None) -> optax.Gradie
 
 @functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "tx", "n_answer", "beta_power", "only_step", "remat"),
                    donate_argnames=("nets", "opt_state"))
-def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory: mem.Memory | None = None, *,
-               ecfg: EditorConfig, lcfg: ModelConfig, tx: optax.GradientTransformation, n_answer: NAnswer,
-               beta_power: int = 1, only_step: int | None = None, remat: bool = False):
-    """One meta-training update. Returns (nets, state, opt_state, deltas, metrics).
-    `memory`: RLEdit's buffer of the stream's earlier batches (None: no backtracking)."""
+def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory: mem.Memory | None = None,
+               key_gram: dict | None = None, *, ecfg: EditorConfig, lcfg: ModelConfig,
+               tx: optax.GradientTransformation, n_answer: NAnswer, beta_power: int = 1,
+               only_step: int | None = None, remat: bool = False):
+    """One meta-training update. Returns (nets, stats, opt_state, deltas, metrics, key_gram).
+    `memory`: RLEdit's buffer of the stream's earlier batches (None: no backtracking);
+    `key_gram`: the key memory of the stream so far (None or {}: none)."""
     (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
         nets, stats, ecfg, lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
-        only_step=only_step, memory=memory, remat=remat)
+        only_step=only_step, memory=memory, key_gram=key_gram, remat=remat)
     updates, opt_state = tx.update(grads, opt_state, nets)
     nets = optax.apply_updates(nets, updates)
     metrics = {"loss": loss, "gen_loss": aux.gen_loss, "reg_loss": aux.reg_loss,
                "grad_norm": optax.tree.norm(grads), "step_norms": aux.step_norms}
     if memory is not None:
         metrics["memory_loss"] = aux.memory_loss
-    return nets, aux.stats, opt_state, aux.deltas, metrics
+    return nets, aux.stats, opt_state, aux.deltas, metrics, aux.key_gram
 
 
 @dataclasses.dataclass
@@ -153,10 +155,11 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
                 "model": str(model.path), "n_train": len(split)}
     store = CheckpointStore(out / "checkpoints", identity)
     position, history = (0, 0), []
-    restored = store.restore_latest({"nets": state.nets, "stats": state.stats, "opt": opt_state, "deltas": deltas})
+    restored = store.restore_latest(_checkpoint_tree(state, opt_state, deltas))
     if restored is not None:
         tree, meta = restored
-        state, opt_state, deltas = EditorState(tree["nets"], tree["stats"]), tree["opt"], tree["deltas"]
+        state = EditorState(tree["nets"], tree["stats"], tree.get("key_gram", {}))
+        opt_state, deltas = tree["opt"], tree["deltas"]
         position, history = tuple(meta["position"]), meta["history"]
 
     total = sum(len(e) for e in plan)
@@ -169,17 +172,18 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
         first = position[1] if epoch == position[0] else 0
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
-                deltas = zero_deltas(ecfg, lcfg)
+                deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state)
             layout = layouts[epoch * len(plan[0]) + b]
             batch = split.batch(plan[epoch][b], layout)
             if slots and (b % tcfg.num_seq == 0 or memory is None):
                 memory = _stream_memory(split, layout, plan[epoch], b, tcfg.num_seq, slots, ecfg.time_decay, batch)
             t0 = time.perf_counter()
             for only in only_steps:
-                nets, stats, opt_state, new_deltas, metrics = step(
-                    state.nets, state.stats, opt_state, model.params, batch, deltas, memory, ecfg=ecfg, lcfg=lcfg,
-                    tx=tx, n_answer=layout.n_answer, beta_power=tcfg.beta_power, only_step=only, remat=remat)
-                state = EditorState(nets, stats)
+                nets, stats, opt_state, new_deltas, metrics, key_gram = step(
+                    state.nets, state.stats, opt_state, model.params, batch, deltas, memory, state.key_gram,
+                    ecfg=ecfg, lcfg=lcfg, tx=tx, n_answer=layout.n_answer, beta_power=tcfg.beta_power,
+                    only_step=only, remat=remat)
+                state = EditorState(nets, stats, key_gram)
             deltas = new_deltas
             if slots:
                 memory = mem.push(memory, batch, b % tcfg.num_seq, ecfg.time_decay)
@@ -197,7 +201,7 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
             step_no = epoch * len(plan[0]) + b + 1
             nxt = (epoch, b + 1) if b + 1 < len(plan[epoch]) else (epoch + 1, 0)
             if step_no % tcfg.checkpoint_every == 0 or step_no == total:
-                store.save(step_no, {"nets": state.nets, "stats": state.stats, "opt": opt_state, "deltas": deltas},
+                store.save(step_no, _checkpoint_tree(state, opt_state, deltas),
                            {"position": list(nxt), "history": history})
             if stop_after is not None and n_batches_run >= stop_after:
                 bar.close()
@@ -208,6 +212,13 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     save_editor(out / "editor", ecfg, state, {**identity, **(run_meta or {}),
                                               "train_seconds_per_edit": _per_edit(times, tcfg)})
     return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
+
+
+def _checkpoint_tree(state: EditorState, opt_state, deltas) -> dict:
+    """What a checkpoint holds: the editor (with its key memory, if on), the optimiser
+    and the current stream's deltas."""
+    tree = {"nets": state.nets, "stats": state.stats, "opt": opt_state, "deltas": deltas}
+    return {**tree, "key_gram": state.key_gram} if state.key_gram else tree
 
 
 def _stream_memory(split: EncodedSplit, layout: Layout, epoch_plan: list[np.ndarray], b: int, num_seq: int,

@@ -83,7 +83,7 @@ def main(model_dir: str, out: str) -> None:
         nets, stats, opt, deltas = state.nets, state.stats, tx.init(state.nets), zero_deltas(ecfg, lcfg)
         metrics = []
         for batch in data:          # two batches of one sequential stream
-            nets, stats, opt, deltas, m = step(nets, stats, opt, params, batch, deltas, ecfg=ecfg, lcfg=lcfg,
+            nets, stats, opt, deltas, m, _ = step(nets, stats, opt, params, batch, deltas, ecfg=ecfg, lcfg=lcfg,
                                                tx=tx, n_answer=layout.n_answer, **kw)
             metrics.append(m)
         return {"nets": nets, "stats": stats, "deltas": deltas, "metrics": metrics}

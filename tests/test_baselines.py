@@ -17,7 +17,7 @@ from test_editor import TINY, tiny_batch  # the same tiny config and batches as 
 from emsedit_jax import cli
 from emsedit_jax.editor import memory as mem
 from emsedit_jax.editor.capture import Batch, Capture, edited_loss
-from emsedit_jax.editor.config import EditorConfig, method_config, parse_method
+from emsedit_jax.editor.config import method_config, parse_method
 from emsedit_jax.editor.hypernet import init_net
 from emsedit_jax.editor.losses import kl_locality
 from emsedit_jax.editor.normalizer import Stats
@@ -137,9 +137,10 @@ def test_memory_weights_are_powers_of_time_decay():
     # A long stream fills all back_depth - 1 slots; the batch of age back_depth has none.
     full = mem.memory_weights(50, 9, 0.95)
     np.testing.assert_allclose(full, 0.95 ** np.arange(1, 10), rtol=1e-7)
-    assert EditorConfig(modules=MODULES, method="rledit").memory_slots == 9
-    assert EditorConfig(modules=MODULES, method="rledit", back_depth=4).memory_slots == 3
-    assert all(EditorConfig(modules=MODULES, method=m).memory_slots == 0 for m in ("emsedit", "mend", "malmen"))
+    assert method_config("rledit", MODULES).memory_slots == 9
+    assert method_config("rledit", MODULES, back_depth=4).memory_slots == 3
+    assert all(method_config(m, MODULES).memory_slots == 0 for m in ("emsedit", "mend", "malmen"))
+    assert method_config("emsedit", MODULES, back_depth=3).memory_slots == 2
 
 
 def _fake_batch(value, rows=2, s=5):
@@ -214,6 +215,11 @@ def test_cli_train_resolves_method_defaults():
     r2 = resolved("--method", "rledit", "--steps", "2", "--protocol", "batch")
     assert (r2.steps, r2.regulariser, r2.step_specific, r2.n_param_sets) == (2, "kl", False, 1)
     assert resolved("--method", "malmen", "--steps", "2").n_param_sets == 2
+    # The extensions are off unless asked for (RLEdit keeps its own memory depth).
+    assert (resolved().key_memory, resolved().back_depth, r.back_depth) == (0.0, 1, 10)
+    assert (resolved("--key-memory", "1").key_memory, resolved("--back-depth", "4").memory_slots) == (1.0, 3)
+    with pytest.raises(ValueError, match="rank-1"):
+        resolved("--method", "mend", "--key-memory", "1")
 
 
 # ------------------------------------------------------------------ RLEdit training
@@ -243,7 +249,7 @@ def test_memory_adds_the_weighted_losses_of_earlier_batches(rledit_run):
 
     def step(memory):
         state = init_editor(ecfg, lcfg, jax.random.key(0))
-        _, _, _, new, metrics = train_step(state.nets, state.stats, tx.init(state.nets), model.params, batch,
+        _, _, _, new, metrics, _ = train_step(state.nets, state.stats, tx.init(state.nets), model.params, batch,
                                            zero_deltas(ecfg, lcfg), memory, ecfg=ecfg, lcfg=lcfg, tx=tx,
                                            n_answer=layout.n_answer, beta_power=tcfg.beta_power, only_step=None,
                                            remat=False)

@@ -1,6 +1,6 @@
 """The editor's building blocks: identity hypernetwork at initialisation, the ridge
 solve's gradient against the hand-written adjoint, MSBP gradients (detached and exact)
-against float64 finite differences, the normaliser's merge, and exact rollback."""
+against float64 finite differences, the normaliser's merge, exact rollback, and the key memory (an extension)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from emsedit_jax.editor import normalizer, solve
 from emsedit_jax.editor.capture import IGNORE, Batch, capture, edited_loss
 from emsedit_jax.editor.config import EditorConfig
 from emsedit_jax.editor.hypernet import apply_net, init_net
-from emsedit_jax.editor.steps import (EditorState, init_editor, multi_step_edit, step_update,
+from emsedit_jax.editor.steps import (EditorState, init_editor, multi_step_edit, new_stream, step_update,
                                       zero_deltas)
 from emsedit_jax.models import ModelConfig, apply_deltas, init_params
 
@@ -97,7 +97,7 @@ def _setup(ecfg, dtype=jnp.float32):
     stats = jax.tree.map(lambda s: s.astype(dtype), state.stats)
     stats = {k: normalizer.Stats(jnp.full_like(s.count, 1e12), jnp.zeros_like(s.mean), jnp.full_like(s.m2, 1e12))
              for k, s in stats.items()}
-    return params, EditorState(nets, stats)
+    return params, EditorState(nets, stats, state.key_gram)
 
 
 def _meta_loss(ecfg, params, state, edit, gen):
@@ -202,3 +202,48 @@ def test_rollback_and_apply_are_exact():
     lg_edit, _, _ = edited_logits(TINY, params, ids, deltas, n_answer=2)
     lg_applied, _, _ = edited_logits(TINY, edited, ids, None, n_answer=2)
     np.testing.assert_allclose(lg_edit, lg_applied, atol=1e-5)
+
+
+# ------------------------------------------------------------------ key memory (extension)
+def test_ridge_with_key_memory_protects_earlier_keys():
+    """dW = (U^T U + e^lam I + mu V^T V)^-1 U^T D: mu = 0 is the plain solve; as mu grows,
+    the update stops moving the outputs at the earlier keys V, and still fits D at U."""
+    with jax.enable_x64(True):
+        k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+        u = jax.random.normal(k1, (6, 12), jnp.float64)
+        d = jax.random.normal(k2, (6, 4), jnp.float64)
+        v = jax.random.normal(k3, (5, 12), jnp.float64) + u[:1]    # shares a direction with u
+        lam = jnp.asarray(-6.0, jnp.float64)
+        np.testing.assert_allclose(solve.ridge(u, d, lam, jnp.zeros((12, 12), jnp.float64)), solve.ridge(u, d, lam),
+                                   rtol=1e-10, atol=1e-12)
+        moved = [float(jnp.linalg.norm(v @ solve.ridge(u, d, lam, mu * v.T @ v))) for mu in (0.0, 1.0, 1e4)]
+        assert moved[0] > 10 * moved[1] > 100 * moved[2], moved
+        fit = u @ solve.ridge(u, d, lam, 1e4 * v.T @ v)
+        assert float(jnp.linalg.norm(fit - d)) < 0.02 * float(jnp.linalg.norm(d))   # 12 dims hold both
+
+
+def test_key_memory_accumulates_the_streams_keys_and_shields_them():
+    """Editing batch A then batch B: the memory after A is the Gram matrix of A's keys at
+    its last step; with it, B's update moves the module outputs at A's keys less than the
+    paper's solve does; a new stream starts from an empty memory."""
+    plain = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.5)
+    cfg = EditorConfig(**{**plain.__dict__, "key_memory": 10.0})
+    params, state = _setup(cfg)
+    assert init_editor(plain, TINY, jax.random.key(0)).key_gram == {}
+    a, b = tiny_batch(0), tiny_batch(1)
+    deltas_a, state_a, per_step = multi_step_edit(cfg, TINY, params, state, a, zero_deltas(cfg, TINY), n_answer=2)
+    last = capture(TINY, params, a, MODULES, {m: per_step[m][0] for m in MODULES}, n_answer=2)
+    for key, names in (("16x24", MODULES[:2]), ("24x16", MODULES[2:])):
+        for i, m in enumerate(names):
+            u = np.asarray(last.keys[m]).reshape(-1, last.keys[m].shape[-1]) * np.asarray(last.mask).reshape(-1, 1)
+            np.testing.assert_allclose(state_a.key_gram[key][i], u.T @ u, rtol=1e-4, atol=1e-5)
+    moved = {}
+    for name, c in (("plain", plain), ("memory", cfg)):
+        st = state_a if c.key_memory else EditorState(state_a.nets, state_a.stats, {})
+        after, _, _ = multi_step_edit(c, TINY, params, st, b, deltas_a, n_answer=2)
+        moved[name] = sum(float(jnp.linalg.norm(last.keys[m].reshape(-1, last.keys[m].shape[-1])
+                                                @ (after[m] - deltas_a[m]))) for m in MODULES)
+    assert moved["memory"] < 0.5 * moved["plain"], moved
+    fresh = new_stream(cfg, TINY, state_a)
+    assert all(float(jnp.abs(g).max()) == 0 for g in fresh.key_gram.values())
+    assert fresh.nets is state_a.nets and fresh.stats is state_a.stats

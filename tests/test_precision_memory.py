@@ -99,7 +99,7 @@ def test_bf16_model_keeps_editor_and_losses_in_f32(models, plain_edit):
     tx = make_optimizer(TrainConfig(meta_lr=1e-3))
     out = jax.eval_shape(functools.partial(train_step, ecfg=cfg, lcfg=m16.config, tx=tx, n_answer=layout.n_answer),
                          state.nets, state.stats, tx.init(state.nets), m16.params, batch, zero_deltas(cfg, m16.config))
-    nets, stats, _, deltas, metrics = out       # (the optimiser state holds an int32 step count)
+    nets, stats, _, deltas, metrics, _ = out    # (the optimiser state holds an int32 step count)
     assert {x.dtype for x in jax.tree.leaves((nets, stats, deltas, metrics))} == {jnp.dtype(jnp.float32)}
 
 

@@ -119,3 +119,39 @@ def test_bucketed_layouts_cut_padding_not_results(tiny, tmp_path):
     for key in ("loss", "gen_loss", "reg_loss"):
         np.testing.assert_allclose([h[key] for h in runs[1].history], [h[key] for h in runs[0].history],
                                    rtol=2e-4, atol=1e-7)
+
+
+def test_back_depth_gives_emsedit_the_memory_terms(tiny, tmp_path):
+    """EMSEdit with back_depth 3 (an extension: RLEdit's memory backtracking with the norm
+    regulariser): every batch but a stream's first adds its earlier batches' losses, and
+    the editor differs from the one trained without them."""
+    model, split = tiny
+    tcfg = TrainConfig(n_edits=4, num_seq=3, epochs=1, meta_lr=1e-3)
+    with_mem = train(model, ecfg(back_depth=3), tcfg, split, tmp_path / "mem", progress=False)
+    plain = train(model, ecfg(), tcfg, split, tmp_path / "plain", progress=False)
+    assert len(with_mem.history) == 10
+    for h in with_mem.history:
+        assert (h["memory_loss"] > 0) == (h["batch"] % 3 != 0), h
+        np.testing.assert_allclose(h["loss"], h["gen_loss"] + h["reg_loss"] + h["memory_loss"], rtol=1e-5)
+    assert all("memory_loss" not in h for h in plain.history)
+    # A stream's first batch is trained identically; the memory changes what follows.
+    np.testing.assert_allclose(with_mem.history[0]["loss"], plain.history[0]["loss"], rtol=1e-6)
+    assert not np.allclose(with_mem.history[2]["loss"], plain.history[2]["loss"], rtol=1e-4)
+
+
+def test_key_memory_run_resumes_mid_stream(tiny, tmp_path):
+    """With key memory the checkpoint holds the stream's key Gram matrices: a run killed
+    mid-stream resumes to the same editor. The memory changes training from the second
+    batch of a stream on, not before."""
+    model, split = tiny
+    tcfg = TrainConfig(n_edits=4, num_seq=3, epochs=1, meta_lr=1e-3, checkpoint_every=2)
+    cfg = ecfg(key_memory=1.0)
+    full = train(model, cfg, tcfg, split, tmp_path / "full", progress=False)
+    # Killed after 5 batches: the checkpoint after batch 4 is in the middle of a stream.
+    train(model, cfg, tcfg, split, tmp_path / "resumed", progress=False, stop_after=5)
+    resumed = train(model, cfg, tcfg, split, tmp_path / "resumed", progress=False)
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.nets, full.state.nets)
+    np.testing.assert_array_equal([h["loss"] for h in resumed.history], [h["loss"] for h in full.history])
+    plain = train(model, ecfg(), tcfg, split, tmp_path / "plain", progress=False)
+    np.testing.assert_allclose(full.history[0]["loss"], plain.history[0]["loss"], rtol=1e-6)
+    assert not np.allclose(full.history[1]["loss"], plain.history[1]["loss"], rtol=1e-4)

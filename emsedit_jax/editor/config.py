@@ -28,6 +28,13 @@ class EditorConfig:
                    The authors' parametrisation is linear (False).
     regulariser:   "norm" (EMSEdit: beta * sum ||W_T - W_0||^2) or "kl" (baselines:
                    loc_coef * KL on locality prompts + 1e-4 * sum ||dW||^2).
+    key_memory:    mu >= 0. With mu > 0 the ridge solve of a batch also penalises changing
+                   the outputs at the keys of the stream's earlier batches:
+                   dW = (U^T U + e^lamda I + mu G)^-1 U^T D, G = sum of their U^T U
+                   (an extension, not the paper's solve; 0 = the paper's).
+    back_depth:    memory backtracking in sequential training: the losses of the
+                   stream's last back_depth - 1 earlier batches, weighted time_decay **
+                   age, join each batch's loss (RLEdit's, default 10 there; 1 = none).
     """
     modules: tuple[str, ...]
     method: Literal["emsedit", "mend", "malmen", "rledit"] = "emsedit"
@@ -38,12 +45,13 @@ class EditorConfig:
     lr_init: float = 1e-6
     log_step_size: bool = False
     lamda_init: float = 0.0
+    key_memory: float = 0.0
     msbp: Literal["detached", "exact"] = "detached"
     regulariser: Literal["norm", "kl"] = "norm"
     beta: float = 0.5
     loc_coef: float = 0.6
     delta_coef: float = 1e-4
-    back_depth: int = 10
+    back_depth: int = 1
     time_decay: float = 0.95
     norm_eps: float = 1e-5
 
@@ -54,6 +62,12 @@ class EditorConfig:
             raise ValueError("EditorConfig.modules is empty: name at least one module to edit")
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
+        if self.key_memory < 0:
+            raise ValueError("key_memory must be >= 0 (0: the paper's ridge solve)")
+        if self.key_memory and self.update_rule != "ridge":
+            raise ValueError("key_memory applies to the ridge solve; MEND's rank-1 update has none")
+        if self.back_depth < 1:
+            raise ValueError("back_depth must be >= 1 (1: no memory backtracking)")
         if self.msbp not in ("detached", "exact"):
             raise ValueError(f"msbp must be 'detached' or 'exact', not {self.msbp!r}")
         if self.regulariser not in ("norm", "kl"):
@@ -80,10 +94,11 @@ class EditorConfig:
 
     @property
     def memory_slots(self) -> int:
-        """Earlier batches of a training stream whose losses RLEdit adds back (its
-        memory backtracking: the last back_depth batches, the current one included);
-        0 for the other methods."""
-        return max(0, self.back_depth - 1) if self.method == "rledit" else 0
+        """Earlier batches of a training stream whose losses are added back (RLEdit's
+        memory backtracking: the last back_depth batches, the current one included).
+        RLEdit's default depth is 10; the other methods default to 1 (no memory), and
+        back_depth > 1 gives them the same backtracking (an extension, not in their papers)."""
+        return max(0, self.back_depth - 1)
 
 
 # What distinguishes the methods when nothing else is overridden. Every other field
@@ -92,7 +107,7 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "emsedit": {"steps": 2, "regulariser": "norm"},
     "mend": {"steps": 1, "regulariser": "kl"},
     "malmen": {"steps": 1, "regulariser": "kl"},
-    "rledit": {"steps": 1, "regulariser": "kl"},
+    "rledit": {"steps": 1, "regulariser": "kl", "back_depth": 10},
 }
 
 

@@ -49,6 +49,7 @@ class LossAux(NamedTuple):
     reg_loss: Array
     step_norms: Array        # (T,) Frobenius norm of each step's update, summed over modules
     memory_loss: Array       # RLEdit: weighted losses of the earlier batches (0 without memory)
+    key_gram: dict           # the key memory after this batch ({} without it)
 
 
 def batch_terms(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, gen: Batch, loc: Batch, deltas: Deltas,
@@ -84,7 +85,7 @@ def memory_loss(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, memory: M
 def meta_loss(nets, stats, ecfg: EditorConfig, lcfg: ModelConfig, params: Params,
               batch: EditBatch, deltas: Deltas, n_answer: NAnswer, *, beta_power: int = 1,
               only_step: int | None = None, memory: Memory | None = None,
-              remat: bool = False) -> tuple[Array, LossAux]:
+              key_gram: dict | None = None, remat: bool = False) -> tuple[Array, LossAux]:
     """Loss of editing `batch` onto params + deltas with hypernetworks `nets`.
 
     EMSEdit ("norm"): CE(y | x'; W_T) + beta**beta_power * sum ||W_T - W_0||^2, where
@@ -94,9 +95,10 @@ def meta_loss(nets, stats, ecfg: EditorConfig, lcfg: ModelConfig, params: Params
     `only_step=t` scores W_before + dW_t alone (the authors' batch schedule).
     `memory` (RLEdit) adds the weighted losses of the stream's earlier batches at W_T;
     the gradient reaches only this batch's update (earlier deltas are constants).
+    `key_gram`: the key memory of the stream's earlier batches (EditorConfig.key_memory).
     """
     start = first_layer(lcfg, ecfg.modules)
-    state = EditorState(nets, stats)
+    state = EditorState(nets, stats, key_gram or {})
     pre_edit = prefix_hidden(lcfg, params, batch.edit, start, remat)
     new, state, per_step = multi_step_edit(ecfg, lcfg, params, state, batch.edit, deltas,
                                            n_answer=n_answer.edit, prefix=pre_edit, remat=remat)
@@ -110,4 +112,4 @@ def meta_loss(nets, stats, ecfg: EditorConfig, lcfg: ModelConfig, params: Params
     mem = jnp.zeros_like(gen) if memory is None else memory_loss(ecfg, lcfg, params, memory, new, n_answer,
                                                                  start, remat)
     norms = sum(jnp.sqrt(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim)))) for d in per_step.values())
-    return gen + reg + mem, LossAux(jax.lax.stop_gradient(new), state.stats, gen, reg, norms, mem)
+    return gen + reg + mem, LossAux(jax.lax.stop_gradient(new), state.stats, gen, reg, norms, mem, state.key_gram)

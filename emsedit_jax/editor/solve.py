@@ -1,6 +1,8 @@
 """Turning pseudo keys and value gradients into weight updates.
 
 ridge: dW = (U^T U + e^lamda I)^-1 U^T D   (EMSEdit, MALMEN, RLEdit)
+       dW = (U^T U + e^lamda I + P)^-1 U^T D with a prior P (d_in, d_in): the key memory
+       P = mu * G, G the Gram matrix of the stream's earlier keys (an extension)
 rank1: dW = sum_i u~_i d_iᵀ                 (MEND; d_i already carries -eta)
 
 Masked (padding) rows must be zero in U and D: they then contribute nothing. When
@@ -16,10 +18,13 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def ridge(u: Array, d: Array, lamda: Array) -> Array:
-    """u (N, d_in), d (N, d_out), lamda () -> dW (d_in, d_out)."""
+def ridge(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> Array:
+    """u (N, d_in), d (N, d_out), lamda (), prior (d_in, d_in) or None -> dW (d_in, d_out)."""
     n, d_in = u.shape
     reg = jnp.exp(lamda)
+    if prior is not None:
+        gram = u.T @ u + reg * jnp.eye(d_in, dtype=u.dtype) + prior
+        return jnp.linalg.solve(gram, u.T @ d)
     if n < d_in:
         gram = u @ u.T + reg * jnp.eye(n, dtype=u.dtype)
         return u.T @ jnp.linalg.solve(gram, d)
@@ -27,13 +32,13 @@ def ridge(u: Array, d: Array, lamda: Array) -> Array:
     return jnp.linalg.solve(gram, u.T @ d)
 
 
-def ridge_stack(u: Array, d: Array, lamda: Array) -> Array:
-    """`ridge` for K modules at once: u (K, N, d_in), d (K, N, d_out), lamda (K,) ->
-    (K, d_in, d_out). One unbatched solve per module rather than a vmap: jaxlib's CPU
+def ridge_stack(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> Array:
+    """`ridge` for K modules at once: u (K, N, d_in), d (K, N, d_out), lamda (K,),
+    prior (K, d_in, d_in) or None -> (K, d_in, d_out). One unbatched solve per module rather than a vmap: jaxlib's CPU
     LAPACK kernels split a batched factorisation into tasks on the intra-op thread pool
     and block until they finish, which deadlocks when several host devices of a mesh
     factorise at the same time and occupy every pool thread (e.g. 2 cores, 2 devices)."""
-    return jnp.stack([ridge(u[k], d[k], lamda[k]) for k in range(u.shape[0])])
+    return jnp.stack([ridge(u[k], d[k], lamda[k], None if prior is None else prior[k]) for k in range(u.shape[0])])
 
 
 def ridge_primal(u: Array, d: Array, lamda: Array) -> Array:

@@ -4,8 +4,10 @@ A step, on the current model params + deltas, for a batch of requests:
 capture keys and value gradients -> normalise [u; g] -> hypernetwork -> pseudo keys and
 value gradients -> weight update (ridge solve, or MEND's rank-1 sum) -> deltas += dW.
 The editor state is explicit: `nets` (hypernetwork parameters, stacked over P = T or 1
-parameter sets, one net per kernel shape) and `stats` (normaliser statistics, the same
-layout). Both are plain pytrees.
+parameter sets, one net per kernel shape), `stats` (normaliser statistics, the same
+layout) and, with key memory (EditorConfig.key_memory > 0), `key_gram`: per kernel shape,
+the Gram matrices (K, d_in, d_in) of the keys edited so far in the current stream. All
+plain pytrees.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ Deltas = dict[str, Array]
 class EditorState(NamedTuple):
     nets: dict[str, dict[str, Array]]      # shape key -> net params, leading axis P
     stats: dict[str, normalizer.Stats]     # shape key -> normaliser stats, leading axis P
+    key_gram: dict[str, Array] = {}        # shape key -> (K, d_in, d_in); {} without key memory
 
 
 def groups(ecfg: EditorConfig, lcfg: ModelConfig) -> dict[str, tuple[str, ...]]:
@@ -53,7 +56,31 @@ def init_editor(ecfg: EditorConfig, lcfg: ModelConfig, key: Array) -> EditorStat
         nets[shape_key] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
         stats[shape_key] = jax.tree.map(lambda x: jnp.stack([x] * ecfg.n_param_sets),
                                         normalizer.init_stats(d_in + d_out))
-    return EditorState(nets, stats)
+    return EditorState(nets, stats, empty_key_gram(ecfg, lcfg))
+
+
+def empty_key_gram(ecfg: EditorConfig, lcfg: ModelConfig) -> dict[str, Array]:
+    """The key memory at the start of a stream: zeros, or {} when it is off."""
+    if not ecfg.key_memory:
+        return {}
+    return {key: jnp.zeros((len(names), *(module_shape(lcfg, names[0])[0],) * 2), jnp.float32)
+            for key, names in groups(ecfg, lcfg).items()}
+
+
+def new_stream(ecfg: EditorConfig, lcfg: ModelConfig, state: EditorState) -> EditorState:
+    """`state` for editing a fresh model: the key memory emptied (nets, stats kept)."""
+    return state._replace(key_gram=empty_key_gram(ecfg, lcfg))
+
+
+def key_gram_increment(ecfg: EditorConfig, lcfg: ModelConfig, cap: Capture) -> dict[str, Array]:
+    """Per kernel shape, sum over the answer slots of u u^T: (K, d_in, d_in)."""
+    mask = cap.mask.reshape(-1, 1)
+    out = {}
+    for key, names in groups(ecfg, lcfg).items():
+        d_in = module_shape(lcfg, names[0])[0]
+        u = jnp.stack([cap.keys[m].reshape(-1, d_in) * mask for m in names]).astype(jnp.float32)
+        out[key] = jnp.einsum("kni,knj->kij", u, u)
+    return out
 
 
 def zero_deltas(ecfg: EditorConfig, lcfg: ModelConfig, dtype=jnp.float32) -> Deltas:
@@ -66,9 +93,10 @@ def _rank_mask(ecfg: EditorConfig, i: Array) -> Array:
 
 
 def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Mapping, cap: Capture,
-                rank_mask: Array) -> tuple[Deltas, dict]:
+                rank_mask: Array, key_gram: Mapping | None = None) -> tuple[Deltas, dict]:
     """Weight updates of one step from a capture, with one parameter set (no P axis).
-    Returns ({module: dW (d_in, d_out)}, updated stats)."""
+    `key_gram` (shape key -> (K, d_in, d_in)): the key memory, weighted by
+    ecfg.key_memory in the ridge solve. Returns ({module: dW (d_in, d_out)}, updated stats)."""
     mask = cap.mask.reshape(-1)
     new_stats, deltas = {}, {}
     for key, names in groups(ecfg, lcfg).items():
@@ -90,7 +118,8 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
         else:
             coeff = -lr * jnp.sum(u * u_t, axis=-1)                 # (K, N)
             d = coeff[..., None] * g_t * maskf[None, :, None]
-            dws = solve.ridge_stack(u * maskf[None, :, None], d, nets[key]["lamda"])
+            prior = None if not key_gram else (ecfg.key_memory * key_gram[key]).astype(dtype)
+            dws = solve.ridge_stack(u * maskf[None, :, None], d, nets[key]["lamda"], prior)
         deltas.update({m: dws[i] for i, m in enumerate(names)})
     return deltas, new_stats
 
@@ -99,11 +128,15 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
                     batch: Batch, deltas: Deltas, *, n_answer: int, prefix: Prefix | None = None,
                     remat: bool = False, chunk: int | None = None) -> tuple[Deltas, EditorState, Deltas]:
     """Applies T edit steps to params + deltas for `batch`.
-    Returns (new deltas, editor state with updated stats, the per-step updates stacked
-    on a leading T axis). `chunk`: capture in microbatches of that many rows."""
+    Returns (new deltas, editor state with updated stats and key memory, the per-step
+    updates stacked on a leading T axis). `chunk`: capture in microbatches of that many
+    rows. With key memory, every step's solve is weighted against the keys of the
+    stream's earlier batches, and this batch's keys (from its last step's capture) are
+    then added to the memory."""
+    memory = state.key_gram
 
     def body(carry, t):
-        deltas, stats = carry
+        deltas, stats, _ = carry
         i = t if ecfg.step_specific else 0
         nets_i = jax.tree.map(lambda a: a[i], state.nets)
         stats_i = jax.tree.map(lambda a: a[i], stats)
@@ -111,9 +144,13 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
                       chunk=chunk)
         if ecfg.msbp == "detached":
             cap = cap._replace(keys=jax.lax.stop_gradient(cap.keys), grads=jax.lax.stop_gradient(cap.grads))
-        dws, st = step_update(ecfg, lcfg, nets_i, stats_i, cap, _rank_mask(ecfg, i))
+        dws, st = step_update(ecfg, lcfg, nets_i, stats_i, cap, _rank_mask(ecfg, i), memory)
         stats = jax.tree.map(lambda s, n: s.at[i].set(n), stats, st)
-        return ({m: deltas[m] + dws[m] for m in deltas}, stats), dws
+        increment = jax.lax.stop_gradient(key_gram_increment(ecfg, lcfg, cap)) if memory else {}
+        return ({m: deltas[m] + dws[m] for m in deltas}, stats, increment), dws
 
-    (deltas, stats), per_step = jax.lax.scan(body, (dict(deltas), state.stats), jnp.arange(ecfg.steps))
-    return deltas, EditorState(state.nets, stats), per_step
+    zero = jax.tree.map(jnp.zeros_like, memory)
+    (deltas, stats, increment), per_step = jax.lax.scan(body, (dict(deltas), state.stats, zero),
+                                                        jnp.arange(ecfg.steps))
+    memory = jax.tree.map(jnp.add, memory, increment)
+    return deltas, EditorState(state.nets, stats, memory), per_step
