@@ -8,10 +8,11 @@ capture -> hypernetwork -> ridge solve) cost the same for every batch of one sha
 each distinct batch layout is timed `--reps` times after its compiling call, and the
 s/edit of a run is the mean over its batches (each at its layout's median). Rows compare
 `--buckets` (how many layouts the batches are packed in: 1 = one layout padded to the
-largest batch) and editor configurations (`--configs`: edited layers, hypernetwork rank)
-side by side in one run. Each row also gives the matmul FLOPs per edit (counted on the
+largest batch) and editor configurations (`--configs`: edited layers, hypernetwork rank,
+key memory) side by side in one run. Each row also gives the matmul FLOPs per edit (counted on the
 jaxpr, see emsedit_jax/flops.py), the rate achieved, and the time the same FLOPs would
-take at this machine's float32 matmul rate (measured in the same run): the floor.
+take at this machine's float32 matmul rate (measured in the same run): the floor. (The
+counted FLOPs are matmuls; the key memory's d_in x d_in LU solves are not in them.)
 
     python experiments/bench_edit_speed.py --data ../shared/data/zsre/zsre_mend_train-1k.json
 """
@@ -42,6 +43,7 @@ CONFIGS = {
     "default: layers 18-23 rank 1024": dict(layers=range(18, 24), rank=1024),
     "layers 24-29 rank 1024": dict(layers=range(24, 30), rank=1024),
     "layers 18-23 rank 256": dict(layers=range(18, 24), rank=256),
+    "default + key memory 1": dict(layers=range(18, 24), rank=1024, key_memory=1.0),
 }
 
 
@@ -55,9 +57,9 @@ def _timed(fn, reps: int) -> tuple[float, float]:
     return times[0], statistics.median(times[1:])
 
 
-def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets):
+def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets, key_memory=0.0):
     ecfg = EditorConfig(modules=tuple(f"model.layers.{i}.mlp.up_proj" for i in layers), rank=rank, lr_init=1e-3,
-                        log_step_size=True)
+                        log_step_size=True, key_memory=key_memory)
     tcfg = TrainConfig(n_edits=n_edits, buckets=buckets)
     tx = make_optimizer(tcfg)
     state = init_editor(ecfg, model.config, jax.random.key(0))
@@ -74,12 +76,12 @@ def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buc
             batch = split.batch(first[lay], lay)
             if kind == "train":
                 opt = tx.init(state.nets)
-                args = (state.nets, state.stats, opt, model.params, batch, zero)
+                args = (state.nets, state.stats, opt, model.params, batch, zero, None, state.key_gram)
                 kw = dict(ecfg=ecfg, lcfg=model.config, tx=tx, n_answer=lay.n_answer)
                 f = count_flops(train_step, *args, **kw)
                 # train_step donates the editor and optimiser: fresh copies each call.
                 fn = lambda: train_step(jax.tree.map(jax.numpy.copy, state.nets), state.stats,  # noqa: E731
-                                        jax.tree.map(jax.numpy.copy, opt), model.params, batch, zero, **kw)[3]
+                                        jax.tree.map(jax.numpy.copy, opt), *args[3:], **kw)[3]
             else:
                 kw = dict(ecfg=ecfg, lcfg=model.config, n_answer=lay.edit.n_answer)
                 f = count_flops(edit_batch, state, model.params, batch.edit, zero, **kw)

@@ -51,7 +51,7 @@ import numpy as np
 from emsedit_jax import cli
 from emsedit_jax.data import load_requests
 from emsedit_jax.editor import memory as mem
-from emsedit_jax.editor.config import METHOD_DEFAULTS, method_config
+from emsedit_jax.editor.config import EditorConfig, method_config
 from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.models import ModelConfig, load_model
 from emsedit_jax.models.transformer import abstract_params, init_params
@@ -73,7 +73,7 @@ LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "
              "tie_word_embeddings": False}
 
 
-SLOTS = METHOD_DEFAULTS["rledit"]["back_depth"] - 1      # RLEdit's memory at its default depth
+SLOTS = EditorConfig(modules=("_",), method="rledit").memory_slots     # RLEdit's memory at its default depth
 
 
 def _tokenizer_and_split(data: str, n_requests: int):

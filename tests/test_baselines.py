@@ -17,7 +17,7 @@ from test_editor import TINY, tiny_batch  # the same tiny config and batches as 
 from emsedit_jax import cli
 from emsedit_jax.editor import memory as mem
 from emsedit_jax.editor.capture import Batch, Capture, edited_loss
-from emsedit_jax.editor.config import method_config, parse_method
+from emsedit_jax.editor.config import EditorConfig, method_config, parse_method
 from emsedit_jax.editor.hypernet import init_net
 from emsedit_jax.editor.losses import kl_locality
 from emsedit_jax.editor.normalizer import Stats
@@ -141,6 +141,7 @@ def test_memory_weights_are_powers_of_time_decay():
     assert method_config("rledit", MODULES, back_depth=4).memory_slots == 3
     assert all(method_config(m, MODULES).memory_slots == 0 for m in ("emsedit", "mend", "malmen"))
     assert method_config("emsedit", MODULES, back_depth=3).memory_slots == 2
+    assert EditorConfig(modules=MODULES, method="rledit").memory_slots == 9     # not only through method_config
 
 
 def _fake_batch(value, rows=2, s=5):

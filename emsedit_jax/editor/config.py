@@ -34,7 +34,8 @@ class EditorConfig:
                    (an extension, not the paper's solve; 0 = the paper's).
     back_depth:    memory backtracking in sequential training: the losses of the
                    stream's last back_depth - 1 earlier batches, weighted time_decay **
-                   age, join each batch's loss (RLEdit's, default 10 there; 1 = none).
+                   age, join each batch's loss (RLEdit's; None = the method's default:
+                   10 for RLEdit, 1 = none for the others).
     """
     modules: tuple[str, ...]
     method: Literal["emsedit", "mend", "malmen", "rledit"] = "emsedit"
@@ -51,7 +52,7 @@ class EditorConfig:
     beta: float = 0.5
     loc_coef: float = 0.6
     delta_coef: float = 1e-4
-    back_depth: int = 1
+    back_depth: int | None = None
     time_decay: float = 0.95
     norm_eps: float = 1e-5
 
@@ -66,6 +67,8 @@ class EditorConfig:
             raise ValueError("key_memory must be >= 0 (0: the paper's ridge solve)")
         if self.key_memory and self.update_rule != "ridge":
             raise ValueError("key_memory applies to the ridge solve; MEND's rank-1 update has none")
+        if self.back_depth is None:
+            object.__setattr__(self, "back_depth", 10 if self.method == "rledit" else 1)
         if self.back_depth < 1:
             raise ValueError("back_depth must be >= 1 (1: no memory backtracking)")
         if self.msbp not in ("detached", "exact"):
@@ -107,7 +110,7 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "emsedit": {"steps": 2, "regulariser": "norm"},
     "mend": {"steps": 1, "regulariser": "kl"},
     "malmen": {"steps": 1, "regulariser": "kl"},
-    "rledit": {"steps": 1, "regulariser": "kl", "back_depth": 10},
+    "rledit": {"steps": 1, "regulariser": "kl"},
 }
 
 
