@@ -133,7 +133,10 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
     rows. With key memory, every step's solve is weighted against the keys of the
     stream's earlier batches, and this batch's keys (from its last step's capture) are
     then added to the memory."""
-    memory = state.key_gram
+    memory = state.key_gram if ecfg.key_memory else {}
+    if ecfg.key_memory and not memory:
+        raise ValueError("key_memory is on but the editor state holds no key memory: start each stream with "
+                         "steps.new_stream(ecfg, lcfg, state) (or init_editor / load_editor with this ecfg)")
 
     def body(carry, t):
         deltas, stats, _ = carry
