@@ -307,15 +307,20 @@ def cmd_generate(args) -> dict:
 
 def cmd_demo(args) -> dict:
     """Train EMSEdit on the shipped demo data with the embedded model, then evaluate
-    sequential editing on held-out requests and print the table."""
+    sequential editing on held-out requests and print the table: with the paper's ridge
+    solve, and (unless --key-memory 0) again with the key memory extension."""
     out = Path(args.out)
     common = ["--model", args.model, "--dataset", "demo", "--n-train", str(args.n_train), "--n-test",
               str(args.n_test), "--split-seed", "0"]
     if args.quiet:
         common.append("--quiet")
     main(["train", *common, "--out", str(out), "--epochs", str(args.epochs), "--n-edits", "10", "--num-seq", "10"])
-    return main(["evaluate", "--editor", str(out / "editor"), *common, "--num-seq", str(args.num_seq),
-                 "--n-edits", "10", "--out", str(out / "results.json")])
+    evaluate = ["evaluate", "--editor", str(out / "editor"), *common, "--num-seq", str(args.num_seq), "--n-edits", "10"]
+    result = main([*evaluate, "--out", str(out / "results.json")])
+    if args.key_memory:
+        print(f"\nthe same editor with key memory {args.key_memory:g} (an extension, see README):")
+        result = main([*evaluate, "--key-memory", str(args.key_memory), "--out", str(out / "results_key_memory.json")])
+    return result
 
 
 # ---------------------------------------------------------------- parser
@@ -439,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=361)
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--num-seq", type=int, default=10)
+    p.add_argument("--key-memory", type=float, default=1.0, metavar="MU",
+                   help="also evaluate with this key memory (0: only the paper's solve)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return ap

@@ -104,7 +104,7 @@ def main():
                 rows["unedited"].append(res.baseline)
             print(f"stream {s} {label(p, mu)}: " + " ".join(f"{k} {res.metrics[k]:.1f}" for k in METRICS), flush=True)
     first = label(*next(iter(variants)))
-    head = ("| variant | " + " | ".join(METRICS) + f" | largest per-stream gap to {first} (ES / GS / LS) |\n"
+    head = ("| variant | " + " | ".join(METRICS) + f" | largest per-stream difference to {first} (ES / GS / LS) |\n"
             "|---|---:|---:|---:|---|")
     lines = []
     for name, per_stream in rows.items():

@@ -40,6 +40,11 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "curve.png").stat().st_size > 0 and len(out["curve"]) == 2
     printed = capsys.readouterr().out
     assert "| unedited |" in printed and "configuration:" in printed
+    # The key memory is a test-time choice: the same editor evaluated with it, recorded.
+    km = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
+               "--key-memory", "1", "--quiet"])
+    assert saved["config"]["editor"]["key_memory"] == 0 and km["config"]["editor"]["key_memory"] == 1.0
+    assert km["baseline"] == out["baseline"] and km["n_requests"] == 8
 
     res = main(["edit", "--model", str(tiny_model_dir), "--editor", str(tmp_path / "run" / "editor"),
                 "--fact", "w1 w2 w3", "w4", "--save", str(tmp_path / "edited")])
