@@ -52,6 +52,9 @@ class CheckpointStore:
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
     def save(self, step: int, tree, meta: dict) -> None:
+        # The save is asynchronous and writes `meta` later: snapshot it now, so that a
+        # caller appending to its history meanwhile cannot change what this step records.
+        meta = json.loads(json.dumps(meta))
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                         meta=ocp.args.JsonSave(meta)))
 
