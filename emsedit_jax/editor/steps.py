@@ -72,14 +72,13 @@ def new_stream(ecfg: EditorConfig, lcfg: ModelConfig, state: EditorState) -> Edi
     return state._replace(key_gram=empty_key_gram(ecfg, lcfg))
 
 
-def key_gram_increment(ecfg: EditorConfig, lcfg: ModelConfig, cap: Capture) -> dict[str, Array]:
-    """Per kernel shape, sum over the answer slots of u u^T: (K, d_in, d_in)."""
+def masked_keys(ecfg: EditorConfig, lcfg: ModelConfig, cap: Capture) -> dict[str, Array]:
+    """Per kernel shape, the capture's keys with padding slots zeroed: (K, N, d_in) float32."""
     mask = cap.mask.reshape(-1, 1)
     out = {}
     for key, names in groups(ecfg, lcfg).items():
         d_in = module_shape(lcfg, names[0])[0]
-        u = jnp.stack([cap.keys[m].reshape(-1, d_in) * mask for m in names]).astype(jnp.float32)
-        out[key] = jnp.einsum("kni,knj->kij", u, u)
+        out[key] = jnp.stack([cap.keys[m].reshape(-1, d_in) * mask for m in names]).astype(jnp.float32)
     return out
 
 
@@ -149,11 +148,13 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
             cap = cap._replace(keys=jax.lax.stop_gradient(cap.keys), grads=jax.lax.stop_gradient(cap.grads))
         dws, st = step_update(ecfg, lcfg, nets_i, stats_i, cap, _rank_mask(ecfg, i), memory)
         stats = jax.tree.map(lambda s, n: s.at[i].set(n), stats, st)
-        increment = jax.lax.stop_gradient(key_gram_increment(ecfg, lcfg, cap)) if memory else {}
-        return ({m: deltas[m] + dws[m] for m in deltas}, stats, increment), dws
+        keys = jax.lax.stop_gradient(masked_keys(ecfg, lcfg, cap)) if memory else {}
+        return ({m: deltas[m] + dws[m] for m in deltas}, stats, keys), dws
 
-    zero = jax.tree.map(jnp.zeros_like, memory)
-    (deltas, stats, increment), per_step = jax.lax.scan(body, (dict(deltas), state.stats, zero),
+    # The carry keeps the latest step's keys; their Gram matrices join the memory once.
+    n_slots = batch.input_ids.shape[0] * n_answer
+    no_keys = {key: jnp.zeros((g.shape[0], n_slots, g.shape[1]), jnp.float32) for key, g in memory.items()}
+    (deltas, stats, last_keys), per_step = jax.lax.scan(body, (dict(deltas), state.stats, no_keys),
                                                         jnp.arange(ecfg.steps))
-    memory = jax.tree.map(jnp.add, memory, increment)
+    memory = {key: g + jnp.einsum("kni,knj->kij", last_keys[key], last_keys[key]) for key, g in memory.items()}
     return deltas, EditorState(state.nets, stats, memory), per_step
