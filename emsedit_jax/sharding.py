@@ -5,10 +5,10 @@ The mesh has two named axes:
 - ``data``: the rows of the edit and training batches (packed edit requests) are split
   over it;
 - ``model``: every large LLM parameter is split over it along its largest dimension that
-  the axis size divides (fully sharded, FSDP-style; the layer axis of stacked per-layer
-  tensors is never split, since the layers are scanned over). XLA gathers what each
-  layer needs. Small tensors (norm scales, biases, anything under `MIN_SHARD_SIZE`
-  elements) are replicated.
+  the axis size divides (fully sharded, FSDP-style; in the stacked layer layout the
+  layer axis is never split, since the layers are scanned over). XLA gathers what each
+  layer needs. Small tensors (norm scales, biases, anything whose one layer has under
+  `MIN_SHARD_SIZE` elements) are replicated.
 
 The editor state (hypernetworks, normaliser statistics, optimiser state) is replicated
 unless `shard_editor=True` (then the same rule as the LLM parameters); weight deltas are
@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from .editor.capture import Batch, pad_rows
 from .models.config import ModelConfig
-from .models.transformer import parse_module
+from .models.transformer import is_layer_list, parse_module
 
 DATA, MODEL = "data", "model"
 MIN_SHARD_SIZE = 2 ** 12     # tensors with fewer elements are replicated
@@ -98,11 +98,11 @@ def maybe_initialize_distributed(flag: bool, **kwargs) -> bool:
 def fsdp_spec(shape: Sequence[int], axis_size: int, *, skip: int = 0, min_size: int = MIN_SHARD_SIZE) -> P:
     """Partition of one tensor: its largest dimension (after the first `skip`, e.g. the
     layer axis) that `axis_size` divides goes on the model axis; ties go to the later
-    dimension. Replicated when the axis has size 1, the tensor has fewer than `min_size`
-    elements or fewer than two dimensions after `skip` (norm scales, biases), or no
-    dimension is divisible."""
+    dimension. Replicated when the axis has size 1, the tensor (after `skip`: one layer's
+    slice, so both layer layouts agree) has fewer than `min_size` elements or fewer than
+    two dimensions (norm scales, biases), or no dimension is divisible."""
     dims: list[str | None] = [None] * len(shape)
-    if axis_size == 1 or math.prod(shape) < min_size or len(shape) - skip < 2:
+    if axis_size == 1 or math.prod(shape[skip:]) < min_size or len(shape) - skip < 2:
         return P(*dims)
     candidates = [i for i in range(skip, len(shape)) if shape[i] % axis_size == 0]
     if candidates:
@@ -114,16 +114,24 @@ def _key(entry) -> Any:
     return getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", None)))
 
 
-def param_shardings(params, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE):
-    """NamedShardings of an LLM parameter tree (arrays or ShapeDtypeStructs); the
-    leading layer axis of `params["layers"]` is never split."""
-    n = mesh.shape[MODEL]
+def param_specs(params, n_model: int, *, min_size: int = MIN_SHARD_SIZE):
+    """PartitionSpecs of an LLM parameter tree (arrays or ShapeDtypeStructs, either layer
+    layout) on a model axis of `n_model` devices; the leading layer axis of a stacked
+    `params["layers"]` is never split."""
+    stacked = not is_layer_list(params)
 
     def one(path, x):
-        skip = 1 if _key(path[0]) == "layers" else 0
-        return NamedSharding(mesh, fsdp_spec(x.shape, n, skip=skip, min_size=min_size))
+        skip = 1 if stacked and _key(path[0]) == "layers" else 0
+        return fsdp_spec(x.shape, n_model, skip=skip, min_size=min_size)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def param_shardings(params, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE):
+    """NamedShardings of `param_specs` on `mesh`."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, mesh.shape[MODEL],
+                                                                             min_size=min_size),
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def delta_shardings(deltas, lcfg: ModelConfig, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE):
@@ -131,8 +139,7 @@ def delta_shardings(deltas, lcfg: ModelConfig, mesh: Mesh, *, min_size: int = MI
     out = {}
     for name, d in deltas.items():
         parse_module(lcfg, name)
-        spec = fsdp_spec((lcfg.num_layers, *d.shape), mesh.shape[MODEL], skip=1, min_size=min_size)
-        out[name] = NamedSharding(mesh, P(*tuple(spec)[1:]))
+        out[name] = NamedSharding(mesh, fsdp_spec(d.shape, mesh.shape[MODEL], min_size=min_size))
     return out
 
 

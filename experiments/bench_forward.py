@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from emsedit_jax.models import forward, load_model
+    from emsedit_jax.models.transformer import layer_params
 
     torch = transformers = ref = None
     if not args.no_torch:
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     if "torch/loss" in results and key in results:
         jl, jg = results[key]
         w = ref.model.layers[0].mlp.down_proj.weight.grad.numpy().T
-        g = np.asarray(jg["layers"]["mlp"]["down_proj"]["kernel"][0])
+        g = np.asarray(layer_params(jg, 0)["mlp"]["down_proj"]["kernel"])
         checks = {"loss_jax": float(jl), "loss_torch": results["torch/loss"],
                   "loss_abs_diff": abs(float(jl) - results["torch/loss"]),
                   "grad_rel_diff_layer0_down_proj": float(np.linalg.norm(g - w) / np.linalg.norm(w))}

@@ -34,7 +34,7 @@ from emsedit_jax.train import train_step
 MODULES = ("model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj")
 # (data, model, shard_editor)
 MESHES = [(4, 1, False), (2, 2, True), (1, 4, False)]
-EDITOR_MIN_SIZE = 1024       # small enough that the tiny hypernetworks get split too
+MIN_SIZE = 1024       # small enough that the tiny model's kernels (and hypernetworks) get split
 
 
 def random_view(rng, n: int, vocab: int) -> TeacherForced:
@@ -100,14 +100,13 @@ def main(model_dir: str, out: str) -> None:
     results = {"rows_per_view": layout.edit.n_rows, "meshes": {}}
     for d, m, shard_editor in MESHES:
         mesh = sharding.make_mesh(d, m)
-        kw = {"mesh": mesh, "shard_editor": shard_editor}
-        if shard_editor:
-            kw["min_size"] = EDITOR_MIN_SIZE
+        kw = {"mesh": mesh, "shard_editor": shard_editor, "min_size": MIN_SIZE}
         before = set(sharding._COMPILED)
-        params = sharding.place_params(model.params, mesh)
+        params = sharding.place_params(model.params, mesh, min_size=MIN_SIZE)
         train_out, edit_out = run_train(sharding.sharded_train_step, **kw), run_edit(sharding.sharded_edit_batch, **kw)
         new = [sharding._COMPILED[k] for k in set(sharding._COMPILED) - before]
-        kernel = params["layers"]["mlp"]["up_proj"]["kernel"]
+        layer = params["layers"][3]            # the list layout (load_model's default); layer 3 is edited
+        kernel = layer["mlp"]["up_proj"]["kernel"]
         results["meshes"][f"{d}x{m}"] = {
             "data": d, "model": m, "shard_editor": shard_editor,
             "train_err": {k: rel_err(train_out[k], ref_train[k]) for k in ref_train},
@@ -117,9 +116,9 @@ def main(model_dir: str, out: str) -> None:
             "n_kernel_shards": len(kernel.addressable_shards),
             "shards": {
                 "up_proj_kernel": shard_shapes(kernel),
-                "down_proj_kernel": shard_shapes(params["layers"]["mlp"]["down_proj"]["kernel"]),
+                "down_proj_kernel": shard_shapes(layer["mlp"]["down_proj"]["kernel"]),
                 "embedding": shard_shapes(params["embed_tokens"]["embedding"]),
-                "norm": shard_shapes(params["layers"]["input_layernorm"]["weight"]),
+                "norm": shard_shapes(layer["input_layernorm"]["weight"]),
                 "up_proj_delta": shard_shapes(edit_out["deltas"][MODULES[0]]),
                 "down_proj_delta": shard_shapes(train_out["deltas"][MODULES[1]]),
                 "hypernet_A": shard_shapes(edit_out["nets"]["32x64"]["A"]),

@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_requests
 from emsedit_jax.cli import default_modules, main, parse_modules
 from emsedit_jax.data import DataError
-from emsedit_jax.models import ModelConfig, load_model
+from emsedit_jax.models import ModelConfig, get_kernel, load_model
 
 
 def write_user_file(path, requests):
@@ -53,7 +53,7 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys):
     base = load_model(tiny_model_dir, tokenizer=False)
     k = "model.layers.3.mlp.up_proj"
     assert k in default_modules(base.config)
-    diff = abs(edited.params["layers"]["mlp"]["up_proj"]["kernel"][3] - base.params["layers"]["mlp"]["up_proj"]["kernel"][3]).max()
+    diff = abs(get_kernel(edited.config, edited.params, k) - get_kernel(base.config, base.params, k)).max()
     assert float(diff) > 0
 
 

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 from emsedit_jax.models import (CheckpointError, ConfigError, ModelConfig, abstract_params, apply_deltas,  # noqa: E402
                                 get_kernel, load_model, logits, module_shape, save_hf)
 from emsedit_jax.models.hf_io import hf_state_dict, read_safetensors_header, write_safetensors  # noqa: E402
+from emsedit_jax.models.transformer import stack_layers, unstack_layers  # noqa: E402
 
 CFG = dict(vocab_size=67, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
            num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
@@ -49,7 +50,7 @@ def test_export_round_trip_with_edit(tiny, tmp_path):
     edited = apply_deltas(model.config, model.params, delta)
     np.testing.assert_allclose(get_kernel(model.config, edited, name),
                                get_kernel(model.config, model.params, name) + delta[name], rtol=1e-6)
-    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(model.config))
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(model.config, stacked=False))
     assert shapes == jax.tree.map(lambda a: (a.shape, a.dtype), model.params)
     out = save_hf(model, tmp_path / "edited", edited)
     ours = np.asarray(logits(model.config, edited, IDS, MASK))
@@ -58,8 +59,31 @@ def test_export_round_trip_with_edit(tiny, tmp_path):
     # The edit changed the model, and the original parameters are untouched.
     before = np.asarray(logits(model.config, model.params, IDS, MASK))
     assert np.abs(before - ours)[real].max() > 1e-3
-    np.testing.assert_array_equal(np.asarray(load_model(folder, tokenizer=False).params["layers"]["mlp"]["up_proj"]["kernel"]),
-                                  np.asarray(model.params["layers"]["mlp"]["up_proj"]["kernel"]))
+    jax.tree.map(np.testing.assert_array_equal, load_model(folder, tokenizer=False).params, model.params)
+
+
+def test_layer_layouts_agree(tiny, tmp_path):
+    """The list layout (load_model's default) and the stacked one hold the same tensors,
+    compute the same logits (unrolled layers vs a scan), edit the same kernel, and
+    export the same checkpoint."""
+    folder, _ = tiny
+    listed = load_model(folder, tokenizer=False)
+    stacked = load_model(folder, tokenizer=False, stacked=True)
+    assert isinstance(listed.params["layers"], tuple) and not isinstance(stacked.params["layers"], tuple)
+    jax.tree.map(np.testing.assert_array_equal, stack_layers(listed.params), stacked.params)
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked.params), listed.params)
+    np.testing.assert_allclose(logits(listed.config, listed.params, IDS, MASK),
+                               logits(stacked.config, stacked.params, IDS, MASK), atol=1e-6)
+    name = "model.layers.1.self_attn.o_proj"
+    delta = {name: jnp.full(module_shape(listed.config, name), 0.01)}
+    a, b = (apply_deltas(m.config, m.params, delta) for m in (listed, stacked))
+    np.testing.assert_array_equal(get_kernel(listed.config, a, name), get_kernel(stacked.config, b, name))
+    np.testing.assert_array_equal(get_kernel(listed.config, a, "model.layers.0.self_attn.o_proj"),
+                                  get_kernel(listed.config, listed.params, "model.layers.0.self_attn.o_proj"))
+    sa, sb = hf_state_dict(listed.config, a), hf_state_dict(stacked.config, b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k])
 
 
 def test_sharded_and_bfloat16(tiny, tmp_path):
@@ -76,7 +100,7 @@ def test_sharded_and_bfloat16(tiny, tmp_path):
     header, _ = read_safetensors_header(bf / "model.safetensors")
     assert {v["dtype"] for v in header.values()} == {"BF16"}
     low = load_model(bf, dtype=jnp.bfloat16, tokenizer=False)
-    assert low.params["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+    assert {a.dtype for a in jax.tree.leaves(low.params)} == {jnp.dtype(jnp.bfloat16)}
     a = np.asarray(logits(low.config, low.params, IDS, MASK))[MASK > 0]
     b = np.asarray(logits(model.config, model.params, IDS, MASK))[MASK > 0]
     assert np.abs(a - b).max() < 0.05 and np.abs(a - b).max() > 0

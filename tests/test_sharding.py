@@ -20,6 +20,7 @@ from conftest import synthetic_requests
 from jax.sharding import PartitionSpec as P
 
 from emsedit_jax import sharding
+from emsedit_jax.models.transformer import unstack_layers
 from emsedit_jax.sharding import MODEL, fsdp_spec, parse_mesh
 
 TOL = 1e-4    # float32: the sharded steps sum in a different order
@@ -52,23 +53,38 @@ def test_sharded_steps_match_single_device(check, mesh):
 
 def test_parameters_deltas_and_rows_are_split(check):
     assert check["rows_per_view"] == 3          # padded to 4 rows on the data axes of size 4 and 2
-    full = {"up_proj_kernel": [[4, 32, 64]], "down_proj_kernel": [[4, 64, 32]], "embedding": [[152, 32]],
-            "norm": [[4, 32]], "up_proj_delta": [[32, 64]], "down_proj_delta": [[64, 32]],
+    # The model is in the list layout: one (d_in, d_out) kernel per layer.
+    full = {"up_proj_kernel": [[32, 64]], "down_proj_kernel": [[64, 32]], "embedding": [[152, 32]],
+            "norm": [[32]], "up_proj_delta": [[32, 64]], "down_proj_delta": [[64, 32]],
             "hypernet_A": [[2, 1, 96, 8]]}
     # data axis only: parameters replicated, one padded row per device.
     assert check["meshes"]["4x1"]["shards"] == {**full, "batch_rows": [[1, 16]]}
-    # model axis of 4: every large tensor split 4 ways on its largest dimension, never on
-    # the layer axis; norm scales replicated; deltas split like their kernels.
+    # model axis of 4: every large tensor split 4 ways on its largest dimension; norm
+    # scales replicated; deltas split like their kernels.
     assert check["meshes"]["1x4"]["shards"] == {
-        **full, "up_proj_kernel": [[4, 32, 16]], "down_proj_kernel": [[4, 16, 32]], "embedding": [[38, 32]],
+        **full, "up_proj_kernel": [[32, 16]], "down_proj_kernel": [[16, 32]], "embedding": [[38, 32]],
         "up_proj_delta": [[32, 16]], "down_proj_delta": [[16, 32]], "batch_rows": [[3, 16]]}
-    assert check["meshes"]["1x4"]["kernel_spec"] == str(P(None, None, MODEL))
+    assert check["meshes"]["1x4"]["kernel_spec"] == str(P(None, MODEL))
     assert check["meshes"]["1x4"]["n_kernel_shards"] == 4
     # 2 x 2 with the editor sharded too: the hypernetwork's (d_in + d_out) axis is split.
     assert check["meshes"]["2x2"]["shards"] == {
-        **full, "up_proj_kernel": [[4, 32, 32]], "down_proj_kernel": [[4, 32, 32]], "embedding": [[76, 32]],
+        **full, "up_proj_kernel": [[32, 32]], "down_proj_kernel": [[32, 32]], "embedding": [[76, 32]],
         "up_proj_delta": [[32, 32]], "down_proj_delta": [[32, 32]], "hypernet_A": [[2, 1, 48, 8]],
         "batch_rows": [[2, 16]]}
+
+
+def test_parameter_specs_in_both_layer_layouts():
+    """The stacked layout never splits its leading layer axis; the list layout's
+    per-layer kernels are split on their largest divisible dimension the same way."""
+    w = np.zeros((3, 64, 128), np.float32)
+    stacked = {"layers": {"mlp": {"kernel": w}, "norm": np.zeros((3, 64), np.float32)}, "e": np.zeros((256, 64))}
+    specs = sharding.param_specs(stacked, 4, min_size=16)
+    assert specs["layers"]["mlp"]["kernel"] == P(None, None, MODEL)
+    assert specs["layers"]["norm"] == P(None, None) and specs["e"] == P(MODEL, None)
+    listed = unstack_layers(stacked)
+    specs = sharding.param_specs(listed, 4, min_size=16)
+    assert all(s["mlp"]["kernel"] == P(None, MODEL) and s["norm"] == P(None) for s in specs["layers"])
+    assert specs["e"] == P(MODEL, None)
 
 
 def test_partition_rule():

@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import ConfigError, ModelConfig
 from .layers import Params, get_path, set_path
-from .transformer import tensor_specs
+from .transformer import layer_params, tensor_specs
 
 
 class CheckpointError(ValueError):
@@ -179,9 +179,10 @@ def _canonical(cfg: ModelConfig, key: str) -> str:
     return key
 
 
-def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32) -> Params:
+def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: bool = False) -> Params:
     """Reads every tensor the config needs, checks shapes and finiteness, and builds the
-    stacked parameter tree in `dtype`."""
+    parameter tree in `dtype`: per-layer tensors in the list layout, or (`stacked`) on a
+    leading layer axis (see models/transformer.py)."""
     files = {_canonical(cfg, k): (k, f) for k, f in _weight_files(folder).items()}
     headers: dict[Path, tuple[dict, int]] = {}
 
@@ -202,13 +203,17 @@ def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32) -> Params:
             raise CheckpointError(f"{f}: tensor {orig!r} contains NaN or infinite values")
         return arr.T if transpose else arr
 
-    params: Params = {}
+    params: Params = {} if stacked else {"layers": tuple({} for _ in range(cfg.num_layers))}
     used = set()
     for path, spec in tensor_specs(cfg).items():
         if spec.stacked:
             keys = [f"{cfg.layer_prefix}.{i}.{spec.hf_name}" for i in range(cfg.num_layers)]
-            value = np.stack([fetch(k, spec.shape, spec.transpose) for k in keys])
             used.update(keys)
+            if not stacked:
+                for layer, k in zip(params["layers"], keys):
+                    set_path(layer, path[1:], jnp.asarray(fetch(k, spec.shape, spec.transpose), dtype))
+                continue
+            value = np.stack([fetch(k, spec.shape, spec.transpose) for k in keys])
         else:
             value = fetch(spec.hf_name, spec.shape, spec.transpose)
             used.add(spec.hf_name)
@@ -233,32 +238,36 @@ def load_tokenizer(folder: Path):
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True,
-               tokenizer: bool = True, residual: str | None = None) -> Model:
+               tokenizer: bool = True, residual: str | None = None, stacked: bool = False) -> Model:
     """`dtype`: the parameters' dtype. `residual`: the residual stream's dtype (None: the
     parameters'; "float32" with bfloat16 parameters: mixed precision with the running
-    sum of the layers' outputs in float32 and every matmul in bfloat16)."""
+    sum of the layers' outputs in float32 and every matmul in bfloat16). `stacked`: the
+    per-layer tensors on a leading layer axis (unedited layers run as a `lax.scan`,
+    faster to compile) instead of the default list layout (faster to run on CPU)."""
     folder = resolve(name_or_path)
     cfg, raw = read_config(folder, strict=strict)
     if residual is not None:
         cfg = dataclasses.replace(cfg, residual_dtype=jnp.dtype(residual).name)
-    params = load_params(folder, cfg, dtype)
+    params = load_params(folder, cfg, dtype, stacked=stacked)
     tok = load_tokenizer(folder) if tokenizer else None
     return Model(cfg, params, tok, folder, raw)
 
 
 # ---------------------------------------------------------------- export
 def hf_state_dict(cfg: ModelConfig, params: Params, dtype=None) -> dict[str, np.ndarray]:
-    """Our parameter tree -> {HF name: array in HF layout}."""
+    """Our parameter tree (either layer layout) -> {HF name: array in HF layout}."""
+    def host(x):
+        x = np.asarray(jax.device_get(x))
+        return x if dtype is None else x.astype(dtype)
+
     out = {}
     for path, spec in tensor_specs(cfg).items():
-        value = np.asarray(jax.device_get(get_path(params, path)))
-        if dtype is not None:
-            value = value.astype(dtype)
         if spec.stacked:
             for i in range(cfg.num_layers):
-                v = value[i].T if spec.transpose else value[i]
-                out[f"{cfg.layer_prefix}.{i}.{spec.hf_name}"] = v
+                v = host(get_path(layer_params(params, i), path[1:]))
+                out[f"{cfg.layer_prefix}.{i}.{spec.hf_name}"] = v.T if spec.transpose else v
         else:
+            value = host(get_path(params, path))
             out[spec.hf_name] = value.T if spec.transpose else value
     return out
 

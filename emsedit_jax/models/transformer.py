@@ -1,9 +1,15 @@
 """The forward pass shared by every family: embed -> layers -> head.
 
-Parameters are a nested dict; per-layer tensors are stacked on a leading layer axis
-(`params["layers"][...]` has shape (L, ...)). Runs of layers without edits go through
-one `jax.lax.scan` (fast to compile); edited layers are unrolled so each can carry its
-own `ModuleEdit`s. Everything here is a pure function of (config, params, inputs).
+Parameters are a nested dict. The per-layer tensors come in one of two layouts:
+- stacked: `params["layers"]` is one tree whose arrays have a leading layer axis (L, ...).
+  Runs of layers without edits go through one `jax.lax.scan` (fast to compile).
+- list: `params["layers"]` is a tuple of L per-layer trees; the layers are unrolled. On
+  CPU this is the fast layout: XLA copies the slice of a stacked weight that a scan
+  step (or a static index) reads before multiplying with it, which costs about as much
+  as the matmul itself for the models edited here. `load_model` returns it.
+`stack_layers` / `unstack_layers` convert. Edited layers are always unrolled so each
+can carry its own `ModuleEdit`s. Everything here is a pure function of (config,
+params, inputs) and accepts either layout.
 """
 
 from __future__ import annotations
@@ -56,17 +62,46 @@ def module_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
     return tensor_specs(cfg)[("layers", *suffix.split("."), "kernel")].shape
 
 
+# ---------------------------------------------------------------- layer layouts
+def is_layer_list(params: Params) -> bool:
+    """True for the list layout (a tuple of per-layer trees), False for stacked."""
+    return isinstance(params["layers"], (list, tuple))
+
+
+def unstack_layers(params: Params) -> Params:
+    """The list layout of `params` (returned unchanged if it already is one)."""
+    if is_layer_list(params):
+        return params
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n))}
+
+
+def stack_layers(params: Params) -> Params:
+    """The stacked layout of `params` (returned unchanged if it already is one)."""
+    if not is_layer_list(params):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
+def layer_params(params: Params, i: int) -> Params:
+    """The parameters of layer i, in either layout."""
+    if is_layer_list(params):
+        return params["layers"][i]
+    return jax.tree.map(lambda a: a[i], params["layers"])
+
+
 def get_kernel(cfg: ModelConfig, params: Params, name: str) -> Array:
     layer, suffix = parse_module(cfg, name)
-    node = params["layers"]
+    node = params["layers"][layer] if is_layer_list(params) else params["layers"]
     for p in suffix.split("."):
         node = node[p]
-    return node["kernel"][layer]
+    return node["kernel"] if is_layer_list(params) else node["kernel"][layer]
 
 
 def apply_deltas(cfg: ModelConfig, params: Params, deltas: Mapping[str, Array]) -> Params:
     """A new parameter tree with W + dW for each named module (params untouched)."""
-    layers = params["layers"]
+    listed = is_layer_list(params)
+    layers = list(params["layers"]) if listed else params["layers"]
     for name, delta in deltas.items():
         layer, suffix = parse_module(cfg, name)
         path = tuple(suffix.split(".")) + ("kernel",)
@@ -74,11 +109,15 @@ def apply_deltas(cfg: ModelConfig, params: Params, deltas: Mapping[str, Array]) 
         def update(tree, path=path, layer=layer, delta=delta):
             if len(path) == 1:
                 k = tree[path[0]]
-                return {**tree, path[0]: k.at[layer].add(delta.astype(k.dtype))}
+                new = k + delta.astype(k.dtype) if listed else k.at[layer].add(delta.astype(k.dtype))
+                return {**tree, path[0]: new}
             return {**tree, path[0]: update(tree[path[0]], path[1:])}
 
-        layers = update(layers)
-    return {**params, "layers": layers}
+        if listed:
+            layers[layer] = update(layers[layer])
+        else:
+            layers = update(layers)
+    return {**params, "layers": tuple(layers) if listed else layers}
 
 
 # ---------------------------------------------------------------- initialisation
@@ -99,9 +138,13 @@ def init_params(cfg: ModelConfig, key: Array, dtype=jnp.float32, scale: float = 
     return params
 
 
-def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> Params:
-    """ShapeDtypeStructs of the parameters, without allocating them."""
-    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32, stacked: bool = True) -> Params:
+    """ShapeDtypeStructs of the parameters (in the stacked or the list layout), without
+    allocating them."""
+    tree = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+    return tree if stacked else {**tree, "layers": tuple(
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree["layers"])
+        for _ in range(cfg.num_layers))}
 
 
 # ---------------------------------------------------------------- forward pieces
@@ -115,10 +158,6 @@ def context(cfg: ModelConfig, attention_mask: Array, positions: Array) -> dict:
     """Per-batch constants of the layers (mask bias, rotary tables). attention_mask
     (B, S) is 0 on padding and a segment id per packed sequence otherwise."""
     return family(cfg).context(cfg, attention_mask, positions)
-
-
-def _layer(tree, i):
-    return jax.tree.map(lambda a: a[i], tree)
 
 
 def run_layers(cfg: ModelConfig, params: Params, h: Array, ctx: dict, *, start: int = 0,
@@ -139,10 +178,13 @@ def run_layers(cfg: ModelConfig, params: Params, h: Array, ctx: dict, *, start: 
     i = start
     while i < stop:
         if i in edits:
-            lp = _layer(params["layers"], i)
+            lp = layer_params(params, i)
             tap = Tap(lp, edits[i])
             h = fam.block(cfg, lp, h, ctx, tap)
             keys.update({(i, name): k for name, k in tap.keys.items()})
+            i += 1
+        elif is_layer_list(params):
+            h, _ = plain(h, params["layers"][i])
             i += 1
         else:
             j = min([e for e in edits if i < e < stop] + [stop])
