@@ -8,11 +8,16 @@ capture -> hypernetwork -> ridge solve) cost the same for every batch of one sha
 each distinct batch layout is timed `--reps` times after its compiling call, and the
 s/edit of a run is the mean over its batches (each at its layout's median). Rows compare
 `--buckets` (how many layouts the batches are packed in: 1 = one layout padded to the
-largest batch) and editor configurations (`--configs`: edited layers, hypernetwork rank,
-key memory) side by side in one run. Each row also gives the matmul FLOPs per edit (counted on the
-jaxpr, see emsedit_jax/flops.py), the rate achieved, and the time the same FLOPs would
-take at this machine's float32 matmul rate (measured in the same run): the floor. (The
-counted FLOPs are matmuls; the key memory's d_in x d_in LU solves are not in them.)
+largest batch), editor configurations (`--configs`: edited layers, hypernetwork rank,
+key memory) and the LLM's layer layout (`--param-layouts`: list or stacked, see
+emsedit_jax/models/transformer.py) side by side in one run. The training step threads
+its donated editor and optimiser state from call to call, as the training loop does.
+Each row also gives the matmul FLOPs per edit (counted on the jaxpr, see
+emsedit_jax/flops.py), the rate achieved, and the time the same FLOPs would take at this
+machine's float32 matmul rate (measured in the same run): the floor. The counted FLOPs
+are matmuls only (the key memory's d_in x d_in LU solves are not in them), and an upper
+bound: the T steps choose their hypernetwork with a `lax.switch`, whose most expensive
+branch (step 0, full rank) the count charges to every step.
 
     python experiments/bench_edit_speed.py --data ../shared/data/zsre/zsre_mend_train-1k.json
 """
@@ -35,6 +40,7 @@ from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.evaluate import edit_batch
 from emsedit_jax.flops import count_flops
 from emsedit_jax.models import load_model
+from emsedit_jax.models.transformer import stack_layers, unstack_layers
 from emsedit_jax.pipeline import encode_split
 from emsedit_jax.train import TrainConfig, batch_plan, make_optimizer, train_step
 from report import write_report
@@ -57,14 +63,15 @@ def _timed(fn, reps: int) -> tuple[float, float]:
     return times[0], statistics.median(times[1:])
 
 
-def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets, key_memory=0.0):
+def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets, param_layout, key_memory=0.0):
     ecfg = EditorConfig(modules=tuple(f"model.layers.{i}.mlp.up_proj" for i in layers), rank=rank, lr_init=1e-3,
                         log_step_size=True, key_memory=key_memory)
     tcfg = TrainConfig(n_edits=n_edits, buckets=buckets)
     tx = make_optimizer(tcfg)
     state = init_editor(ecfg, model.config, jax.random.key(0))
     zero = zero_deltas(ecfg, model.config)
-    row = {"config": name, "buckets": buckets, "n_edits": n_edits}
+    row = {"config": name, "buckets": buckets, "param_layout": param_layout, "n_edits": n_edits}
+    params = stack_layers(model.params) if param_layout == "stacked" else unstack_layers(model.params)
     train_batches = batch_plan(len(train_split), tcfg)[0]
     test_batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(10)]
     for kind, split, batches in (("train", train_split, train_batches), ("edit", test_split, test_batches)):
@@ -76,16 +83,21 @@ def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buc
             batch = split.batch(first[lay], lay)
             if kind == "train":
                 opt = tx.init(state.nets)
-                args = (state.nets, state.stats, opt, model.params, batch, zero, None, state.key_gram)
+                args = (state.nets, state.stats, opt, params, batch, zero, None, state.key_gram)
                 kw = dict(ecfg=ecfg, lcfg=model.config, tx=tx, n_answer=lay.n_answer)
                 f = count_flops(train_step, *args, **kw)
-                # train_step donates the editor and optimiser: fresh copies each call.
-                fn = lambda: train_step(jax.tree.map(jax.numpy.copy, state.nets), state.stats,  # noqa: E731
-                                        jax.tree.map(jax.numpy.copy, opt), *args[3:], **kw)[3]
+                # train_step donates the editor and optimiser state: thread them from call
+                # to call, as the training loop does.
+                carry = [jax.tree.map(jax.numpy.copy, state.nets), state.stats, tx.init(state.nets)]
+
+                def fn(carry=carry, args=args, kw=kw):
+                    out = train_step(*carry, *args[3:], **kw)
+                    carry[:] = out[:3]
+                    return out[3]
             else:
                 kw = dict(ecfg=ecfg, lcfg=model.config, n_answer=lay.edit.n_answer)
-                f = count_flops(edit_batch, state, model.params, batch.edit, zero, **kw)
-                fn = lambda: edit_batch(state, model.params, batch.edit, zero, **kw)[0]  # noqa: E731
+                f = count_flops(edit_batch, state, params, batch.edit, zero, **kw)
+                fn = lambda: edit_batch(state, params, batch.edit, zero, **kw)[0]  # noqa: E731
             t_first, t = _timed(fn, reps)
             compile_s += t_first - t
             cost += n_uses * t
@@ -120,6 +132,8 @@ def main():
     ap.add_argument("--n-edits", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--buckets", default="1,3", help="comma-separated bucket counts to compare")
+    ap.add_argument("--param-layouts", default="list", help="comma-separated LLM layer layouts to compare: list, stacked "
+                    "(see emsedit_jax/models/transformer.py)")
     ap.add_argument("--configs", default=next(iter(CONFIGS)), help="comma-separated names from CONFIGS")
     ap.add_argument("--out", default="results/bench_edit_speed")
     args = ap.parse_args()
@@ -128,13 +142,13 @@ def main():
     train_reqs, test_reqs = split_requests(reqs, args.n_train, args.n_test, 0)      # as the CLI splits
     train_split, test_split = (encode_split(model.tokenizer, r) for r in (train_reqs, test_reqs))
     rows = [bench(model, train_split, test_split, name, n_edits=args.n_edits, reps=args.reps, buckets=int(k),
-                  **CONFIGS[name])
-            for name in args.configs.split(",") for k in args.buckets.split(",")]
+                  param_layout=param_layout, **CONFIGS[name])
+            for name in args.configs.split(",") for k in args.buckets.split(",") for param_layout in args.param_layouts.split(",")]
     peak = matmul_gflops()
-    head = ("| config | buckets | train s/edit | edit s/edit | train / edit layouts | train compile (s) | "
+    head = ("| config | buckets | layers | train s/edit | edit s/edit | train / edit layouts | train compile (s) | "
             "edit compile (s) | train GFLOP/edit | edit GFLOP/edit | train GFLOP/s | edit GFLOP/s | "
-            "matmul-bound train s/edit | matmul-bound edit s/edit |\n|---|" + "---:|" * 12)
-    lines = [f"| {r['config']} | {r['buckets']} | {r['train_s_per_edit']:.3f} | {r['edit_s_per_edit']:.3f} | "
+            "matmul-bound train s/edit | matmul-bound edit s/edit |\n|---|---:|---|" + "---:|" * 11)
+    lines = [f"| {r['config']} | {r['buckets']} | {r['param_layout']} | {r['train_s_per_edit']:.3f} | {r['edit_s_per_edit']:.3f} | "
              f"{r['train_layouts']} / {r['edit_layouts']} | "
              f"{r['train_compile_s']:.1f} | {r['edit_compile_s']:.1f} | {r['train_gflop_per_edit']:.1f} | "
              f"{r['edit_gflop_per_edit']:.1f} | {r['train_gflops']:.0f} | {r['edit_gflops']:.0f} | "

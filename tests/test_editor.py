@@ -37,10 +37,10 @@ def tiny_batch(seed, b=3, s=7):
 def test_hypernet_is_identity_at_init():
     net = init_net(jax.random.key(0), 5, 7, n_layers=3, rank=4, n_blocks=3, lr_init=1e-3, lamda_init=0.0)
     h = jax.random.normal(jax.random.key(1), (3, 11, 12))
-    np.testing.assert_array_equal(np.asarray(apply_net(net, h, jnp.ones(4))), np.asarray(h))
+    np.testing.assert_array_equal(np.asarray(apply_net(net, h)), np.asarray(h))
     # ...and not the identity once B is non-zero (the test can fail).
     net["B"] = net["B"] + 0.1
-    assert not np.allclose(np.asarray(apply_net(net, h, jnp.ones(4))), np.asarray(h))
+    assert not np.allclose(np.asarray(apply_net(net, h)), np.asarray(h))
 
 
 def test_hypernet_blocks_receive_gradient_at_init():
@@ -49,7 +49,7 @@ def test_hypernet_blocks_receive_gradient_at_init():
     net = init_net(jax.random.key(0), 5, 7, n_layers=2, rank=4, n_blocks=2, lr_init=1e-3, lamda_init=0.0)
     h = jax.random.normal(jax.random.key(1), (2, 6, 12))
     target = jax.random.normal(jax.random.key(2), (2, 6, 12))
-    grads = jax.grad(lambda n: jnp.sum((apply_net(n, h, jnp.ones(4)) - target) ** 2))(net)
+    grads = jax.grad(lambda n: jnp.sum((apply_net(n, h) - target) ** 2))(net)
     for name in ("B", "b", "shift"):
         assert float(jnp.abs(grads[name]).max()) > 0, name
 
@@ -144,15 +144,14 @@ def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
             caps.append(cap)
             nets_t = jax.tree.map(lambda a: a[t], state.nets)
             stats_t = jax.tree.map(lambda a: a[t], state.stats)
-            dws, _ = step_update(ecfg, TINY, nets_t, stats_t, cap, jnp.asarray(np.arange(4) < ecfg.step_ranks()[t], jnp.float64))
+            dws, _ = step_update(ecfg, TINY, nets_t, stats_t, cap, ecfg.step_ranks()[t])
             deltas = {m: deltas[m] + dws[m] for m in deltas}
 
         def frozen(nets):
             total = zero_deltas(ecfg, TINY, jnp.float64)
             for t in range(2):
                 dws, _ = step_update(ecfg, TINY, jax.tree.map(lambda a: a[t], nets),
-                                     jax.tree.map(lambda a: a[t], state.stats), caps[t],
-                                     jnp.asarray(np.arange(4) < ecfg.step_ranks()[t], jnp.float64))
+                                     jax.tree.map(lambda a: a[t], state.stats), caps[t], ecfg.step_ranks()[t])
                 total = {m: total[m] + dws[m] for m in total}
             return edited_loss(TINY, params, gen, total, n_answer=2) + 0.1 * sum(jnp.sum(d * d) for d in total.values())
 
@@ -170,17 +169,36 @@ def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
         assert diff > 1e-8
 
 
-def test_step_ranks_and_rank_mask_keep_step_rank():
+def test_step_ranks_keep_each_step_at_its_rank():
     ecfg = EditorConfig(modules=MODULES, rank=8, n_blocks=1, steps=3)
     assert ecfg.step_ranks() == (8, 4, 2)
     assert EditorConfig(modules=MODULES, rank=8, steps=3, step_specific=False).step_ranks() == (8,)
-    # Step 2's net ignores the columns of A above its rank.
+    # At rank 2 the net ignores the columns of A and the rows of B above it, and equals
+    # the full-rank net whose A has those columns zeroed.
     net = init_net(jax.random.key(0), 4, 4, 1, 8, 1, 1e-3, 0.0)
     net["B"] = jnp.ones_like(net["B"])
     h = jax.random.normal(jax.random.key(1), (1, 3, 8))
-    mask = (jnp.arange(8) < 2).astype(jnp.float32)
-    net2 = dict(net, A=net["A"].at[:, :, 2:].set(123.0))
-    np.testing.assert_allclose(apply_net(net, h, mask), apply_net(net2, h, mask), rtol=1e-6)
+    net2 = dict(net, A=net["A"].at[:, :, 2:].set(123.0), B=net["B"].at[:, 2:].set(-7.0))
+    np.testing.assert_allclose(apply_net(net, h, 2), apply_net(net2, h, 2), rtol=1e-6)
+    np.testing.assert_allclose(apply_net(net, h, 2), apply_net(dict(net, A=net["A"].at[:, :, 2:].set(0.0)), h),
+                               rtol=1e-6)
+    assert not np.allclose(apply_net(net, h, 2), apply_net(net, h))
+    # In the T-step edit, step t runs its own parameter set at its own rank: changing A
+    # above step 1's rank in set 1 leaves the edit unchanged; below, it changes it.
+    ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2)
+    params, state = _setup(ecfg, jnp.float32)
+    edit = jax.jit(lambda nets: multi_step_edit(ecfg, TINY, params, state._replace(nets=nets), tiny_batch(0),
+                                                zero_deltas(ecfg, TINY), n_answer=2)[0])
+
+    def with_a(update):
+        return {k: dict(n, A=update(n["A"])) for k, n in state.nets.items()}
+
+    base = edit(state.nets)
+    above = edit(with_a(lambda a: a.at[1, :, :, 2:].set(5.0)))
+    below = edit(with_a(lambda a: a.at[1, :, :, :2].set(5.0)))
+    for m in MODULES:
+        np.testing.assert_allclose(above[m], base[m], rtol=1e-5, atol=1e-7)
+    assert max(float(jnp.abs(below[m] - base[m]).max()) for m in MODULES) > 1e-6
 
 
 def test_rollback_and_apply_are_exact():

@@ -4,8 +4,8 @@ Input h = normalised [u; g] of width D = d_in + d_out. Each of `n_blocks` blocks
     h <- h + scale_k * relu(h A B + b) + shift_k
 with A ~ N(0, 1) (D, r), B = 0 (r, D), b = 0, and per-layer scale_k = 1, shift_k = 0 for
 the k-th layer sharing the network, so the network starts as the identity. The output
-splits into (u~, g~). Parameters of several steps are stacked on a leading axis P; a rank
-mask keeps step t at its own rank.
+splits into (u~, g~). Parameters of several steps are stacked on a leading axis P, each
+with the largest step's rank; step t uses the first rank_t columns of A (rows of B).
 """
 
 from __future__ import annotations
@@ -37,15 +37,13 @@ def relu_open(x: Array) -> Array:
     return jnp.where(x >= 0, x, 0.0)
 
 
-def apply_net(net: dict[str, Array], h: Array, rank_mask: Array) -> Array:
-    """h (K, N, D): rows of the K layers sharing this net -> (K, N, D).
-    rank_mask (r,) zeroes the columns of A above this step's rank."""
-    a = net["A"] * rank_mask
-
-    def block(h, p):
-        a, b_mat, bias, scale, shift = p
-        z = relu_open(jnp.einsum("knd,dr,re->kne", h, a, b_mat) + bias)
-        return h + scale[:, None, :] * z + shift[:, None, :], None
-
-    h, _ = jax.lax.scan(block, h, (a, net["B"], net["b"], net["scale"], net["shift"]))
+def apply_net(net: dict[str, Array], h: Array, rank: int | None = None) -> Array:
+    """h (K, N, D): rows of the K layers sharing this net -> (K, N, D). `rank` (static):
+    use only the first `rank` columns of A (rows of B), a step's own rank; None: all.
+    The blocks are unrolled (n_blocks is small), so every slice is static."""
+    rank = net["A"].shape[-1] if rank is None else rank
+    for i in range(net["A"].shape[0]):
+        z = jnp.einsum("knd,dr->knr", h, net["A"][i, :, :rank])
+        z = relu_open(jnp.einsum("knr,re->kne", z, net["B"][i, :rank]) + net["b"][i])
+        h = h + net["scale"][i][:, None, :] * z + net["shift"][i][:, None, :]
     return h

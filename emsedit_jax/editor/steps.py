@@ -12,6 +12,7 @@ plain pytrees.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, NamedTuple
 
 import jax
@@ -86,14 +87,10 @@ def zero_deltas(ecfg: EditorConfig, lcfg: ModelConfig, dtype=jnp.float32) -> Del
     return {m: jnp.zeros(module_shape(lcfg, m), dtype) for m in ecfg.modules}
 
 
-def _rank_mask(ecfg: EditorConfig, i: Array) -> Array:
-    ranks = jnp.asarray(ecfg.step_ranks())
-    return (jnp.arange(max(ecfg.step_ranks())) < ranks[i]).astype(jnp.float32)
-
-
 def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Mapping, cap: Capture,
-                rank_mask: Array, key_gram: Mapping | None = None) -> tuple[Deltas, dict]:
-    """Weight updates of one step from a capture, with one parameter set (no P axis).
+                rank: int | None = None, key_gram: Mapping | None = None) -> tuple[Deltas, dict]:
+    """Weight updates of one step from a capture, with one parameter set (no P axis) used
+    at `rank` (static; None: the nets' full rank).
     `key_gram` (shape key -> (K, d_in, d_in)): the key memory, weighted by
     ecfg.key_memory in the ridge solve. Returns ({module: dW (d_in, d_out)}, updated stats)."""
     mask = cap.mask.reshape(-1)
@@ -109,7 +106,7 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
         new_stats[key] = st
         maskf = mask.astype(dtype)
         h = normalizer.normalise(st, x, ecfg.norm_eps) * maskf[None, :, None]
-        out = apply_net(nets[key], h, rank_mask)
+        out = apply_net(nets[key], h, rank)
         u_t, g_t = out[..., :d_in], out[..., d_in:]
         lr = ecfg.step_size(nets[key]["lr"])[:, None]
         if ecfg.update_rule == "rank1":
@@ -137,17 +134,27 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
         raise ValueError("key_memory is on but the editor state holds no key memory: start each stream with "
                          "steps.new_stream(ecfg, lcfg, state) (or init_editor / load_editor with this ecfg)")
 
+    ranks = ecfg.step_ranks()
+
+    def update(p, stats, cap):
+        """The step's weight updates with parameter set p (a Python int: static slices
+        of the nets, and the step's own rank)."""
+        nets_p, stats_p = (jax.tree.map(lambda a: a[p], tree) for tree in (state.nets, stats))
+        dws, st = step_update(ecfg, lcfg, nets_p, stats_p, cap, ranks[p], memory)
+        return dws, jax.tree.map(lambda s, n: s.at[p].set(n), stats, st)
+
+    branches = [functools.partial(update, p) for p in range(ecfg.n_param_sets)]
+
     def body(carry, t):
         deltas, stats, _ = carry
-        i = t if ecfg.step_specific else 0
-        nets_i = jax.tree.map(lambda a: a[i], state.nets)
-        stats_i = jax.tree.map(lambda a: a[i], stats)
         cap = capture(lcfg, params, batch, ecfg.modules, deltas, n_answer=n_answer, prefix=prefix, remat=remat,
                       chunk=chunk)
         if ecfg.msbp == "detached":
             cap = cap._replace(keys=jax.lax.stop_gradient(cap.keys), grads=jax.lax.stop_gradient(cap.grads))
-        dws, st = step_update(ecfg, lcfg, nets_i, stats_i, cap, _rank_mask(ecfg, i), memory)
-        stats = jax.tree.map(lambda s, n: s.at[i].set(n), stats, st)
+        if len(branches) == 1:
+            dws, stats = branches[0](stats, cap)
+        else:       # step-specific nets: step t runs branch t
+            dws, stats = jax.lax.switch(t, branches, stats, cap)
         keys = jax.lax.stop_gradient(masked_keys(ecfg, lcfg, cap)) if memory else {}
         return ({m: deltas[m] + dws[m] for m in deltas}, stats, keys), dws
 
