@@ -4,6 +4,8 @@ against float64 finite differences, the normaliser's merge, exact rollback, and 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,7 @@ def test_normaliser_merge_equals_full_statistics():
     np.testing.assert_allclose(st.m2 / (st.count - 1), rows.var(0, ddof=1), rtol=1e-4)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))     # one compile instead of many eager ops
 def _setup(ecfg, dtype=jnp.float32):
     params = init_params(TINY, jax.random.key(3), dtype, scale=0.3)
     state = init_editor(ecfg, TINY, jax.random.key(4))
@@ -98,6 +101,11 @@ def _setup(ecfg, dtype=jnp.float32):
     stats = {k: normalizer.Stats(jnp.full_like(s.count, 1e12), jnp.zeros_like(s.mean), jnp.full_like(s.m2, 1e12))
              for k, s in stats.items()}
     return params, EditorState(nets, stats, state.key_gram)
+
+
+# Jitted entry points: one compile each, instead of many eager dispatches.
+_edit = jax.jit(multi_step_edit, static_argnums=(0, 1), static_argnames=("n_answer",))
+_capture = jax.jit(capture, static_argnums=(0, 3), static_argnames=("n_answer",))
 
 
 def _meta_loss(ecfg, params, state, edit, gen):
@@ -139,12 +147,14 @@ def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
         edit, gen = tiny_batch(0), tiny_batch(1)
         # Record the captures of each step at the current editor parameters.
         caps, deltas = [], zero_deltas(ecfg, TINY, jnp.float64)
+        run_capture = jax.jit(lambda d: capture(TINY, params, edit, MODULES, d, n_answer=2))
+        run_update = jax.jit(step_update, static_argnums=(0, 1, 5))
         for t in range(2):
-            cap = capture(TINY, params, edit, MODULES, deltas, n_answer=2)
+            cap = run_capture(deltas)
             caps.append(cap)
             nets_t = jax.tree.map(lambda a: a[t], state.nets)
             stats_t = jax.tree.map(lambda a: a[t], state.stats)
-            dws, _ = step_update(ecfg, TINY, nets_t, stats_t, cap, ecfg.step_ranks()[t])
+            dws, _ = run_update(ecfg, TINY, nets_t, stats_t, cap, ecfg.step_ranks()[t])
             deltas = {m: deltas[m] + dws[m] for m in deltas}
 
         def frozen(nets):
@@ -158,13 +168,13 @@ def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
         f = jax.jit(lambda nets: _meta_loss(ecfg, params, EditorState(nets, state.stats), edit, gen))
         frozen = jax.jit(frozen)
         np.testing.assert_allclose(float(f(state.nets)), float(frozen(state.nets)), rtol=1e-12)
-        grad = jax.grad(f)(state.nets)
+        grad = jax.jit(jax.grad(f))(state.nets)
         for seed in range(3):
             v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(seed + a.ndim), a.shape, a.dtype), state.nets)
             np.testing.assert_allclose(float(_dot(grad, v)), float(_directional_fd(frozen, state.nets, v)), rtol=1e-6)
         # Exact MSBP differs: it also sees how step 2's captures depend on step 1.
-        exact = jax.grad(lambda n: _meta_loss(EditorConfig(**{**ecfg.__dict__, "msbp": "exact"}), params,
-                                              EditorState(n, state.stats), edit, gen))(state.nets)
+        exact = jax.jit(jax.grad(lambda n: _meta_loss(EditorConfig(**{**ecfg.__dict__, "msbp": "exact"}), params,
+                                                      EditorState(n, state.stats), edit, gen)))(state.nets)
         diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(exact)))
         assert diff > 1e-8
 
@@ -205,7 +215,7 @@ def test_rollback_and_apply_are_exact():
     ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.3)
     params, state = _setup(ecfg)
     original = jax.tree.map(lambda a: np.array(a), params)
-    deltas, _, per_step = multi_step_edit(ecfg, TINY, params, state, tiny_batch(0), zero_deltas(ecfg, TINY), n_answer=2)
+    deltas, _, per_step = _edit(ecfg, TINY, params, state, tiny_batch(0), zero_deltas(ecfg, TINY), n_answer=2)
     assert all(float(jnp.abs(d).max()) > 0 for d in deltas.values())
     np.testing.assert_allclose(sum(per_step[m] for m in [MODULES[0]])[0] + per_step[MODULES[0]][1], deltas[MODULES[0]], rtol=1e-6)
     edited = apply_deltas(TINY, params, deltas)
@@ -217,8 +227,9 @@ def test_rollback_and_apply_are_exact():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), back, original)
     ids = tiny_batch(1)
     from emsedit_jax.editor.capture import edited_logits
-    lg_edit, _, _ = edited_logits(TINY, params, ids, deltas, n_answer=2)
-    lg_applied, _, _ = edited_logits(TINY, edited, ids, None, n_answer=2)
+    logits = jax.jit(edited_logits, static_argnums=0, static_argnames=("n_answer",))
+    lg_edit, _, _ = logits(TINY, params, ids, deltas, n_answer=2)
+    lg_applied, _, _ = logits(TINY, edited, ids, None, n_answer=2)
     np.testing.assert_allclose(lg_edit, lg_applied, atol=1e-5)
 
 
@@ -249,8 +260,8 @@ def test_key_memory_accumulates_the_streams_keys_and_shields_them():
     params, state = _setup(cfg)
     assert init_editor(plain, TINY, jax.random.key(0)).key_gram == {}
     a, b = tiny_batch(0), tiny_batch(1)
-    deltas_a, state_a, per_step = multi_step_edit(cfg, TINY, params, state, a, zero_deltas(cfg, TINY), n_answer=2)
-    last = capture(TINY, params, a, MODULES, {m: per_step[m][0] for m in MODULES}, n_answer=2)
+    deltas_a, state_a, per_step = _edit(cfg, TINY, params, state, a, zero_deltas(cfg, TINY), n_answer=2)
+    last = _capture(TINY, params, a, MODULES, {m: per_step[m][0] for m in MODULES}, n_answer=2)
     for key, names in (("16x24", MODULES[:2]), ("24x16", MODULES[2:])):
         for i, m in enumerate(names):
             u = np.asarray(last.keys[m]).reshape(-1, last.keys[m].shape[-1]) * np.asarray(last.mask).reshape(-1, 1)
@@ -258,7 +269,7 @@ def test_key_memory_accumulates_the_streams_keys_and_shields_them():
     moved = {}
     for name, c in (("plain", plain), ("memory", cfg)):
         st = state_a if c.key_memory else EditorState(state_a.nets, state_a.stats, {})
-        after, _, _ = multi_step_edit(c, TINY, params, st, b, deltas_a, n_answer=2)
+        after, _, _ = _edit(c, TINY, params, st, b, deltas_a, n_answer=2)
         moved[name] = sum(float(jnp.linalg.norm(last.keys[m].reshape(-1, last.keys[m].shape[-1])
                                                 @ (after[m] - deltas_a[m]))) for m in MODULES)
     assert moved["memory"] < 0.5 * moved["plain"], moved
