@@ -30,6 +30,7 @@ from .editor.steps import Deltas, EditorState, multi_step_edit, new_stream, zero
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .pipeline import VIEWS, EncodedSplit, Layout
+from .sharding import commit
 
 Metric = Literal["zsre", "counterfact"]
 SCORE_CHUNK = 25
@@ -132,6 +133,8 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
     batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(num_seq)]
     layouts: list[Layout] = split.layouts(batches, buckets=buckets)
     deltas, state = zero_deltas(ecfg, model.config), new_stream(ecfg, model.config, state)
+    if mesh is None:         # committed like edit_batch's outputs: one compile per layout
+        deltas, state = commit((deltas, state))
     from tqdm.auto import tqdm
     times, compile_s, curve, compiled = [], 0.0, [], set()
     for i, rows in enumerate(tqdm(batches, desc=f"{protocol} editing", disable=not progress, unit="batch")):

@@ -4,7 +4,7 @@ XLA's `cost_analysis()` counts the body of a loop once, so it undercounts anythi
 written as a `lax.scan` (our layer stack and the T edit steps). This walks the jaxpr
 instead: every `dot_general` costs 2 * batch * M * N * K, and the body of a scan is
 multiplied by its length; nested jaxprs (jit, remat, custom derivatives, cond branches:
-the most expensive one) are entered. Elementwise work is not counted: on the models
+the most expensive one, or their mean) are entered. Elementwise work is not counted: on the models
 edited here the matmuls are the cost that a roofline compares with.
 """
 
@@ -48,26 +48,33 @@ def iter_eqns(jaxpr):
                 yield from iter_eqns(sub)
 
 
-def jaxpr_flops(jaxpr) -> int:
+def jaxpr_flops(jaxpr, cond: str = "max") -> float:
+    """`cond`: how a cond/switch is charged: "max" (its most expensive branch, an upper
+    bound) or "mean" (the mean over its branches: exact for a switch on a scan's step
+    index that takes every branch equally often, like the T-step edit's)."""
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
             total += _dot_flops(eqn)
         elif name == "scan":
-            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr, cond)
         elif name == "cond":
-            total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+            costs = [jaxpr_flops(b.jaxpr, cond) for b in eqn.params["branches"]]
+            total += max(costs) if cond == "max" else sum(costs) / len(costs)
         elif name == "while":
             raise ValueError("while loops have no static trip count; FLOPs cannot be counted")
         else:
             for value in eqn.params.values():
                 for sub in _sub_jaxprs(value):
-                    total += jaxpr_flops(sub)
+                    total += jaxpr_flops(sub, cond)
     return total
 
 
-def count_flops(fn: Callable, *args, **kwargs) -> int:
+def count_flops(fn: Callable, *args, cond: str = "max", **kwargs) -> float:
     """Matmul FLOPs of one call of `fn(*args, **kwargs)` (traced, not run). Keyword
-    arguments are bound as constants, so static configuration goes there."""
-    return jaxpr_flops(jax.make_jaxpr(functools.partial(fn, **kwargs))(*args).jaxpr)
+    arguments are bound as constants, so static configuration goes there. `cond`: see
+    `jaxpr_flops`."""
+    if cond not in ("max", "mean"):
+        raise ValueError(f"cond must be 'max' or 'mean', not {cond!r}")
+    return jaxpr_flops(jax.make_jaxpr(functools.partial(fn, **kwargs))(*args).jaxpr, cond)

@@ -200,6 +200,14 @@ def _put(x, sharding: NamedSharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def commit(tree):
+    """Single-device runs: the arrays of `tree` committed to the default device. A jitted
+    step returns committed arrays, and jit compiles again when an argument changes from
+    uncommitted (fresh `jnp` arrays) to committed, so a loop that feeds a step's outputs
+    back would otherwise compile twice: once for its first call and again for its second."""
+    return jax.device_put(tree, jax.devices()[0])
+
+
 def place(tree, shardings):
     """Places each leaf of `tree` on the matching sharding of `shardings`."""
     return jax.tree.map(_put, tree, shardings)

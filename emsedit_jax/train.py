@@ -38,6 +38,7 @@ from .editor.steps import EditorState, init_editor, new_stream, zero_deltas
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .pipeline import EncodedSplit, Layout
+from .sharding import commit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,8 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
                 deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state)
+            if mesh is None:     # committed like the step's outputs: one compile per layout
+                state, opt_state, deltas = commit((state, opt_state, deltas))
             layout = layouts[epoch * len(plan[0]) + b]
             batch = split.batch(plan[epoch][b], layout)
             if slots and (b % tcfg.num_seq == 0 or memory is None):

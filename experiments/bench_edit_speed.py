@@ -15,9 +15,9 @@ its donated editor and optimiser state from call to call, as the training loop d
 Each row also gives the matmul FLOPs per edit (counted on the jaxpr, see
 emsedit_jax/flops.py), the rate achieved, and the time the same FLOPs would take at this
 machine's float32 matmul rate (measured in the same run): the floor. The counted FLOPs
-are matmuls only (the key memory's d_in x d_in LU solves are not in them), and an upper
-bound: the T steps choose their hypernetwork with a `lax.switch`, whose most expensive
-branch (step 0, full rank) the count charges to every step.
+are matmuls only (the key memory's d_in x d_in LU solves are not in them); the T steps
+choose their hypernetwork with a `lax.switch` on the step index, which takes each branch
+once per edit, so it is charged the mean of its branches (`count_flops(cond="mean")`).
 
     python experiments/bench_edit_speed.py --data ../shared/data/zsre/zsre_mend_train-1k.json
 """
@@ -85,7 +85,7 @@ def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buc
                 opt = tx.init(state.nets)
                 args = (state.nets, state.stats, opt, params, batch, zero, None, state.key_gram)
                 kw = dict(ecfg=ecfg, lcfg=model.config, tx=tx, n_answer=lay.n_answer)
-                f = count_flops(train_step, *args, **kw)
+                f = count_flops(train_step, *args, cond="mean", **kw)
                 # train_step donates the editor and optimiser state: thread them from call
                 # to call, as the training loop does.
                 carry = [jax.tree.map(jax.numpy.copy, state.nets), state.stats, tx.init(state.nets)]
@@ -96,7 +96,7 @@ def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buc
                     return out[3]
             else:
                 kw = dict(ecfg=ecfg, lcfg=model.config, n_answer=lay.edit.n_answer)
-                f = count_flops(edit_batch, state, params, batch.edit, zero, **kw)
+                f = count_flops(edit_batch, state, params, batch.edit, zero, cond="mean", **kw)
                 fn = lambda: edit_batch(state, params, batch.edit, zero, **kw)[0]  # noqa: E731
             t_first, t = _timed(fn, reps)
             compile_s += t_first - t

@@ -39,3 +39,19 @@ def test_keyword_arguments_are_static():
     def f(x, *, k):
         return x @ jnp.ones((x.shape[1], k))
     assert count_flops(f, jnp.ones((2, 3)), k=4) == 2 * 2 * 3 * 4
+
+
+def test_switch_on_the_step_index_is_charged_by_its_branches():
+    """The T-step edit picks step t's hypernetwork with a switch on the scan index: "max"
+    charges every step the dearest branch (a bound), "mean" the exact total here."""
+    def steps(x):
+        def body(c, t):
+            y = jax.lax.switch(t, [lambda v: (v @ jnp.ones((8, 16))).sum(), lambda v: (v @ jnp.ones((8, 4))).sum()], x)
+            return c + y, None
+        return jax.lax.scan(body, 0.0, jnp.arange(2))[0]
+
+    x = jnp.ones((2, 8))
+    assert count_flops(steps, x) == 2 * (2 * 2 * 8 * 16)
+    assert count_flops(steps, x, cond="mean") == 2 * 2 * 8 * 16 + 2 * 2 * 8 * 4
+    with pytest.raises(ValueError, match="cond"):
+        count_flops(steps, x, cond="min")

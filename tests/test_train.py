@@ -4,6 +4,7 @@ unedited model; the faithful schedules run; a run folder refuses another run."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -68,18 +69,41 @@ def test_other_run_in_same_folder_is_refused(tiny, tmp_path):
         train(model, ecfg(), dataclasses.replace(tcfg, seed=9), split, tmp_path / "run", progress=False)
 
 
+@contextlib.contextmanager
+def backend_compiles():
+    """The names of the functions XLA compiles inside the block."""
+    names = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def test_train_then_evaluate_raises_efficacy(tiny, tmp_path):
     model, _ = tiny
     train_split = encode_split(model.tokenizer, synthetic_requests(48, seed=2))
     test_split = encode_split(model.tokenizer, synthetic_requests(12, seed=3))
     tcfg = TrainConfig(n_edits=4, num_seq=3, epochs=3, meta_lr=1e-3)
     cfg = ecfg()
-    res = train(model, cfg, tcfg, train_split, tmp_path / "run", progress=False)
+    # One layout, one compile of the step, in training (3 streams of 3 batches) and in
+    # editing an editor loaded from its folder: jit compiles again when arguments that were a
+    # mix of fresh (uncommitted) and restored or returned (committed) arrays become all
+    # committed, so the loops commit theirs first.
+    with backend_compiles() as compiled:
+        res = train(model, cfg, tcfg, train_split, tmp_path / "run", progress=False)
+        _, state, _ = load_editor(tmp_path / "run" / "editor", model.config)    # as `evaluate` does
+        ev = run_protocol(model, cfg, state, test_split, protocol="sequential", num_seq=3, n_edits=4,
+                          metric="zsre", progress=False)
+    assert compiled.count("jit(train_step)") <= 1 and compiled.count("jit(edit_batch)") <= 1, compiled
     # The meta-training objective (paraphrase loss + regulariser) goes down.
     per_epoch = [np.mean([h["loss"] for h in res.history if h["epoch"] == e]) for e in range(3)]
     assert per_epoch[-1] < per_epoch[0], per_epoch
-    ev = run_protocol(model, cfg, res.state, test_split, protocol="sequential", num_seq=3, n_edits=4,
-                      metric="zsre", progress=False)
     assert ev.n_requests == 12
     assert ev.metrics["ES"] > ev.baseline["ES"] + 20, (ev.metrics, ev.baseline)
 
