@@ -4,8 +4,8 @@ XLA's `cost_analysis()` counts the body of a loop once, so it undercounts anythi
 written as a `lax.scan` (our layer stack and the T edit steps). This walks the jaxpr
 instead: every `dot_general` costs 2 * batch * M * N * K, and the body of a scan is
 multiplied by its length; nested jaxprs (jit, remat, custom derivatives, cond branches:
-the most expensive one, or their mean) are entered. Elementwise work is not counted: on the models
-edited here the matmuls are the cost that a roofline compares with.
+the most expensive one, or their mean) are entered. Elementwise work is not counted: on
+the models edited here the matmuls are the cost that a roofline compares with.
 """
 
 from __future__ import annotations

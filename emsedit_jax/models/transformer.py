@@ -25,7 +25,7 @@ import numpy as np
 
 from . import gpt2, gptj, llama
 from .config import ModelConfig
-from .layers import Array, ModuleEdit, Params, Tap, TensorSpec, default_positions, set_path
+from .layers import Array, ModuleEdit, Params, Tap, TensorSpec, default_positions, get_path, set_path
 
 Edits = Mapping[int, Mapping[str, ModuleEdit]]   # layer index -> module suffix -> edit
 
@@ -92,10 +92,7 @@ def layer_params(params: Params, i: int) -> Params:
 
 def get_kernel(cfg: ModelConfig, params: Params, name: str) -> Array:
     layer, suffix = parse_module(cfg, name)
-    node = params["layers"][layer] if is_layer_list(params) else params["layers"]
-    for p in suffix.split("."):
-        node = node[p]
-    return node["kernel"] if is_layer_list(params) else node["kernel"][layer]
+    return get_path(layer_params(params, layer), (*suffix.split("."), "kernel"))
 
 
 def apply_deltas(cfg: ModelConfig, params: Params, deltas: Mapping[str, Array]) -> Params:
