@@ -202,9 +202,10 @@ def _put(x, sharding: NamedSharding):
 
 def commit(tree):
     """Single-device runs: the arrays of `tree` committed to the default device. A jitted
-    step returns committed arrays, and jit compiles again when an argument changes from
-    uncommitted (fresh `jnp` arrays) to committed, so a loop that feeds a step's outputs
-    back would otherwise compile twice: once for its first call and again for its second."""
+    step returns committed arrays, and jit compiles again when its arguments go from a
+    mix of committed (restored or returned) and uncommitted (fresh `jnp`) arrays to all
+    committed, so a loop that feeds a step's outputs back would otherwise compile its
+    step twice: for the first call and again for the second."""
     return jax.device_put(tree, jax.devices()[0])
 
 
