@@ -99,7 +99,13 @@ def load_editor(directory: str | Path, lcfg) -> tuple[EditorConfig, EditorState,
     template = init_editor(ecfg, lcfg, jax.random.key(0))
     target = {"nets": template.nets, "stats": template.stats}
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(directory / "state", _abstract(target))
+        try:
+            restored = ckptr.restore(directory / "state", _abstract(target))
+        except ValueError as e:
+            raise ValueError(f"{directory / 'state'}: the saved arrays do not fit the editor described in "
+                             f"{record_file} (an editor saved by an older emsedit-jax, whose hypernetworks were "
+                             "stacked arrays 'A', 'B', ... rather than one parameter set per step, must be "
+                             f"retrained): {e}") from e
     restored = _restore_like(target, restored)
     stats = {k: Stats(*v) for k, v in restored["stats"].items()}
     return ecfg, EditorState(restored["nets"], stats, template.key_gram), record

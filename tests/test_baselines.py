@@ -100,13 +100,13 @@ def _hand_problem(method, seed=0, b=5, a=4):
             u_t = (u - mean[:d_in]) / std[:d_in]
             g_t = (g - mean[d_in:]) / std[d_in:]
             per_module[m] = {"u": u, "g": g, "u_t": u_t, "g_t": g_t, "eta": etas[key][k], "lam": lams[key][k]}
-    return ecfg, nets, stats, cap, None, per_module
+    return ecfg, nets, stats, cap, per_module
 
 
 def test_mend_update_is_the_scaled_rank1_sum():
-    ecfg, nets, stats, cap, rank, hand = _hand_problem("mend")
+    ecfg, nets, stats, cap, hand = _hand_problem("mend")
     assert ecfg.update_rule == "rank1" and ecfg.steps == 1
-    dws, _ = jax.jit(step_update, static_argnums=(0, 1))(ecfg, TINY, nets, stats, cap, rank)
+    dws, _ = jax.jit(step_update, static_argnums=(0, 1))(ecfg, TINY, nets, stats, cap)
     for m, h in hand.items():
         # dW = sum_i u~_i (-eta g~_i)^T over the unmasked slots.
         expected = sum(np.outer(u, -h["eta"] * g) for u, g in zip(h["u_t"], h["g_t"]))
@@ -115,9 +115,9 @@ def test_mend_update_is_the_scaled_rank1_sum():
 
 @pytest.mark.parametrize("method", ["malmen", "rledit"])
 def test_ridge_update_matches_float64_normal_equations(method):
-    ecfg, nets, stats, cap, rank, hand = _hand_problem(method)
+    ecfg, nets, stats, cap, hand = _hand_problem(method)
     assert ecfg.update_rule == "ridge"
-    dws, _ = jax.jit(step_update, static_argnums=(0, 1))(ecfg, TINY, nets, stats, cap, rank)
+    dws, _ = jax.jit(step_update, static_argnums=(0, 1))(ecfg, TINY, nets, stats, cap)
     for m, h in hand.items():
         u = h["u"]
         # c_i = -eta <u_i, u~_i>, d_i = c_i g~_i, dW = (U^T U + e^lambda I)^-1 U^T D.

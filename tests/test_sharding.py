@@ -56,7 +56,7 @@ def test_parameters_deltas_and_rows_are_split(check):
     # The model is in the list layout: one (d_in, d_out) kernel per layer.
     full = {"up_proj_kernel": [[32, 64]], "down_proj_kernel": [[64, 32]], "embedding": [[152, 32]],
             "norm": [[32]], "up_proj_delta": [[32, 64]], "down_proj_delta": [[64, 32]],
-            "hypernet_A": [[2, 1, 96, 8]]}
+            "hypernet_A": [[96, 16]]}
     # data axis only: parameters replicated, one padded row per device.
     assert check["meshes"]["4x1"]["shards"] == {**full, "batch_rows": [[1, 16]]}
     # model axis of 4: every large tensor split 4 ways on its largest dimension; norm
@@ -69,7 +69,7 @@ def test_parameters_deltas_and_rows_are_split(check):
     # 2 x 2 with the editor sharded too: the hypernetwork's (d_in + d_out) axis is split.
     assert check["meshes"]["2x2"]["shards"] == {
         **full, "up_proj_kernel": [[32, 32]], "down_proj_kernel": [[32, 32]], "embedding": [[76, 32]],
-        "up_proj_delta": [[32, 32]], "down_proj_delta": [[32, 32]], "hypernet_A": [[2, 1, 48, 8]],
+        "up_proj_delta": [[32, 32]], "down_proj_delta": [[32, 32]], "hypernet_A": [[48, 16]],
         "batch_rows": [[2, 16]]}
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import shutil
 
 import jax
 import numpy as np
@@ -53,12 +55,21 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, resumed.state.nets, full.state.nets)
     jax.tree.map(np.testing.assert_array_equal, resumed.state.stats, full.state.stats)
     # ...and training changed the editor.
-    moved = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(full.state.nets["32x64"]["B"]))
+    moved = max(float(np.abs(np.asarray(blk["B"])).max()) for net in full.state.nets["32x64"] for blk in net["blocks"])
     assert moved > 0
     # The saved editor round-trips.
     e2, st2, record = load_editor(tmp_path / "full" / "editor", model.config)
     assert e2 == ecfg() and record["train"]["epochs"] == 2
     jax.tree.map(np.testing.assert_array_equal, st2.nets, full.state.nets)
+    # Arrays that do not fit the recorded configuration (here one block more) are refused
+    # with the folder named, not restored into a wrong structure.
+    bad = tmp_path / "bad_editor"
+    shutil.copytree(tmp_path / "full" / "editor", bad)
+    rec = json.loads((bad / "editor.json").read_text())
+    rec["editor"]["n_blocks"] += 1
+    (bad / "editor.json").write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="bad_editor.*saved arrays do not fit"):
+        load_editor(bad, model.config)
 
 
 def test_other_run_in_same_folder_is_refused(tiny, tmp_path):

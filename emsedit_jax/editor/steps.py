@@ -3,9 +3,9 @@
 A step, on the current model params + deltas, for a batch of requests:
 capture keys and value gradients -> normalise [u; g] -> hypernetwork -> pseudo keys and
 value gradients -> weight update (ridge solve, or MEND's rank-1 sum) -> deltas += dW.
-The editor state is explicit: `nets` (hypernetwork parameters, stacked over P = T or 1
-parameter sets, one net per kernel shape), `stats` (normaliser statistics, the same
-layout) and, with key memory (EditorConfig.key_memory > 0), `key_gram`: per kernel shape,
+The editor state is explicit: `nets` (hypernetwork parameters, a tuple of P = T or 1
+parameter sets per kernel shape), `stats` (normaliser statistics, stacked on a leading
+P axis) and, with key memory (EditorConfig.key_memory > 0), `key_gram`: per kernel shape,
 the Gram matrices (K, d_in, d_in) of the keys edited so far in the current stream. All
 plain pytrees.
 """
@@ -31,7 +31,7 @@ Deltas = dict[str, Array]
 
 
 class EditorState(NamedTuple):
-    nets: dict[str, dict[str, Array]]      # shape key -> net params, leading axis P
+    nets: dict[str, tuple[dict, ...]]      # shape key -> P nets (hypernet.init_net), step t at its rank
     stats: dict[str, normalizer.Stats]     # shape key -> normaliser stats, leading axis P
     key_gram: dict[str, Array] = {}        # shape key -> (K, d_in, d_in); {} without key memory
 
@@ -47,14 +47,12 @@ def groups(ecfg: EditorConfig, lcfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 def init_editor(ecfg: EditorConfig, lcfg: ModelConfig, key: Array) -> EditorState:
     nets, stats = {}, {}
-    max_rank = max(ecfg.step_ranks())
     for g, (shape_key, names) in enumerate(sorted(groups(ecfg, lcfg).items())):
         d_in, d_out = module_shape(lcfg, names[0])
         keys = jax.random.split(jax.random.fold_in(key, g), ecfg.n_param_sets)
         lr0 = float(np.log(ecfg.lr_init)) if ecfg.log_step_size else ecfg.lr_init
-        per_step = [init_net(k, d_in, d_out, len(names), max_rank, ecfg.n_blocks, lr0, ecfg.lamda_init)
-                    for k in keys]
-        nets[shape_key] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+        nets[shape_key] = tuple(init_net(k, d_in, d_out, len(names), rank, ecfg.n_blocks, lr0, ecfg.lamda_init)
+                                for k, rank in zip(keys, ecfg.step_ranks()))
         stats[shape_key] = jax.tree.map(lambda x: jnp.stack([x] * ecfg.n_param_sets),
                                         normalizer.init_stats(d_in + d_out))
     return EditorState(nets, stats, empty_key_gram(ecfg, lcfg))
@@ -88,16 +86,16 @@ def zero_deltas(ecfg: EditorConfig, lcfg: ModelConfig, dtype=jnp.float32) -> Del
 
 
 def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Mapping, cap: Capture,
-                rank: int | None = None, key_gram: Mapping | None = None) -> tuple[Deltas, dict]:
-    """Weight updates of one step from a capture, with one parameter set (no P axis) used
-    at `rank` (static; None: the nets' full rank).
+                key_gram: Mapping | None = None) -> tuple[Deltas, dict]:
+    """Weight updates of one step from a capture, with one parameter set: `nets` maps
+    shape key -> one net, `stats` shape key -> its Stats (no P axis).
     `key_gram` (shape key -> (K, d_in, d_in)): the key memory, weighted by
     ecfg.key_memory in the ridge solve. Returns ({module: dW (d_in, d_out)}, updated stats)."""
     mask = cap.mask.reshape(-1)
     new_stats, deltas = {}, {}
     for key, names in groups(ecfg, lcfg).items():
         d_in = module_shape(lcfg, names[0])[0]
-        dtype = nets[key]["A"].dtype                                # editor precision
+        dtype = nets[key]["lr"].dtype                               # editor precision
         u = jnp.stack([cap.keys[m].reshape(-1, d_in) for m in names]).astype(dtype)
         g = jnp.stack([cap.grads[m].reshape(u.shape[1], -1) for m in names]).astype(dtype)
         x = jnp.concatenate([u, g], axis=-1)                       # (K, N, D)
@@ -106,7 +104,7 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
         new_stats[key] = st
         maskf = mask.astype(dtype)
         h = normalizer.normalise(st, x, ecfg.norm_eps) * maskf[None, :, None]
-        out = apply_net(nets[key], h, rank)
+        out = apply_net(nets[key], h)
         u_t, g_t = out[..., :d_in], out[..., d_in:]
         lr = ecfg.step_size(nets[key]["lr"])[:, None]
         if ecfg.update_rule == "rank1":
@@ -134,13 +132,11 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
         raise ValueError("key_memory is on but the editor state holds no key memory: start each stream with "
                          "steps.new_stream(ecfg, lcfg, state) (or init_editor / load_editor with this ecfg)")
 
-    ranks = ecfg.step_ranks()
-
     def update(p, stats, cap):
-        """The step's weight updates with parameter set p (a Python int: static slices
-        of the nets, and the step's own rank)."""
-        nets_p, stats_p = (jax.tree.map(lambda a: a[p], tree) for tree in (state.nets, stats))
-        dws, st = step_update(ecfg, lcfg, nets_p, stats_p, cap, ranks[p], memory)
+        """The step's weight updates with parameter set p (a Python int)."""
+        nets_p = {key: sets[p] for key, sets in state.nets.items()}
+        stats_p = jax.tree.map(lambda a: a[p], stats)
+        dws, st = step_update(ecfg, lcfg, nets_p, stats_p, cap, memory)
         return dws, jax.tree.map(lambda s, n: s.at[p].set(n), stats, st)
 
     branches = [functools.partial(update, p) for p in range(ecfg.n_param_sets)]
