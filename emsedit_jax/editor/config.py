@@ -78,7 +78,7 @@ class EditorConfig:
 
     @property
     def n_param_sets(self) -> int:
-        """How many hypernetwork parameter sets are stacked (T or 1)."""
+        """How many hypernetwork parameter sets the editor keeps (T or 1)."""
         return self.steps if self.step_specific else 1
 
     def step_size(self, raw):
@@ -90,7 +90,7 @@ class EditorConfig:
         return "rank1" if self.method == "mend" else "ridge"
 
     def step_ranks(self) -> tuple[int, ...]:
-        """Rank of each stacked parameter set."""
+        """Rank of each parameter set."""
         if not self.step_specific:
             return (self.rank,)
         return tuple(max(1, self.rank // (t + 1)) for t in range(self.steps))
