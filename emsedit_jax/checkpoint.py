@@ -103,9 +103,9 @@ def load_editor(directory: str | Path, lcfg) -> tuple[EditorConfig, EditorState,
             restored = ckptr.restore(directory / "state", _abstract(target))
         except ValueError as e:
             raise ValueError(f"{directory / 'state'}: the saved arrays do not fit the editor described in "
-                             f"{record_file} (an editor saved by an older emsedit-jax, whose hypernetworks were "
-                             "stacked arrays 'A', 'B', ... rather than one parameter set per step, must be "
-                             f"retrained): {e}") from e
+                             f"{record_file}; for example an editor saved by an emsedit-jax whose hypernetworks were "
+                             "stacked arrays 'A', 'B', ... rather than one parameter set per step, which must be "
+                             f"retrained: {e}") from e
     restored = _restore_like(target, restored)
     stats = {k: Stats(*v) for k, v in restored["stats"].items()}
     return ecfg, EditorState(restored["nets"], stats, template.key_gram), record
