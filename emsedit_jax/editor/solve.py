@@ -34,13 +34,17 @@ def ridge(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> Array
     return jnp.linalg.solve(gram, u.T) @ d if n < d_out else jnp.linalg.solve(gram, u.T @ d)
 
 
-def ridge_stack(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> Array:
-    """`ridge` for K modules at once: u (K, N, d_in), d (K, N, d_out), lamda (K,),
-    prior (K, d_in, d_in) or None -> (K, d_in, d_out). One unbatched solve per module rather than a vmap: jaxlib's CPU
-    LAPACK kernels split a batched factorisation into tasks on the intra-op thread pool
-    and block until they finish, which deadlocks when several host devices of a mesh
-    factorise at the same time and occupy every pool thread (e.g. 2 cores, 2 devices)."""
-    return jnp.stack([ridge(u[k], d[k], lamda[k], None if prior is None else prior[k]) for k in range(u.shape[0])])
+def ridge_each(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> list[Array]:
+    """`ridge` for K modules: u (K, N, d_in), d (K, N, d_out), lamda (K,), prior
+    (K, d_in, d_in) or None -> K arrays (d_in, d_out), one per module.
+    One unbatched solve per module rather than a vmap: jaxlib's CPU LAPACK kernels split
+    a batched factorisation into tasks on the intra-op thread pool and block until they
+    finish, which deadlocks when several host devices of a mesh factorise at the same
+    time and occupy every pool thread (e.g. 2 cores, 2 devices). The updates are
+    returned separately, not stacked: the gradient of taking module k out of a stack is
+    a zero-padded (K, d_in, d_out) array per module, which XLA on CPU materialises
+    (K x 21 MB per step for the embedded model's up_proj)."""
+    return [ridge(u[k], d[k], lamda[k], None if prior is None else prior[k]) for k in range(u.shape[0])]
 
 
 def ridge_primal(u: Array, d: Array, lamda: Array) -> Array:

@@ -1,0 +1,54 @@
+"""One thread for the LAPACK library that jaxlib calls on CPU.
+
+On the CPU backend, XLA runs `jnp.linalg` factorisations and triangular solves as calls
+into SciPy's bundled OpenBLAS (jaxlib loads it through `scipy.linalg.cython_lapack`). The
+editor's solves are small (48 x 48 Gram matrices, 576 x 576 with the key memory), and
+OpenBLAS's own worker threads then compete with XLA's thread pool for the same cores: on
+the reference machine (2 cores) a 48 x 48 triangular solve took about 1.4 ms inside a
+training step instead of 0.05 ms alone, and with OpenBLAS limited to one thread a
+training step took 2.58 s instead of 2.86 s and the edit of a batch 1.21 s instead of
+1.43 s (three alternating runs; README, "Speed").
+
+`limit()` runs when the package is imported. It touches only that SciPy OpenBLAS (not
+NumPy's, not MKL or a system BLAS), and `EMSEDIT_JAX_LAPACK_THREADS` overrides it: a
+number of threads, or `0` to leave the library as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV = "EMSEDIT_JAX_LAPACK_THREADS"
+
+
+def _scipy_library(filepath: str) -> bool:
+    """Whether a loaded BLAS is SciPy's bundled one (scipy.libs/ on Linux and Windows,
+    scipy/.dylibs/ on macOS)."""
+    parent = Path(filepath).parent
+    return parent.name.startswith("scipy") or parent.parent.name == "scipy"
+
+
+def limit(threads: int | None = None) -> list[str]:
+    """Sets SciPy's OpenBLAS (the LAPACK jaxlib uses on CPU) to `threads` threads
+    (default: $EMSEDIT_JAX_LAPACK_THREADS, else 1; 0 = leave it). Returns the paths of
+    the libraries changed; [] when SciPy or threadpoolctl is missing or nothing matched."""
+    if threads is None:
+        raw = os.environ.get(ENV, "1")
+        try:
+            threads = int(raw)
+        except ValueError:
+            raise ValueError(f"{ENV} must be a whole number of threads (0: leave LAPACK as it is), not {raw!r}")
+    if threads <= 0:
+        return []
+    try:
+        import scipy.linalg.cython_lapack  # noqa: F401  (loads the library jaxlib will call)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return []
+    changed = []
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.internal_api == "openblas" and _scipy_library(lib.filepath):
+            lib.set_num_threads(threads)
+            changed.append(lib.filepath)
+    return changed
