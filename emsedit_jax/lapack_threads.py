@@ -5,9 +5,9 @@ into SciPy's bundled OpenBLAS (jaxlib loads it through `scipy.linalg.cython_lapa
 editor's solves are small (48 x 48 Gram matrices, 576 x 576 with the key memory), and
 OpenBLAS's own worker threads then compete with XLA's thread pool for the same cores: on
 the reference machine (2 cores) a 48 x 48 triangular solve took about 1.4 ms inside a
-training step instead of 0.05 ms alone, and with OpenBLAS limited to one thread a
-training step took 2.58 s instead of 2.86 s and the edit of a batch 1.21 s instead of
-1.43 s (three alternating runs; README, "Speed").
+training step instead of 0.05 ms alone, and with OpenBLAS limited to one thread training
+and editing ran 5-10% and 4-16% faster (alternating fresh processes;
+experiments/bench_lapack_threads.py; README, "Speed").
 
 `limit()` runs when the package is imported. It touches only that SciPy OpenBLAS (not
 NumPy's, not MKL or a system BLAS), and `EMSEDIT_JAX_LAPACK_THREADS` overrides it: a

@@ -33,7 +33,6 @@ from collections import Counter
 import jax
 import numpy as np
 
-from emsedit_jax import lapack_threads
 from emsedit_jax.data import load_requests, split_requests
 from emsedit_jax.editor.config import EditorConfig
 from emsedit_jax.editor.steps import init_editor, zero_deltas
@@ -65,17 +64,14 @@ def _timed(fn, reps: int) -> tuple[float, float]:
     return times[0], min(times[1:])
 
 
-def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets, param_layout, lapack,
-          key_memory=0.0):
-    lapack_threads.limit(lapack)
+def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets, param_layout, key_memory=0.0):
     ecfg = EditorConfig(modules=tuple(f"model.layers.{i}.mlp.up_proj" for i in layers), rank=rank, lr_init=1e-3,
                         log_step_size=True, key_memory=key_memory)
     tcfg = TrainConfig(n_edits=n_edits, buckets=buckets)
     tx = make_optimizer(tcfg)
     state = init_editor(ecfg, model.config, jax.random.key(0))
     zero = zero_deltas(ecfg, model.config)
-    row = {"config": name, "buckets": buckets, "param_layout": param_layout, "lapack_threads": lapack,
-           "n_edits": n_edits}
+    row = {"config": name, "buckets": buckets, "param_layout": param_layout, "n_edits": n_edits}
     params = stack_layers(model.params) if param_layout == "stacked" else unstack_layers(model.params)
     train_batches = batch_plan(len(train_split), tcfg)[0]
     test_batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(10)]
@@ -139,8 +135,6 @@ def main():
     ap.add_argument("--buckets", default="1,3", help="comma-separated bucket counts to compare")
     ap.add_argument("--param-layouts", default="list", help="comma-separated LLM layer layouts to compare: list, stacked "
                     "(see emsedit_jax/models/transformer.py)")
-    ap.add_argument("--lapack-threads", default="1", help="comma-separated thread counts to compare for the LAPACK "
-                    "library jaxlib calls on CPU (emsedit_jax/lapack_threads.py; the package's default is 1)")
     ap.add_argument("--configs", default=next(iter(CONFIGS)), help="comma-separated names from CONFIGS")
     ap.add_argument("--out", default="results/bench_edit_speed")
     args = ap.parse_args()
@@ -149,14 +143,13 @@ def main():
     train_reqs, test_reqs = split_requests(reqs, args.n_train, args.n_test, 0)      # as the CLI splits
     train_split, test_split = (encode_split(model.tokenizer, r) for r in (train_reqs, test_reqs))
     rows = [bench(model, train_split, test_split, name, n_edits=args.n_edits, reps=args.reps, buckets=int(k),
-                  param_layout=param_layout, lapack=int(lapack), **CONFIGS[name])
-            for name in args.configs.split(",") for k in args.buckets.split(",")
-            for param_layout in args.param_layouts.split(",") for lapack in args.lapack_threads.split(",")]
+                  param_layout=param_layout, **CONFIGS[name])
+            for name in args.configs.split(",") for k in args.buckets.split(",") for param_layout in args.param_layouts.split(",")]
     peak = matmul_gflops()
-    head = ("| config | buckets | layers | LAPACK threads | train s/edit | edit s/edit | train / edit layouts | train compile (s) | "
+    head = ("| config | buckets | layers | train s/edit | edit s/edit | train / edit layouts | train compile (s) | "
             "edit compile (s) | train GFLOP/edit | edit GFLOP/edit | train GFLOP/s | edit GFLOP/s | "
-            "matmul-bound train s/edit | matmul-bound edit s/edit |\n|---|---:|---|---:|" + "---:|" * 11)
-    lines = [f"| {r['config']} | {r['buckets']} | {r['param_layout']} | {r['lapack_threads']} | {r['train_s_per_edit']:.3f} | {r['edit_s_per_edit']:.3f} | "
+            "matmul-bound train s/edit | matmul-bound edit s/edit |\n|---|---:|---|" + "---:|" * 11)
+    lines = [f"| {r['config']} | {r['buckets']} | {r['param_layout']} | {r['train_s_per_edit']:.3f} | {r['edit_s_per_edit']:.3f} | "
              f"{r['train_layouts']} / {r['edit_layouts']} | "
              f"{r['train_compile_s']:.1f} | {r['edit_compile_s']:.1f} | {r['train_gflop_per_edit']:.1f} | "
              f"{r['edit_gflop_per_edit']:.1f} | {r['train_gflops']:.0f} | {r['edit_gflops']:.0f} | "
