@@ -9,9 +9,10 @@ training step instead of 0.05 ms alone, and with OpenBLAS limited to one thread 
 and editing ran 5-10% and 4-16% faster (alternating fresh processes;
 experiments/bench_lapack_threads.py; README, "Speed").
 
-`limit()` runs when the package is imported. It touches only that SciPy OpenBLAS (not
-NumPy's, not MKL or a system BLAS), and `EMSEDIT_JAX_LAPACK_THREADS` overrides it: a
-number of threads, or `0` to leave the library as it is.
+`limit()` runs when the package is imported; it loads `scipy.linalg` (about 0.5 s here),
+which jaxlib would load at the first linear-algebra call anyway. It touches only that
+SciPy OpenBLAS (not NumPy's, not MKL or a system BLAS), and `EMSEDIT_JAX_LAPACK_THREADS`
+overrides it: a number of threads, or `0` to leave the library as it is (and not load it).
 """
 
 from __future__ import annotations
