@@ -6,8 +6,9 @@ editor's solves are small (48 x 48 Gram matrices, 576 x 576 with the key memory)
 OpenBLAS's own worker threads then compete with XLA's thread pool for the same cores: on
 the reference machine (2 cores) a 48 x 48 triangular solve took about 1.4 ms inside a
 training step instead of 0.05 ms alone, and with OpenBLAS limited to one thread training
-and editing ran 5-10% and 4-16% faster (alternating fresh processes;
-experiments/bench_lapack_threads.py; README, "Speed").
+and editing ran 5% and 4% faster over the protocol's batches
+(experiments/bench_lapack_threads.py), 10% and 15% on one batch in alternating runs
+(README, "Speed").
 
 `limit()` runs when the package is imported; it loads `scipy.linalg` (about 0.5 s here),
 which jaxlib would load at the first linear-algebra call anyway. It touches only that

@@ -1,8 +1,8 @@
 """Seconds per edit with jaxlib's CPU LAPACK (SciPy's OpenBLAS) at different thread counts.
 
 `emsedit_jax` limits that library to one thread when imported (emsedit_jax/lapack_threads.py).
-A thread count is a property of the process (setting it back and forth inside one process
-leaves the threads created for the larger count behind), so each measurement runs
+Changing the count back and forth inside one process gave contradictory rows (threads
+started for a larger count may stay behind), so each measurement runs
 `bench_edit_speed.py` (default editor, ZsRE protocol batches, fastest of `--reps` calls)
 in a fresh process with EMSEDIT_JAX_LAPACK_THREADS set, alternating the settings for
 `--rounds` rounds so that slow phases of a shared machine hit every setting alike.
