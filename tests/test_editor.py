@@ -117,6 +117,15 @@ def _meta_loss(ecfg, params, state, edit, gen):
     return edited_loss(TINY, params, gen, deltas, n_answer=2) + 0.1 * sum(jnp.sum(d * d) for d in deltas.values())
 
 
+@functools.cache
+def _loss_fns(ecfg):
+    """The jitted meta-loss of the editor nets and its gradient: compiled once per config
+    and shared by the tests (f(nets, params, stats, edit, gen))."""
+    def f(nets, params, stats, edit, gen):
+        return _meta_loss(ecfg, params, EditorState(nets, stats), edit, gen)
+    return jax.jit(f), jax.jit(jax.grad(f))
+
+
 def _directional_fd(f, x, v, eps=1e-7):
     plus = jax.tree.map(lambda a, b: a + eps * b, x, v)
     minus = jax.tree.map(lambda a, b: a - eps * b, x, v)
@@ -133,8 +142,9 @@ def test_msbp_exact_gradient_matches_finite_differences(step_specific):
         ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=2, steps=2, msbp="exact", step_specific=step_specific)
         params, state = _setup(ecfg, jnp.float64)
         edit, gen = tiny_batch(0), tiny_batch(1)
-        f = jax.jit(lambda nets: _meta_loss(ecfg, params, EditorState(nets, state.stats), edit, gen))
-        grad = jax.jit(jax.grad(f))(state.nets)
+        loss, loss_grad = _loss_fns(ecfg)
+        grad = loss_grad(state.nets, params, state.stats, edit, gen)
+        f = lambda nets: loss(nets, params, state.stats, edit, gen)  # noqa: E731
         for seed in range(3):
             v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(seed + a.ndim), a.shape, a.dtype), state.nets)
             fd = _directional_fd(f, state.nets, v)
@@ -168,16 +178,17 @@ def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
                 total = {m: total[m] + dws[m] for m in total}
             return edited_loss(TINY, params, gen, total, n_answer=2) + 0.1 * sum(jnp.sum(d * d) for d in total.values())
 
-        f = jax.jit(lambda nets: _meta_loss(ecfg, params, EditorState(nets, state.stats), edit, gen))
+        loss, loss_grad = _loss_fns(ecfg)
         frozen = jax.jit(frozen)
-        np.testing.assert_allclose(float(f(state.nets)), float(frozen(state.nets)), rtol=1e-12)
-        grad = jax.jit(jax.grad(f))(state.nets)
+        np.testing.assert_allclose(float(loss(state.nets, params, state.stats, edit, gen)), float(frozen(state.nets)),
+                                   rtol=1e-12)
+        grad = loss_grad(state.nets, params, state.stats, edit, gen)
         for seed in range(3):
             v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(seed + a.ndim), a.shape, a.dtype), state.nets)
             np.testing.assert_allclose(float(_dot(grad, v)), float(_directional_fd(frozen, state.nets, v)), rtol=1e-6)
         # Exact MSBP differs: it also sees how step 2's captures depend on step 1.
-        exact = jax.jit(jax.grad(lambda n: _meta_loss(EditorConfig(**{**ecfg.__dict__, "msbp": "exact"}), params,
-                                                      EditorState(n, state.stats), edit, gen)))(state.nets)
+        exact = _loss_fns(EditorConfig(**{**ecfg.__dict__, "msbp": "exact"}))[1](state.nets, params, state.stats,
+                                                                                 edit, gen)
         diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(exact)))
         assert diff > 1e-8
 
