@@ -184,7 +184,7 @@ def _editor_defaults(args, record):
 
 def cmd_evaluate(args) -> dict:
     from .checkpoint import load_editor
-    from .evaluate import mquake_accuracy, run_protocol
+    from .evaluate import locality_gram, mquake_accuracy, run_protocol
     from .pipeline import encode_split
     mesh = _scale_setup(args)
     record = json.loads((Path(args.editor) / "editor.json").read_text())
@@ -194,30 +194,46 @@ def cmd_evaluate(args) -> dict:
     ecfg, state, record = load_editor(args.editor, model.config)
     if args.key_memory is not None:     # the solve's key memory is a test-time choice too
         ecfg = dataclasses.replace(ecfg, key_memory=args.key_memory)
-    _, test_reqs = _load_data(args)
-    _, test_reqs = _check_tokenised(model, [], test_reqs, args.skip_invalid)
+    if args.loc_prior is not None:
+        if args.loc_prior and not ecfg.key_memory:
+            raise SystemExit("--loc-prior NU starts the key memory at NU C0: it needs --key-memory MU > 0")
+        ecfg = dataclasses.replace(ecfg, loc_prior=args.loc_prior)
+    train_reqs, test_reqs = _load_data(args)
+    train_reqs, test_reqs = _check_tokenised(model, train_reqs if ecfg.loc_prior else [], test_reqs,
+                                             args.skip_invalid)
     config = {"editor": dataclasses.asdict(ecfg), "protocol": args.protocol, "num_seq": args.num_seq,
               "n_edits": args.n_edits, "model": args.model, "dataset": args.dataset, "data": args.data,
               "test_data": args.test_data, "n_train": args.n_train, "n_test": args.n_test,
               "split_seed": args.split_seed, "dtype": args.dtype,
               "residual_dtype": model.config.residual_dtype or args.dtype, "editor_dir": str(args.editor),
               "train": record.get("train"), "mesh": args.mesh, "remat": args.remat,
-              "capture_chunk": args.capture_chunk, "buckets": args.buckets}
+              "capture_chunk": args.capture_chunk, "buckets": args.buckets,
+              "loc_prior_requests": len(train_reqs) if ecfg.loc_prior else None}
     print("configuration:", json.dumps(config, indent=1))
+    key_prior, prior_s = None, None
+    if ecfg.loc_prior:         # C0 from the training requests' locality prompts, never the test ones
+        if not train_reqs:
+            raise SystemExit("--loc-prior needs training requests (the editor's --data split, or --data with "
+                             "--test-data) to estimate C0 from")
+        t0 = time.perf_counter()
+        key_prior = locality_gram(model, ecfg, encode_split(model.tokenizer, train_reqs), n_edits=args.n_edits,
+                                  progress=not args.quiet)
+        prior_s = time.perf_counter() - t0
     if args.dataset == "mquake":
         result = mquake_accuracy(model, ecfg, state, test_reqs, n_cases=args.n_edits * args.num_seq,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, key_prior=key_prior)
         out = {"metrics": result, "config": config}
     else:
         split = encode_split(model.tokenizer, test_reqs)
         res = run_protocol(model, ecfg, state, split, protocol=args.protocol, num_seq=args.num_seq,
                            n_edits=args.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=args.full_curve,
                            progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=args.capture_chunk,
-                           buckets=args.buckets)
+                           buckets=args.buckets, key_prior=key_prior)
         out = {"metrics": res.metrics, "baseline": res.baseline,
                "timing": {"train_seconds_per_edit": record.get("train_seconds_per_edit"),
                           "edit_seconds_per_edit": res.edit_seconds_per_edit,
-                          "edit_compile_seconds": res.edit_compile_seconds},
+                          "edit_compile_seconds": res.edit_compile_seconds,
+                          "loc_prior_seconds": prior_s},
                "config": config, "n_requests": res.n_requests, "curve": res.curve}
         _print_table(res.metrics, res.baseline, f"{args.dataset} {args.protocol} {args.num_seq}x{args.n_edits}")
         if args.plot and res.curve:
@@ -416,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-curve", action="store_true", help="score after every batch")
     p.add_argument("--key-memory", type=float, default=None, metavar="MU",
                    help="override the editor's key memory (" + KEY_MEMORY_HELP + ")")
+    p.add_argument("--loc-prior", type=float, default=None, metavar="NU",
+                   help="start each stream's key memory at NU C0, C0 the mean k k^T of the keys at the training "
+                   "requests' locality prompts: dW = (U^T U + e^lamda I + NU C0 + MU G)^-1 U^T D (needs --key-memory; "
+                   "an extension, default 0)")
     p.add_argument("--buckets", type=int, default=1, help="distinct edit-batch shapes (less padding, more compiles)")
     p.add_argument("--plot", default=None, help="PNG of the sequential curve (implies --full-curve)")
     p.add_argument("--out", default=None, help="results.json")

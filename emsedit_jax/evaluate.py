@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .editor.capture import Batch, answer_slots, edited_logits, first_layer, prefix_hidden
+from .editor.capture import Batch, answer_slots, capture, edited_logits, first_layer, prefix_hidden
 from .editor.config import EditorConfig
-from .editor.steps import Deltas, EditorState, multi_step_edit, new_stream, zero_deltas
+from .editor.steps import Deltas, EditorState, masked_keys, multi_step_edit, new_stream, zero_deltas
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .pipeline import VIEWS, EncodedSplit, Layout
@@ -48,6 +48,35 @@ def edit_batch(state: EditorState, params, batch: Batch, deltas: Deltas, *, ecfg
     deltas, state, _ = multi_step_edit(ecfg, lcfg, params, state, batch, deltas, n_answer=n_answer, prefix=prefix,
                                        remat=remat, chunk=chunk)
     return deltas, state
+
+
+@functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "n_answer"))
+def _answer_key_gram(params, batch: Batch, *, ecfg: EditorConfig, lcfg: ModelConfig, n_answer: int):
+    """Per kernel shape, sum of k k^T (K, d_in, d_in) over the edited modules' keys at the
+    batch's answer slots on the unedited model, and the number of slots. Only the keys
+    are returned, so XLA drops the capture's backward pass."""
+    cap = capture(lcfg, params, batch, ecfg.modules, n_answer=n_answer)
+    keys = masked_keys(ecfg, lcfg, cap)
+    return {k: jnp.einsum("kni,knj->kij", u, u) for k, u in keys.items()}, jnp.sum(cap.mask)
+
+
+def locality_gram(model: Model, ecfg: EditorConfig, split: EncodedSplit, *, n_edits: int = 10,
+                  progress: bool = True) -> dict[str, jax.Array]:
+    """C0 of the locality prior (EditorConfig.loc_prior): per kernel shape, the mean k k^T
+    (K, d_in, d_in) of the edited modules' keys at the answer slots of `split`'s locality
+    prompts, on the unedited model. Pass the training requests, never the ones edited."""
+    from tqdm.auto import tqdm
+    if len(split) == 0:
+        raise ValueError("locality_gram needs at least one request")
+    batches = [np.arange(i, min(i + n_edits, len(split))) for i in range(0, len(split), n_edits)]
+    layout = split.layout(batches)
+    total, count = None, 0
+    for rows in tqdm(batches, desc="locality prior", disable=not progress, unit="batch"):
+        gram, n = _answer_key_gram(model.params, split.batch(rows, layout).loc, ecfg=ecfg, lcfg=model.config,
+                                   n_answer=layout.loc.n_answer)
+        total = gram if total is None else {k: total[k] + gram[k] for k in total}
+        count += int(n)
+    return {k: g / count for k, g in total.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("lcfg", "n_answer"))
@@ -113,12 +142,14 @@ class EvalResult:
 def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: EncodedSplit, *,
                  protocol: Literal["sequential", "batch"], num_seq: int, n_edits: int, metric: Metric,
                  full_curve: bool = False, progress: bool = True, mesh=None, remat: bool = False,
-                 capture_chunk: int | None = None, buckets: int = 1) -> EvalResult:
+                 capture_chunk: int | None = None, buckets: int = 1,
+                 key_prior: dict[str, jax.Array] | None = None) -> EvalResult:
     """Edits the first num_seq * n_edits requests of `split` (sequential) or the first
     n_edits at once (batch), then scores every edited request, and the unedited model.
     `mesh` (a `sharding.make_mesh` mesh; None: one device) shards the LLM parameters
     and the edit batches; `remat` and `capture_chunk` trade compute for memory;
-    `buckets` > 1 packs the batches in that many layouts (less padding, more compiles).
+    `buckets` > 1 packs the batches in that many layouts (less padding, more compiles);
+    `key_prior`: C0 of the locality prior (locality_gram), needed with ecfg.loc_prior.
     The first batch of each layout compiles it: its time is reported apart."""
     edit = edit_batch
     if mesh is not None:
@@ -132,7 +163,7 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
         raise ValueError(f"the protocol needs {need} test requests, the data has {len(split)}")
     batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(num_seq)]
     layouts: list[Layout] = split.layouts(batches, buckets=buckets)
-    deltas, state = zero_deltas(ecfg, model.config), new_stream(ecfg, model.config, state)
+    deltas, state = zero_deltas(ecfg, model.config), new_stream(ecfg, model.config, state, key_prior)
     if mesh is None:         # committed like edit_batch's outputs: one compile per layout
         deltas, state = commit((deltas, state))
     from tqdm.auto import tqdm
@@ -163,11 +194,12 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
 
 
 def mquake_accuracy(model: Model, ecfg: EditorConfig, state: EditorState, requests, *, n_cases: int,
-                    progress: bool = True) -> dict[str, float]:
+                    progress: bool = True, key_prior: dict[str, jax.Array] | None = None) -> dict[str, float]:
     """Multi-hop accuracy on MQuAKE: the rewrites of each case are batch-edited together
     (from the unedited model), then each of the case's multi-hop questions is answered
     teacher-forced; a case counts as solved if any question's new answer is predicted
-    token for token. Returns edited and unedited accuracy in %."""
+    token for token. Returns edited and unedited accuracy in %. `key_prior`: as in
+    run_protocol."""
     from tqdm.auto import tqdm
 
     from .data import EditRequest
@@ -190,7 +222,7 @@ def mquake_accuracy(model: Model, ecfg: EditorConfig, state: EditorState, reques
         r0, q0 = r0 + len(case), q0 + len(case[0].hop_questions)
     r_layout, q_layout = rsplit.layout(r_groups), qsplit.layout(q_groups).edit
     solved = {"edited": [], "unedited": []}
-    zero, state = zero_deltas(ecfg, model.config), new_stream(ecfg, model.config, state)
+    zero, state = zero_deltas(ecfg, model.config), new_stream(ecfg, model.config, state, key_prior)
     for rg, qg in tqdm(list(zip(r_groups, q_groups)), desc="MQuAKE cases", disable=not progress):
         batch = rsplit.batch(rg, r_layout)
         deltas, _ = edit_batch(state, model.params, batch.edit, zero, ecfg=ecfg, lcfg=model.config,

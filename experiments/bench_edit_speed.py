@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import time
 from collections import Counter
 
@@ -46,10 +47,21 @@ from report import write_report
 
 CONFIGS = {
     "default: layers 18-23 rank 1024": dict(layers=range(18, 24), rank=1024),
-    "layers 24-29 rank 1024": dict(layers=range(24, 30), rank=1024),
-    "layers 18-23 rank 256": dict(layers=range(18, 24), rank=256),
     "default + key memory 1": dict(layers=range(18, 24), rank=1024, key_memory=1.0),
 }
+
+
+def parse_config(name: str) -> dict:
+    """A row's editor configuration: a name from CONFIGS, or 'layers A-B rank R' with an
+    optional ' key memory MU' (mlp.up_proj of layers A..B)."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    m = re.fullmatch(r"layers (\d+)-(\d+) rank (\d+)(?: key memory ([\d.e+-]+))?", name.strip())
+    if not m:
+        raise SystemExit(f"--configs: {name!r} is neither one of {sorted(CONFIGS)} "
+                         "nor 'layers A-B rank R [key memory MU]'")
+    lo, hi, rank, mu = m.groups()
+    return dict(layers=range(int(lo), int(hi) + 1), rank=int(rank), key_memory=float(mu or 0.0))
 
 
 def _timed(fn, reps: int) -> tuple[float, float]:
@@ -135,7 +147,8 @@ def main():
     ap.add_argument("--buckets", default="1,3", help="comma-separated bucket counts to compare")
     ap.add_argument("--param-layouts", default="list", help="comma-separated LLM layer layouts to compare: list, stacked "
                     "(see emsedit_jax/models/transformer.py)")
-    ap.add_argument("--configs", default=next(iter(CONFIGS)), help="comma-separated names from CONFIGS")
+    ap.add_argument("--configs", default=next(iter(CONFIGS)), help="comma-separated configurations: names from CONFIGS or "
+                    "'layers A-B rank R [key memory MU]'")
     ap.add_argument("--out", default="results/bench_edit_speed")
     args = ap.parse_args()
     model = load_model("smollm2")
@@ -143,7 +156,7 @@ def main():
     train_reqs, test_reqs = split_requests(reqs, args.n_train, args.n_test, 0)      # as the CLI splits
     train_split, test_split = (encode_split(model.tokenizer, r) for r in (train_reqs, test_reqs))
     rows = [bench(model, train_split, test_split, name, n_edits=args.n_edits, reps=args.reps, buckets=int(k),
-                  param_layout=param_layout, **CONFIGS[name])
+                  param_layout=param_layout, **parse_config(name))
             for name in args.configs.split(",") for k in args.buckets.split(",") for param_layout in args.param_layouts.split(",")]
     peak = matmul_gflops()
     head = ("| config | buckets | layers | train s/edit | edit s/edit | train / edit layouts | train compile (s) | "

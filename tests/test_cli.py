@@ -40,10 +40,15 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "curve.png").stat().st_size > 0 and len(out["curve"]) == 2
     printed = capsys.readouterr().out
     assert "| unedited |" in printed and "configuration:" in printed
-    # The key memory is a test-time choice: the same editor evaluated with it, recorded.
+    # The key memory and the locality prior are test-time choices: the same editor
+    # evaluated with them, recorded; C0 comes from the 24 training requests.
+    with pytest.raises(SystemExit, match="needs --key-memory"):
+        main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--loc-prior", "3", "--quiet"])
     km = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
-               "--key-memory", "1", "--quiet"])
+               "--key-memory", "1", "--loc-prior", "3", "--quiet"])
     assert saved["config"]["editor"]["key_memory"] == 0 and km["config"]["editor"]["key_memory"] == 1.0
+    assert saved["config"]["editor"]["loc_prior"] == 0 and km["config"]["editor"]["loc_prior"] == 3.0
+    assert km["config"]["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
     assert km["baseline"] == out["baseline"] and km["n_requests"] == 8
 
     res = main(["edit", "--model", str(tiny_model_dir), "--editor", str(tmp_path / "run" / "editor"),

@@ -280,3 +280,31 @@ def test_key_memory_accumulates_the_streams_keys_and_shields_them():
     fresh = new_stream(cfg, TINY, state_a)
     assert all(float(jnp.abs(g).max()) == 0 for g in fresh.key_gram.values())
     assert fresh.nets is state_a.nets and fresh.stats is state_a.stats
+
+
+def test_loc_prior_starts_the_memory_and_shields_the_prior_keys():
+    """With loc_prior = nu a stream's key memory starts at (nu / mu) C0, and the edit then
+    moves the module outputs at C0's keys less than from an empty memory (same compiled
+    edit: only the starting memory differs)."""
+    with pytest.raises(ValueError, match="needs key_memory"):
+        EditorConfig(modules=MODULES, key_memory=0.0, loc_prior=1.0)
+    cfg = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.5, key_memory=2.0, loc_prior=50.0)
+    params, state = _setup(cfg)
+    with pytest.raises(ValueError, match="locality_gram"):
+        new_stream(cfg, TINY, state)
+    other = _capture(TINY, params, tiny_batch(2), MODULES, None, n_answer=2)     # "unrelated" prompts
+    mask = np.asarray(other.mask).reshape(-1)
+    keys = {m: np.asarray(other.keys[m]).reshape(mask.size, -1)[mask] for m in MODULES}
+    c0 = {"16x24": jnp.stack([keys[m].T @ keys[m] / len(keys[m]) for m in MODULES[:2]]),
+          "24x16": jnp.stack([keys[m].T @ keys[m] / len(keys[m]) for m in MODULES[2:]])}
+    with pytest.raises(ValueError, match="do not match"):
+        new_stream(cfg, TINY, state, {"16x24": c0["16x24"]})
+    start = new_stream(cfg, TINY, state, c0)
+    for key in c0:
+        np.testing.assert_allclose(start.key_gram[key], 25.0 * c0[key], rtol=1e-6)
+    empty = new_stream(cfg, TINY, state, jax.tree.map(jnp.zeros_like, c0))
+    moved = {}
+    for name, st in (("prior", start), ("empty", empty)):
+        after, _, _ = _edit(cfg, TINY, params, st, tiny_batch(0), zero_deltas(cfg, TINY), n_answer=2)
+        moved[name] = sum(float(np.linalg.norm(keys[m] @ np.asarray(after[m]))) for m in MODULES)
+    assert moved["prior"] < 0.5 * moved["empty"], moved

@@ -190,3 +190,23 @@ def test_key_memory_run_resumes_mid_stream(tiny, tmp_path):
     plain = train(model, ecfg(), tcfg, split, tmp_path / "plain", progress=False)
     np.testing.assert_allclose(full.history[0]["loss"], plain.history[0]["loss"], rtol=1e-6)
     assert not np.allclose(full.history[1]["loss"], plain.history[1]["loss"], rtol=1e-4)
+
+
+def test_locality_gram_is_the_mean_outer_product_of_locality_keys(tiny):
+    """C0 of the locality prior, accumulated over batches of 4, equals the mean k k^T of
+    the keys at the locality prompts' answer slots captured in one pass."""
+    from emsedit_jax.editor.capture import capture
+    from emsedit_jax.evaluate import locality_gram
+    model, split = tiny
+    cfg = ecfg(key_memory=1.0, loc_prior=5.0)
+    c0 = locality_gram(model, cfg, split, n_edits=4, progress=False)
+    rows = [np.arange(len(split))]
+    layout = split.layout(rows)
+    cap = capture(model.config, model.params, split.batch(rows[0], layout).loc, MODULES,
+                  n_answer=layout.loc.n_answer)
+    mask = np.asarray(cap.mask).reshape(-1)
+    assert mask.sum() >= len(split)          # every request has a locality answer
+    (key, gram), = c0.items()                # both modules have one kernel shape
+    for i, m in enumerate(MODULES):
+        u = np.asarray(cap.keys[m], np.float64).reshape(mask.size, -1)[mask]
+        np.testing.assert_allclose(gram[i], u.T @ u / len(u), rtol=1e-4, atol=1e-6)

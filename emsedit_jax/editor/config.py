@@ -32,6 +32,14 @@ class EditorConfig:
                    the outputs at the keys of the stream's earlier batches:
                    dW = (U^T U + e^lamda I + mu G)^-1 U^T D, G = sum of their U^T U
                    (an extension, not the paper's solve; 0 = the paper's).
+    loc_prior:     nu >= 0, needs key_memory > 0. Each stream's key memory starts at
+                   (nu / mu) C0 instead of zeros, so the solve becomes
+                   dW = (U^T U + e^lamda I + nu C0 + mu G)^-1 U^T D: C0 is the mean k k^T
+                   of keys of unrelated prompts (evaluate.locality_gram: the locality
+                   prompts of the training requests), and nu C0 penalises moving the
+                   module's output on such keys, as if nu of them were in the memory.
+                   An evaluation-time extension (MEMIT's covariance term applied to the
+                   hypernetwork's solve); 0 = none.
     back_depth:    memory backtracking in sequential training: the losses of the
                    stream's last back_depth - 1 earlier batches, weighted time_decay **
                    age, join each batch's loss (RLEdit's; None = the method's default:
@@ -47,6 +55,7 @@ class EditorConfig:
     log_step_size: bool = False
     lamda_init: float = 0.0
     key_memory: float = 0.0
+    loc_prior: float = 0.0
     msbp: Literal["detached", "exact"] = "detached"
     regulariser: Literal["norm", "kl"] = "norm"
     beta: float = 0.5
@@ -67,6 +76,10 @@ class EditorConfig:
             raise ValueError("key_memory must be >= 0 (0: the paper's ridge solve)")
         if self.key_memory and self.update_rule != "ridge":
             raise ValueError("key_memory applies to the ridge solve; MEND's rank-1 update has none")
+        if self.loc_prior < 0:
+            raise ValueError("loc_prior must be >= 0 (0: none)")
+        if self.loc_prior and not self.key_memory:
+            raise ValueError("loc_prior is the starting value of the key memory: it needs key_memory > 0")
         if self.back_depth is None:
             object.__setattr__(self, "back_depth", 10 if self.method == "rledit" else 1)
         if self.back_depth < 1:

@@ -66,9 +66,22 @@ def empty_key_gram(ecfg: EditorConfig, lcfg: ModelConfig) -> dict[str, Array]:
             for key, names in groups(ecfg, lcfg).items()}
 
 
-def new_stream(ecfg: EditorConfig, lcfg: ModelConfig, state: EditorState) -> EditorState:
-    """`state` for editing a fresh model: the key memory emptied (nets, stats kept)."""
-    return state._replace(key_gram=empty_key_gram(ecfg, lcfg))
+def new_stream(ecfg: EditorConfig, lcfg: ModelConfig, state: EditorState,
+               prior: Mapping[str, Array] | None = None) -> EditorState:
+    """`state` for editing a fresh model: the key memory emptied (nets, stats kept), or,
+    with ecfg.loc_prior = nu > 0, set to (nu / mu) * prior, `prior` mapping shape key ->
+    (K, d_in, d_in) mean k k^T of unrelated prompts' keys (evaluate.locality_gram)."""
+    if not ecfg.loc_prior:
+        return state._replace(key_gram=empty_key_gram(ecfg, lcfg))
+    if prior is None:
+        raise ValueError("loc_prior is on but no prior Gram matrices were given: compute them with "
+                         "evaluate.locality_gram(model, ecfg, split)")
+    start = empty_key_gram(ecfg, lcfg)
+    if set(prior) != set(start) or any(prior[k].shape != start[k].shape for k in start):
+        raise ValueError(f"prior Gram matrices of shapes { {k: v.shape for k, v in prior.items()} } do not match "
+                         f"the key memory's { {k: v.shape for k, v in start.items()} }")
+    scale = ecfg.loc_prior / ecfg.key_memory
+    return state._replace(key_gram={k: scale * jnp.asarray(prior[k], jnp.float32) for k in start})
 
 
 def masked_keys(ecfg: EditorConfig, lcfg: ModelConfig, cap: Capture) -> dict[str, Array]:
