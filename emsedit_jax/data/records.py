@@ -46,6 +46,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = [
     "EditRequest",
     "DataError",
@@ -80,7 +82,7 @@ class EditRequest:
     source: str = ""
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Invalid input data.
 
     The message always names the file (or request source), the record index, the

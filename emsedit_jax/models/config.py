@@ -13,6 +13,8 @@ import math
 import warnings
 from typing import Any
 
+from ..errors import UserError
+
 # HF `model_type` -> the block layout implemented in this package.
 FAMILIES = {
     "llama": "llama",
@@ -25,7 +27,7 @@ FAMILIES = {
 ACTIVATIONS = ("silu", "gelu_new", "gelu", "gelu_pytorch_tanh", "relu")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json that this package cannot run faithfully."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .gguf_io import SOURCE_MARKER, gguf_to_hf_folder, source_marker
+from ..errors import UserError
 
 __all__ = ["EmbeddedModel", "EmbeddedModelError", "EMBEDDED_MODELS", "embedded_gguf_path",
            "embedded_cache_dir", "ensure_embedded", "is_current_conversion"]
@@ -53,7 +54,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 _DTYPE_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
-class EmbeddedModelError(FileNotFoundError):
+class EmbeddedModelError(UserError, FileNotFoundError):
     """The wheel carrying an embedded model is not installed (message says how to install it)."""
 
 

@@ -40,6 +40,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = [
     "GGUFError",
     "SUPPORTED_ARCHITECTURES",
@@ -73,7 +75,7 @@ _DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError):
     """A GGUF file cannot be read or converted; the message names the file."""
 
 

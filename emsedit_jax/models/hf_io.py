@@ -26,9 +26,10 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 from .layers import Params, get_path, set_path
 from .transformer import layer_params, tensor_specs
+from ..errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read; the message names the file and tensor."""
 
 
