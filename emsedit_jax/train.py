@@ -99,15 +99,16 @@ def _optimizer(clip: float, meta_lr: float, every_k: int | None) -> optax.Gradie
 @functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "tx", "n_answer", "beta_power", "only_step", "remat"),
                    donate_argnames=("nets", "opt_state"))
 def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory: mem.Memory | None = None,
-               key_gram: dict | None = None, *, ecfg: EditorConfig, lcfg: ModelConfig,
+               key_gram: dict | None = None, protect: dict | None = None, *, ecfg: EditorConfig, lcfg: ModelConfig,
                tx: optax.GradientTransformation, n_answer: NAnswer, beta_power: int = 1,
                only_step: int | None = None, remat: bool = False):
     """One meta-training update. Returns (nets, stats, opt_state, deltas, metrics, key_gram).
     `memory`: RLEdit's buffer of the stream's earlier batches (None: no backtracking);
-    `key_gram`: the key memory of the stream so far (None or {}: none)."""
+    `key_gram`: the key memory of the stream so far (None or {}: none); `protect`: the
+    null-space projections (EditorConfig.null_space; None or {}: none)."""
     (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
         nets, stats, ecfg, lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
-        only_step=only_step, memory=memory, key_gram=key_gram, remat=remat)
+        only_step=only_step, memory=memory, key_gram=key_gram, remat=remat, protect=protect)
     updates, opt_state = tx.update(grads, opt_state, nets)
     nets = optax.apply_updates(nets, updates)
     metrics = {"loss": loss, "gen_loss": aux.gen_loss, "reg_loss": aux.reg_loss,
@@ -128,16 +129,20 @@ class TrainResult:
 
 def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out_dir: str | Path, *,
           run_meta: dict | None = None, progress: bool = True, stop_after: int | None = None,
-          remat: bool = False, mesh=None) -> TrainResult:
+          remat: bool = False, mesh=None, key_prior: dict | None = None) -> TrainResult:
     """Meta-trains an editor on `split`, checkpointing to `out_dir/checkpoints` and
     writing the final editor to `out_dir/editor`. Resumes if a checkpoint exists.
     `stop_after` (batches) simulates an interruption, for tests. `mesh` (a
     `sharding.make_mesh` mesh; None: one device) shards the LLM parameters and the
-    batches; `remat` recomputes the LLM layers' activations in the backward pass."""
+    batches; `remat` recomputes the LLM layers' activations in the backward pass.
+    `key_prior`: C0 (evaluate.preserved_gram of the training requests), needed when
+    ecfg.loc_prior or ecfg.null_space is on: every stream starts from it, as at test time."""
     out = Path(out_dir)
     lcfg = model.config
     step = train_step
     if mesh is not None:
+        if ecfg.null_space:
+            raise ValueError("null_space is not supported with a mesh in training yet; train on one device")
         from .sharding import place_params, sharded_train_step
         model = dataclasses.replace(model, params=place_params(model.params, mesh))
         step = functools.partial(sharded_train_step, mesh=mesh)
@@ -159,7 +164,8 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     restored = store.restore_latest(_checkpoint_tree(state, opt_state, deltas))
     if restored is not None:
         tree, meta = restored
-        state = EditorState(tree["nets"], tree["stats"], tree.get("key_gram", {}))
+        protect = new_stream(ecfg, lcfg, state, key_prior).protect
+        state = EditorState(tree["nets"], tree["stats"], tree.get("key_gram", {}), protect)
         opt_state, deltas = tree["opt"], tree["deltas"]
         position, history = tuple(meta["position"]), meta["history"]
 
@@ -173,7 +179,7 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
         first = position[1] if epoch == position[0] else 0
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
-                deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state)
+                deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state, key_prior)
             if mesh is None:     # committed like the step's outputs: one compile per layout
                 state, opt_state, deltas = commit((state, opt_state, deltas))
             layout = layouts[epoch * len(plan[0]) + b]
@@ -184,9 +190,10 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
             for only in only_steps:
                 nets, stats, opt_state, new_deltas, metrics, key_gram = step(
                     state.nets, state.stats, opt_state, model.params, batch, deltas, memory, state.key_gram,
-                    ecfg=ecfg, lcfg=lcfg, tx=tx, n_answer=layout.n_answer, beta_power=tcfg.beta_power,
+                    **({"protect": state.protect} if state.protect else {}), ecfg=ecfg, lcfg=lcfg, tx=tx,
+                    n_answer=layout.n_answer, beta_power=tcfg.beta_power,
                     only_step=only, remat=remat)
-                state = EditorState(nets, stats, key_gram)
+                state = EditorState(nets, stats, key_gram, state.protect)
             deltas = new_deltas
             if slots:
                 memory = mem.push(memory, batch, b % tcfg.num_seq, ecfg.time_decay)

@@ -20,6 +20,7 @@ from .tokenize import (
     check_lengths,
     encode,
     pad_id_of,
+    subject_last_token,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "check_lengths",
     "encode",
     "pad_id_of",
+    "subject_last_token",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "encode",
     "check_lengths",
     "pad_id_of",
+    "subject_last_token",
 ]
 
 IGNORE = -100
@@ -69,6 +70,7 @@ class TeacherForced:
     n_answer: int
     answer_start: np.ndarray
     answer_len: np.ndarray
+    subject_pos: np.ndarray | None = None   # (N,) last subject token of the prompt, -1: absent
 
     @property
     def seq_len(self) -> int:
@@ -86,6 +88,25 @@ def pad_id_of(tokenizer) -> int:
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token id to pad with")
     return int(pad)
+
+
+def subject_last_token(tokenizer, prompt: str, subject: str | None) -> int:
+    """Index in ``tokenizer(prompt)["input_ids"]`` of the last token of the first
+    occurrence of ``subject`` in ``prompt`` (matched exactly, else ignoring case), or
+    -1 when there is no subject or the prompt does not contain it. The prompt is cut
+    after the subject and tokenised on its own (with the same special tokens), as
+    MEMIT does, so a subject preceded by a space ends on the same token either way."""
+    if not subject or not subject.strip():
+        return -1
+    subject = subject.strip()
+    start = prompt.find(subject)
+    if start < 0:
+        start = prompt.lower().find(subject.lower())
+    if start < 0:
+        return -1
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    n_prefix = len(tokenizer(prompt[:start + len(subject)])["input_ids"])
+    return min(n_prefix, n_prompt) - 1
 
 
 def _check_field(field: str) -> tuple[str, str, str]:
@@ -195,6 +216,9 @@ def encode(
     alt_labels = np.full((n, seq_len), IGNORE, dtype=np.int32)
     answer_start = np.zeros((n,), dtype=np.int32)
     answer_len = np.zeros((n,), dtype=np.int32)
+    p_attr = FIELDS[field][0]
+    subject_pos = np.array([subject_last_token(tokenizer, getattr(r, p_attr), r.subject) for r in requests],
+                           dtype=np.int32)
     for i, (p, t, a) in enumerate(zip(prompts, targets, alts)):
         length = len(p) + len(t) - 1
         input_ids[i, :length] = p + t[:-1]
@@ -214,6 +238,7 @@ def encode(
         n_answer=int(n_answer),
         answer_start=answer_start,
         answer_len=answer_len,
+        subject_pos=subject_pos,
     )
 
 
