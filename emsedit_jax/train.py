@@ -54,6 +54,7 @@ class TrainConfig:
     checkpoint_every: int = 10  # batches between checkpoints
     max_row_len: int = 512      # packed row length cap
     buckets: int = 1            # distinct batch layouts (shapes compiled); RLEdit's memory needs 1
+    select_every: int = 0       # batches between validations (0: none; train's `val_split`)
 
     def __post_init__(self):
         if self.protocol not in ("sequential", "batch"):
@@ -62,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'default' or 'faithful', not {self.schedule!r}")
         if self.n_edits < 1 or self.num_seq < 1 or self.epochs < 1:
             raise ValueError("n_edits, num_seq and epochs must be >= 1")
+        if self.select_every < 0:
+            raise ValueError("select_every must be >= 0 (0: no validation)")
 
     @property
     def beta_power(self) -> int:
@@ -129,14 +132,20 @@ class TrainResult:
 
 def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out_dir: str | Path, *,
           run_meta: dict | None = None, progress: bool = True, stop_after: int | None = None,
-          remat: bool = False, mesh=None, key_prior: dict | None = None) -> TrainResult:
+          remat: bool = False, mesh=None, key_prior: dict | None = None, val_split: EncodedSplit | None = None,
+          metric: str = "zsre") -> TrainResult:
     """Meta-trains an editor on `split`, checkpointing to `out_dir/checkpoints` and
     writing the final editor to `out_dir/editor`. Resumes if a checkpoint exists.
     `stop_after` (batches) simulates an interruption, for tests. `mesh` (a
     `sharding.make_mesh` mesh; None: one device) shards the LLM parameters and the
     batches; `remat` recomputes the LLM layers' activations in the backward pass.
     `key_prior`: C0 (evaluate.preserved_gram of the training requests), needed when
-    ecfg.loc_prior or ecfg.null_space is on: every stream starts from it, as at test time."""
+    ecfg.loc_prior or ecfg.null_space is on: every stream starts from it, as at test time.
+    Selection by validation (tcfg.select_every > 0 and `val_split`, held-out training
+    requests): before the first batch (the untrained editor), every select_every batches
+    and at the end, the editor edits `val_split` with the training protocol and is
+    scored ES + GS + LS (`metric`, evaluate.run_protocol); the editor saved is the best
+    scored one (each validation is in `history`). Not kept across a resume."""
     out = Path(out_dir)
     lcfg = model.config
     step = train_step
@@ -175,6 +184,8 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     times, compile_s, n_batches_run, compiled = [], 0.0, 0, set()
     only_steps = list(range(ecfg.steps)) if (tcfg.schedule == "faithful" and tcfg.protocol == "batch") else [None]
     memory = None
+    select = tcfg.select_every > 0 and val_split is not None
+    best = _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, done, history) if select else None
     for epoch in range(position[0], tcfg.epochs):
         first = position[1] if epoch == position[0] else 0
         for b in range(first, len(plan[epoch])):
@@ -206,6 +217,9 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
                 times.append(dt)
             n_batches_run += 1
             history.append({"epoch": epoch, "batch": b, "seconds": dt, **metrics})
+            if select and (done + n_batches_run) % tcfg.select_every == 0 and done + n_batches_run < total:
+                best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior,
+                                           done + n_batches_run, history), key=lambda x: x[0])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gen=f"{metrics['gen_loss']:.3f}")
             step_no = epoch * len(plan[0]) + b + 1
@@ -219,9 +233,27 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
                 return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
     bar.close()
     store.close()
-    save_editor(out / "editor", ecfg, state, {**identity, **(run_meta or {}),
+    meta = {}
+    if select:
+        best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, total, history),
+                   key=lambda x: x[0])
+        state = best[1]
+        meta = {"selected_after_batches": best[2], "selected_score": best[0]}
+    save_editor(out / "editor", ecfg, state, {**identity, **(run_meta or {}), **meta,
                                               "train_seconds_per_edit": _per_edit(times, tcfg)})
     return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
+
+
+def _validate(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, state: EditorState, val_split: EncodedSplit,
+              metric: str, key_prior, batches: int, history: list) -> tuple[float, EditorState, int]:
+    """(ES + GS + LS on `val_split`, the editor, batches trained); the scores join `history`."""
+    from .evaluate import run_protocol
+    res = run_protocol(model, ecfg, state, val_split, protocol=tcfg.protocol, num_seq=tcfg.num_seq,
+                       n_edits=tcfg.n_edits, metric=metric, progress=False, key_prior=key_prior)
+    score = float(sum(res.metrics.values()))
+    history.append({"validation_after_batches": batches, **res.metrics})
+    kept = jax.tree.map(lambda x: x.copy(), (state.nets, state.stats))   # train_step donates the nets
+    return score, EditorState(*kept), batches
 
 
 def _checkpoint_tree(state: EditorState, opt_state, deltas) -> dict:
