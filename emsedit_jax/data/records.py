@@ -67,6 +67,12 @@ class EditRequest:
     of each case: the multi-hop questions and the answer expected once all the
     case's edits are applied.  ``source`` says where the request came from
     (``"file.json#12"``) and is used in error messages.
+
+    Optional extras, read when a file has them: ``paraphrases`` / ``neighbours``, all
+    the paraphrase / neighbourhood prompts of a ROME-format record (``rephrase`` and
+    ``loc_prompt`` are the first ones; a neighbour's answer is ``target_true``);
+    ``generation_prompts`` for the fluency measure; ``portability``, (kind, question,
+    answer) triples whose answers should follow from the edit.
     """
 
     prompt: str
@@ -80,6 +86,10 @@ class EditRequest:
     hop_questions: tuple[str, ...] = ()
     hop_answer: str | None = None
     source: str = ""
+    paraphrases: tuple[str, ...] = ()
+    neighbours: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    portability: tuple[tuple[str, str, str], ...] = ()
 
 
 class DataError(UserError):
