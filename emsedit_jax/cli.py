@@ -70,16 +70,29 @@ def _load_data(args):
     if data is None:
         raise SystemExit(f"--data is required for --dataset {args.dataset}")
     loaded = load_requests(data, fmt, skip_invalid=args.skip_invalid)
-    if loaded.skipped:
-        print(f"skipped {len(loaded.skipped)} invalid record(s) of {data}: {loaded.skipped[:3]}", file=sys.stderr)
+    report_load(loaded)
     reqs = loaded.requests
     if args.test_data:
-        test = load_requests(args.test_data, fmt, skip_invalid=args.skip_invalid).requests
+        test = report_load(load_requests(args.test_data, fmt, skip_invalid=args.skip_invalid)).requests
         train = reqs[:args.n_train] if args.n_train else reqs
         return train, test[:args.n_test] if args.n_test else test
     n_train = args.n_train or len(reqs) // 2
     n_test = args.n_test or len(reqs) - n_train
     return split_requests(reqs, n_train, n_test, args.split_seed)
+
+
+def report_load(loaded, shown: int = 3):
+    """Prints how many records of a file were skipped or repeat an earlier request, with
+    the first few reasons (all of them stay in `loaded` for the run's JSON record)."""
+    for what, items in (("skipped invalid record(s)", loaded.skipped),
+                        ("request(s) repeating an earlier one (kept)", loaded.duplicates)):
+        if items:
+            print(f"{loaded.path}: {len(items)} {what}:", file=sys.stderr)
+            for line in items[:shown]:
+                print(f"  {line}", file=sys.stderr)
+            if len(items) > shown:
+                print(f"  ... and {len(items) - shown} more", file=sys.stderr)
+    return loaded
 
 
 def demo_data_path() -> Path:

@@ -2,7 +2,10 @@
 
 Every supported data set is turned into a flat list of :class:`EditRequest`. All
 records are validated before :func:`load_requests` returns, so a long training run
-never starts on a file that would fail half-way through.
+never starts on a file that would fail half-way through.  Local files are read with
+the standard library's ``json`` (JSON Lines line by line): values keep their JSON
+types, so a bad field is only its own record's error.  ``datasets`` is used for hub
+ids (``org/name``) only.
 
 Supported formats (``fmt``):
 
@@ -39,8 +42,10 @@ ROME-format targets start with a space).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -54,6 +59,11 @@ __all__ = [
     "LoadResult",
     "FORMATS",
     "load_requests",
+    "read_records",
+    "resolve_data_path",
+    "file_sha256",
+    "request_hash",
+    "find_duplicates",
     "detect_format",
     "split_requests",
 ]
@@ -85,9 +95,9 @@ class EditRequest:
 class DataError(UserError):
     """Invalid input data.
 
-    The message always names the file (or request source), the record index, the
-    case id when there is one, and the offending field.  The parts are also kept as
-    attributes.
+    The message always names the file (or request source), the record index (and
+    line, for JSON Lines), the case id when there is one, and the offending field.
+    The parts are also kept as attributes.
     """
 
     def __init__(
@@ -98,17 +108,19 @@ class DataError(UserError):
         index: int | None = None,
         case_id: Any = None,
         field: str | None = None,
+        line: int | None = None,
     ):
         self.reason = reason
         self.file = file
         self.index = index
         self.case_id = case_id
         self.field = field
+        self.line = line
         where = []
         if file is not None:
             where.append(str(file))
         if index is not None:
-            where.append(f"record {index}")
+            where.append(f"record {index}" + (f" (line {line})" if line is not None else ""))
         if case_id is not None:
             where.append(f"case_id={case_id!r}")
         if field is not None:
@@ -125,15 +137,21 @@ def raise_first(errors: Sequence["DataError"], what: str, hint: str) -> None:
     if len(errors) == 1:
         raise first
     raise DataError(f"{first.reason} (and {len(errors) - 1} more {what}; {hint})", file=first.file,
-                    index=first.index, case_id=first.case_id, field=first.field)
+                    index=first.index, case_id=first.case_id, field=first.field, line=first.line)
 
 
 @dataclasses.dataclass
 class LoadResult:
-    """Requests that passed validation and the reasons for those that were skipped."""
+    """Requests that passed validation, the reasons for those that were skipped, the
+    requests that repeat an earlier one, and the file read: its absolute resolved path
+    (or the hub id) and SHA-256 (None for a hub data set)."""
 
     requests: list[EditRequest]
     skipped: list[str] = dataclasses.field(default_factory=list)
+    duplicates: list[str] = dataclasses.field(default_factory=list)
+    path: str | None = None
+    sha256: str | None = None
+    n_records: int | None = None
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -173,14 +191,15 @@ _MISSING = object()
 class _Ctx:
     """Where a record comes from; builds DataErrors and reads typed fields."""
 
-    def __init__(self, file: str, index: int, case_id: Any = None):
+    def __init__(self, file: str, index: int, case_id: Any = None, line: int | None = None):
         self.file = file
         self.index = index
         self.case_id = case_id
+        self.line = line
 
     def error(self, field: str | None, reason: str) -> DataError:
         return DataError(
-            reason, file=self.file, index=self.index, case_id=self.case_id, field=field
+            reason, file=self.file, index=self.index, case_id=self.case_id, field=field, line=self.line
         )
 
     def get(self, obj: Any, key: str | int, path: str, *, required: bool = True) -> Any:
@@ -200,7 +219,7 @@ class _Ctx:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise self.error(path, f"expected a string, got {type(value).__name__} {value!r:.60}")
+            raise self.error(path, f"expected a string, got {_json_type(value)} {json.dumps(value)[:60]}")
         value = value.strip()
         if not value:
             if not required:  # an empty optional field (e.g. subject) counts as absent
@@ -213,7 +232,7 @@ class _Ctx:
         if value is None:
             return None
         if not isinstance(value, dict):
-            raise self.error(path, f"expected an object, got {type(value).__name__}")
+            raise self.error(path, f"expected an object, got {_json_type(value)}")
         return value
 
     def array(
@@ -223,7 +242,7 @@ class _Ctx:
         if value is None:
             return None
         if not isinstance(value, list):
-            raise self.error(path, f"expected a list, got {type(value).__name__}")
+            raise self.error(path, f"expected a list, got {_json_type(value)}")
         if len(value) < min_len:
             raise self.error(path, f"expected at least {min_len} element(s), got {len(value)}")
         return value
@@ -239,12 +258,9 @@ def _case_id_of(row: dict, ctx: _Ctx) -> str | int | None:
     value = row.get("case_id") if isinstance(row, dict) else None
     if value is None:
         return None
-    # `datasets` turns a column mixing ints and floats into floats: take integral
-    # floats back as ints.  bool is an int subclass but never a sensible id.
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    # bool is an int subclass but never a sensible id.
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ctx.error("case_id", f"expected an int or a string, got {type(value).__name__}")
+        raise ctx.error("case_id", f"expected an integer or a string, got {_json_type(value)} {json.dumps(value)[:60]}")
     return value
 
 
@@ -298,7 +314,7 @@ def _parse_flat(row: dict, ctx: _Ctx, source: str, require_true: bool = True) ->
 def _parse_rewrite(rw: Any, ctx: _Ctx, path: str) -> dict[str, str | None]:
     """One ROME/MQuAKE ``requested_rewrite`` entry -> formatted prompt and targets."""
     if not isinstance(rw, dict):
-        raise ctx.error(path, f"expected an object, got {type(rw).__name__}")
+        raise ctx.error(path, f"expected an object, got {_json_type(rw)}")
     template = ctx.text(rw, "prompt", f"{path}.prompt")
     if "{}" not in template:
         raise ctx.error(f"{path}.prompt", f"no '{{}}' placeholder for the subject in {template!r}")
@@ -505,7 +521,7 @@ def _parse_mquake(row: dict, ctx: _Ctx, source: str, tables: _MquakeFacts) -> li
 def detect_format(record: dict, *, allowed: Iterable[str] | None = None) -> str:
     """Guess the format from one record's keys (keys whose value is null are ignored)."""
     if not isinstance(record, dict):
-        raise DataError(f"records must be JSON objects, got {type(record).__name__}")
+        raise DataError(f"records must be JSON objects, got {_json_type(record)}")
     keys = {k for k, v in record.items() if v is not None}
     allowed = set(allowed) if allowed is not None else {"zsre", "counterfact", "counterfact_rome", "mquake"}
     found = None
@@ -536,74 +552,140 @@ def detect_format(record: dict, *, allowed: Iterable[str] | None = None) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _is_local(path_or_id: str | os.PathLike) -> bool:
-    if isinstance(path_or_id, Path):
-        return True
-    s = os.fspath(path_or_id)
-    # A hub id looks like "owner/name"; anything that exists, has a JSON suffix or
-    # starts like a filesystem path is a local file (a typo then gives
-    # FileNotFoundError rather than a network request).
-    return os.path.exists(s) or s.lower().endswith(_LOCAL_SUFFIXES) or s.startswith((".", "/", "~"))
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def _read_json_stdlib(path: Path) -> list:
-    """Parse a JSON array or a JSONL file; parse errors name the file and line."""
-    opener = open
-    if path.suffix == ".gz":
-        import gzip
+def resolve_data_path(path_or_id: str | os.PathLike) -> Path | None:
+    """The absolute, resolved path of a local data file, or None for a hub data set id.
 
-        opener = gzip.open  # type: ignore[assignment]
-    with opener(path, "rt", encoding="utf-8") as fh:
-        text = fh.read()
-    stripped = text.lstrip()
-    if not stripped:
+    A hub id is only what looks like ``org/name`` (one slash, no JSON suffix) and is not
+    a local path; anything else must be an existing file, so a typo in a path is a
+    DataError rather than a network request."""
+    s = os.path.expanduser(os.fspath(path_or_id))
+    if not isinstance(path_or_id, Path) and not os.path.exists(s) and _HUB_ID.fullmatch(s) \
+            and not s.lower().endswith(_LOCAL_SUFFIXES):
+        return None
+    path = Path(s)
+    if path.is_dir():
+        raise DataError("is a directory; expected a JSON or JSONL file of records", file=str(path))
+    if not path.exists():
+        raise DataError("no such file (a data set on the Hugging Face Hub is given as 'org/name')",
+                        file=str(path))
+    return path.resolve()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (for messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BadLine:
+    """A JSONL line that is not valid JSON; it becomes its record's error."""
+
+    reason: str
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; errors for a non-UTF-8 file or a broken gzip file."""
+    try:
+        if path.name.lower().endswith(".gz"):
+            import gzip
+
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read the file: {e}", file=str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line} (byte offset {e.start}); "
+            "save the file as UTF-8",
+            file=str(path),
+        ) from None
+    return text[1:] if text.startswith("\ufeff") else text  # a byte-order mark
+
+
+def _runs_off_end(text: str, e: json.JSONDecodeError) -> bool:
+    """Whether the parser needed more text: the document is cut short."""
+    return e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+
+
+def _json_error(text: str, e: json.JSONDecodeError) -> str:
+    if _runs_off_end(text, e):
+        return (f"truncated: the file ends at line {e.lineno} before the JSON is complete "
+                "(an unclosed array, object or string)")
+    return f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+
+
+def read_records(path: Path) -> tuple[list, list[int] | None]:
+    """The raw records of a local file and, for JSON Lines, each record's line number.
+
+    A ``.json`` file holds a JSON array of records (or ``{"data": [...]}``); a
+    ``.jsonl`` file (or a ``.json`` file whose content is JSON Lines) one record per
+    line, blank lines ignored.  A JSONL line that is not valid JSON becomes a
+    :class:`_BadLine` in its place, so it is that record's error and the other lines
+    are read as usual.  Values keep their JSON types (nothing is coerced)."""
+    text = _read_text(path)
+    if not text.strip():
         raise DataError("the file is empty", file=str(path))
-    if stripped.startswith("["):
+    jsonl = path.name.lower().endswith((".jsonl", ".jsonl.gz"))
+    if not jsonl:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            reason = f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-            raise DataError(reason, file=str(path)) from e
+            if text.lstrip().startswith("{") and e.msg == "Extra data":
+                jsonl = True  # JSON Lines in a file named .json
+            else:
+                raise DataError(_json_error(text, e), file=str(path)) from None
+    if not jsonl:
+        if isinstance(data, dict) and set(data) == {"data"} and isinstance(data["data"], list):
+            data = data["data"]
+        if isinstance(data, dict):
+            raise DataError(
+                "the top level is a JSON object; expected a list of records: a JSON array "
+                "[{...}, {...}] or one object per line (JSON Lines, .jsonl)",
+                file=str(path),
+            )
         if not isinstance(data, list):
-            raise DataError("expected a JSON array of records", file=str(path))
-        return data
-    if stripped.startswith("{"):
-        # A single JSON object, or JSON Lines.
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = _MISSING
-        if data is not _MISSING:
-            return [data]
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+            raise DataError(f"the top level is a JSON {_json_type(data)}; expected a JSON array of records",
+                            file=str(path))
+        return data, None
+    rows, lines = [], []
+    physical = text.split("\n")
+    for lineno, line in enumerate(physical, start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON on line {lineno}: {e.msg}", file=str(path)) from e
-    return rows
-
-
-def _read_local(path: Path) -> list:
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        return ds.to_list()
-    except Exception:
-        # Fallback to the stdlib json module when `datasets` cannot build a table from
-        # the file: invalid JSON (the stdlib parser then names the line), an empty
-        # array, or heterogeneous nested fields for which no Arrow schema can be
-        # inferred.  `datasets` also fills keys absent from a record with None, which
-        # validation treats the same as a missing key.
-        return _read_json_stdlib(path)
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+            last = lineno == len(physical)  # no newline after it: the file ends inside it
+            if last and _runs_off_end(line, e):
+                reason = "truncated: the file ends inside this record"
+            else:
+                reason = f"invalid JSON at column {e.colno}: {e.msg}"
+            rows.append(_BadLine(reason))
+        lines.append(lineno)
+    return rows, lines
 
 
 def _read_hub(hub_id: str, split: str) -> list:
@@ -611,6 +693,28 @@ def _read_hub(hub_id: str, split: str) -> list:
 
     ds = datasets.load_dataset(hub_id, split=split)
     return ds.to_list()
+
+
+def request_hash(request: EditRequest) -> str:
+    """Content hash of a request: every field but ``source`` (where it was read from).
+    Two requests with equal hashes are the same edit with the same probes."""
+    fields = dataclasses.asdict(request)
+    del fields["source"]
+    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=list)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def find_duplicates(requests: Sequence[EditRequest]) -> list[str]:
+    """One line per request whose content repeats an earlier one of the list."""
+    first: dict[str, str] = {}
+    out = []
+    for r in requests:
+        h = request_hash(r)
+        if h in first:
+            out.append(f"{r.source} repeats {first[h]}")
+        else:
+            first[h] = r.source
+    return out
 
 
 def load_requests(
@@ -624,51 +728,54 @@ def load_requests(
     """Load and validate edit requests from a local JSON/JSONL file or a hub data set.
 
     Args:
-      path_or_id: a local ``.json``/``.jsonl`` file, read with
-        ``datasets.load_dataset("json", ...)``; anything that is not an existing path
-        (nor looks like one) is taken as a hub id for ``datasets.load_dataset(id,
-        split=split)``.
+      path_or_id: a local ``.json``/``.jsonl`` file (optionally ``.gz``), read with the
+        standard library's ``json`` (see :func:`read_records`); a hub id ``org/name``
+        that is not a local path is read with ``datasets.load_dataset(id,
+        split=split)``.  A missing path or a directory is a DataError.
       fmt: one of :data:`FORMATS` (``"rome"`` is accepted for ``"counterfact_rome"``).
       split: split of a hub data set (ignored for local files).
-      skip_invalid: skip invalid records and record why in ``LoadResult.skipped``
-        instead of raising :class:`DataError`.
+      skip_invalid: skip invalid records (and malformed JSONL lines) and list why in
+        ``LoadResult.skipped`` instead of raising :class:`DataError`.
       limit: read at most this many records (file entries; an MQuAKE case gives one
         request per rewrite).
 
     Every record is validated before returning; without ``skip_invalid`` the first
     invalid record raises a DataError (its message also says how many other
-    records are invalid).
+    records are invalid).  A bad field is only its own record's error.  Requests
+    whose content repeats an earlier one are kept and listed in
+    ``LoadResult.duplicates``.
     """
     fmt = _ALIASES.get(fmt, fmt)
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        raise UserError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise UserError(f"limit must be >= 0, got {limit}")
 
-    if _is_local(path_or_id):
-        path = Path(os.path.expanduser(os.fspath(path_or_id)))
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        rows = _read_local(path)
+    path = resolve_data_path(path_or_id)
+    lines = None
+    if path is not None:
+        rows, lines = read_records(path)
         file_label, name = str(path), path.name
     else:
         hub_id = os.fspath(path_or_id)
         rows = _read_hub(hub_id, split)
         file_label = name = f"{hub_id}[{split}]"
-
-    # {"data": [...]}: a single object wrapping the record list.
-    first = rows[0] if len(rows) == 1 else None
-    if isinstance(first, dict) and set(first) == {"data"} and isinstance(first["data"], list):
-        rows = first["data"]
     if not rows:
-        raise DataError("no records", file=file_label)
+        raise DataError("no records (an empty list)", file=file_label)
+
+    def ctx_of(i: int) -> _Ctx:
+        return _Ctx(file_label, i, line=lines[i] if lines is not None else None)
 
     if fmt in ("auto", "user"):
         allowed = ("zsre", "counterfact") if fmt == "user" else None
+        first = next((i for i, r in enumerate(rows) if isinstance(r, dict)), None)
+        if first is None:
+            raise ctx_of(0).error(None, f"no record is a JSON object (record 0 is "
+                                        f"{_json_type(rows[0]) if not isinstance(rows[0], _BadLine) else 'invalid JSON'})")
         try:
-            kind = detect_format(rows[0], allowed=allowed)
+            kind = detect_format(rows[first], allowed=allowed)
         except DataError as e:
-            raise DataError(e.reason, file=file_label, index=0, field=e.field) from None
+            raise ctx_of(first).error(e.field, e.reason) from None
     else:
         kind = fmt
     require_true = fmt != "user"
@@ -679,11 +786,13 @@ def load_requests(
     requests: list[EditRequest] = []
     errors: list[DataError] = []
     for i, row in enumerate(selected):
-        ctx = _Ctx(file_label, i)
+        ctx = ctx_of(i)
         source = f"{name}#{i}"
         try:
+            if isinstance(row, _BadLine):
+                raise ctx.error(None, row.reason)
             if not isinstance(row, dict):
-                raise ctx.error("<record>", f"expected a JSON object, got {type(row).__name__}")
+                raise ctx.error(None, f"the record is {_json_type(row)}; expected a JSON object")
             ctx.case_id = _case_id_of(row, ctx)
             if kind == "zsre":
                 reqs = _parse_zsre(row, ctx, source, require_true)
@@ -699,8 +808,15 @@ def load_requests(
         requests.extend(reqs)
 
     if not skip_invalid:
-        raise_first(errors, "invalid record(s)", "skip_invalid=True skips them")
-    return LoadResult(requests=requests, skipped=[str(e) for e in errors])
+        raise_first(errors, "invalid record(s)", "--skip-invalid (skip_invalid=True) skips them")
+    return LoadResult(
+        requests=requests,
+        skipped=[str(e) for e in errors],
+        duplicates=find_duplicates(requests),
+        path=str(path) if path is not None else file_label,
+        sha256=file_sha256(path) if path is not None else None,
+        n_records=len(selected),
+    )
 
 
 # --------------------------------------------------------------------------- #
