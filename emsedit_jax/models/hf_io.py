@@ -119,6 +119,25 @@ def _full(ndim: int) -> tuple[slice, ...]:
     return (slice(None),) * ndim
 
 
+def _assemble(shape: tuple[int, ...], sharding, dtype, block) -> jax.Array:
+    """The array of global `shape` on `sharding`, built from this process's devices'
+    slices: each distinct slice (a replicated one once) is read by `block(index)` and
+    sent to its devices before the next is read, so the host holds one slice at a time.
+    (`jax.make_array_from_callback` does the same but gathers every slice of the
+    process before sending any.)"""
+    groups: dict[tuple, tuple[tuple[slice, ...], list]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        index = tuple(index) + _full(len(shape) - len(index))
+        key = tuple(range(n)[i] for n, i in zip(shape, index))
+        groups.setdefault(key, (index, []))[1].append(device)
+    arrays = []
+    for index, devices in groups.values():
+        host = np.asarray(block(index), dtype)
+        arrays += [jax.device_put(host, d) for d in devices]
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: bool = False,
                 shardings: Params | None = None) -> Params:
     """Reads every tensor the config needs, checks shapes and finiteness, and builds the
@@ -127,9 +146,9 @@ def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: b
 
     `shardings`: None (every array whole on the default device), or a tree of
     `jax.sharding.Sharding`s shaped like the parameters (e.g. `sharding.param_shardings(
-    abstract_params(cfg, dtype, stacked), mesh)`); each array is then built with
-    `jax.make_array_from_callback` from the slices its devices need, read from the files
-    slice by slice (a transposed tensor by reading the transposed slice)."""
+    abstract_params(cfg, dtype, stacked), mesh)`); each array is then assembled from the
+    slices this process's devices hold, read from the files slice by slice (a transposed
+    tensor by reading the transposed slice), one slice in host memory at a time."""
     files = {_canonical(cfg, k): (k, f) for k, f in _weight_files(folder).items()}
     tables: dict[Path, dict[str, st.TensorInfo]] = {}
     want = abstract_params(cfg, dtype, stacked=stacked)
@@ -150,9 +169,9 @@ def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: b
         return f, orig
 
     def read(source: tuple[Path, str], index: tuple[slice, ...], transpose: bool) -> np.ndarray:
-        """index: a slice per dimension of our layout -> that slice, float32."""
+        """index: a slice per dimension of our layout -> that slice, in the file's dtype."""
         f, orig = source
-        arr = np.asarray(st.read(f, orig, tuple(reversed(index)) if transpose else index), np.float32)
+        arr = st.read(f, orig, tuple(reversed(index)) if transpose else index)
         if not np.isfinite(arr).all():
             raise CheckpointError(f"{f}: tensor {orig!r} contains NaN or infinite values")
         return arr.T if transpose else arr
@@ -168,15 +187,13 @@ def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: b
                 index = tuple(index) + _full(len(shape) - len(index))
                 picked = range(len(layers))[index[0]]
                 out = np.empty((len(picked), *[len(range(n)[i]) for n, i in zip(shape[1:], index[1:])]),
-                               np.float32)
+                               np.dtype(dtype))
                 for j, layer in enumerate(picked):      # one layer's slice at a time
                     out[j] = read(layers[layer], index[1:], transpose)
                 return out
         if shardings is None:
             return jnp.asarray(block(_full(len(shape))), dtype)
-        target = get_path(shardings, path)
-        return jax.make_array_from_callback(
-            shape, target, lambda index: block(tuple(index) + _full(len(shape) - len(index))).astype(dtype))
+        return _assemble(shape, get_path(shardings, path), dtype, block)
 
     params: Params = {} if stacked else {"layers": tuple({} for _ in range(cfg.num_layers))}
     used = set()
