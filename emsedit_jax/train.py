@@ -249,7 +249,7 @@ def _validate(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, state: Editor
     """(ES + GS + LS on `val_split`, the editor, batches trained); the scores join `history`."""
     from .evaluate import run_protocol
     res = run_protocol(model, ecfg, state, val_split, protocol=tcfg.protocol, num_seq=tcfg.num_seq,
-                       n_edits=tcfg.n_edits, metric=metric, progress=False, key_prior=key_prior)
+                       n_edits=tcfg.n_edits, metric=metric, progress=False, key_prior=key_prior, prob_scores=False)
     score = float(sum(res.metrics.values()))
     history.append({"validation_after_batches": batches, **res.metrics})
     kept = jax.tree.map(lambda x: x.copy(), (state.nets, state.stats))   # train_step donates the nets

@@ -123,7 +123,8 @@ def run(args):
         for part in args.parts.split(","):
             split = encode_split(model.tokenizer, parts[part])
             r = run_protocol(model, vcfg, res.state, split, protocol=args.protocol, num_seq=args.num_seq,
-                             n_edits=args.n_edits, metric=METRIC[args.dataset], progress=False, key_prior=prior)
+                             n_edits=args.n_edits, metric=METRIC[args.dataset], progress=False, key_prior=prior,
+                             prob_scores=False)
             row = {"dataset": args.dataset, "config": args.name, "variant": vname, "part": part,
                    "seed": args.seed, "protocol": f"{args.protocol} {args.num_seq}x{args.n_edits}",
                    "metrics": r.metrics, "baseline": r.baseline, "prior_source": source,

@@ -19,7 +19,10 @@ from .tokenize import (
     TeacherForced,
     check_lengths,
     encode,
+    encode_texts,
     pad_id_of,
+    prompt_ids,
+    target_ids,
     subject_last_token,
 )
 
@@ -38,6 +41,9 @@ __all__ = [
     "TeacherForced",
     "check_lengths",
     "encode",
+    "encode_texts",
     "pad_id_of",
+    "prompt_ids",
+    "target_ids",
     "subject_last_token",
 ]
