@@ -25,7 +25,10 @@ DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "de
 
 def default_modules(cfg) -> tuple[str, ...]:
     """Six consecutive MLP input projections: layers 18-23 of a 30-layer LLaMA-style
-    model (0.6 of the depth), the last six layers of GPT-2 / GPT-J."""
+    model (0.6 of the depth), the last six layers of GPT-2 / GPT-J; for a Flax model
+    (--model package.module:factory), the edit paths its factory gave `from_nnx`."""
+    if cfg.family == "nnx":
+        return cfg.modules
     n = cfg.num_layers
     if cfg.family == "llama":
         start = min(max(0, round(0.6 * n)), max(0, n - 6))
@@ -40,6 +43,10 @@ def parse_modules(spec: str | None, layers: str | None, module: str | None, cfg)
     base = default_modules(cfg)
     if layers is None and module is None:
         return base
+    if cfg.family == "nnx":
+        from .errors import UserError
+        raise UserError("--layers/--module name layers of Hugging Face models; for a Flax model pass --modules "
+                        "(module paths like layers.18.mlp.up_proj)")
     suffix = module or base[0].split(".", 3)[-1]
     if layers:
         lo, _, hi = layers.partition("-")
@@ -55,6 +62,12 @@ def _load_model(args):
     import jax.numpy as jnp
 
     from .models import load_model
+    from .models.flax_nnx import from_factory, is_factory
+    if is_factory(args.model):
+        if args.dtype != "float32" or args.residual_dtype:
+            from .errors import UserError
+            raise UserError("--dtype/--residual-dtype apply to checkpoints; a model factory sets its own dtypes")
+        return from_factory(args.model)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else None)
     return load_model(args.model, dtype=dtype, residual=residual)
@@ -287,6 +300,10 @@ def cmd_edit(args) -> dict:
     from .models import apply_deltas, save_hf
     from .pipeline import encode_split
     model = _load_model(args)
+    if args.save and model.config.family == "nnx":
+        from .errors import UserError
+        raise UserError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
+                        "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
     ecfg, state, _ = load_editor(args.editor, model.config)
     facts = [EditRequest(prompt=p, target_new=t, rephrase=p, loc_prompt=p, loc_answer=t, source=f"--fact {i}")
              for i, (p, t) in enumerate(args.fact)]
@@ -341,7 +358,8 @@ def cmd_demo(args) -> dict:
 
 # ---------------------------------------------------------------- parser
 def _add_model(p):
-    p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id")
+    p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id, or "
+                   "package.module:factory returning a Model (a Flax NNX model: models.flax_nnx.from_nnx)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM parameter dtype")
     p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
                    help="dtype of the residual stream (default: float32; with --dtype bfloat16 every matmul still "
