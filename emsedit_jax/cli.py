@@ -21,8 +21,9 @@ from .errors import UserError
 # Token accuracy ("zsre") for data whose locality prompts are unrelated facts with their
 # own answers (the demo); the logit comparison of DESIGN.md for CounterFact.
 DATASET_METRIC = {"zsre": "zsre", "counterfact": "counterfact", "mquake": "counterfact", "demo": "zsre",
-                  "user": "zsre"}
-DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "demo": "counterfact", "user": "user"}
+                  "user": "zsre", "knowedit": "zsre"}
+DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "demo": "counterfact", "user": "user",
+                  "knowedit": "knowedit"}
 
 
 def default_modules(cfg) -> tuple[str, ...]:
@@ -121,20 +122,24 @@ def demo_data_path() -> Path:
 
 
 def _print_table(metrics: dict, baseline: dict, title: str) -> str:
-    lines = [f"{title}", "", "| model | ES | GS | LS |", "|---|---:|---:|---:|",
-             "| unedited | " + " | ".join(f"{baseline[k]:.1f}" for k in ("ES", "GS", "LS")) + " |",
-             "| edited | " + " | ".join(f"{metrics[k]:.1f}" for k in ("ES", "GS", "LS")) + " |"]
+    """One row per metric computed, the unedited model beside the edited one."""
+    from .metrics import unit
+
+    def cell(d, k):
+        return "-" if k not in d else f"{d[k]:.2f}" if unit(k) == "bits" else f"{d[k]:.1f}"
+    lines = [f"{title}", "", "| metric | unit | unedited | edited |", "|---|---|---:|---:|"]
+    lines += [f"| {k} | {unit(k)} | {cell(baseline, k)} | {cell(metrics, k)} |" for k in metrics]
     text = "\n".join(lines)
     print(text)
     return text
 
 
-def _check_tokenised(model, train, test, skip_invalid):
+def _check_tokenised(model, train, test, skip_invalid, chat_template=False):
     """Validates lengths of every request before any long work."""
     from .data import check_lengths
     out = []
     for reqs in (train, test):
-        res = check_lengths(model.tokenizer, reqs, skip_invalid=skip_invalid)
+        res = check_lengths(model.tokenizer, reqs, skip_invalid=skip_invalid, chat_template=chat_template)
         if res.skipped:
             print(f"skipped {len(res.skipped)} over-long request(s)", file=sys.stderr)
         out.append(res.requests)
@@ -183,10 +188,11 @@ def cmd_train(args) -> dict:
     from .pipeline import encode_split
     from .train import train
     resolve_schedule(args)
+    args.chat_template = bool(args.chat_template)
     mesh = _scale_setup(args)
     model = _load_model(args)
     train_reqs, test_reqs, data = _load_data(args)
-    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid)
+    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
     ecfg = train_editor_config(args, model.config)
     tcfg = train_config(args)
     residual = model.config.residual_dtype or args.dtype
@@ -195,17 +201,17 @@ def cmd_train(args) -> dict:
     identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
                 "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
                 "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
-                "dtype": args.dtype, "residual_dtype": residual}
+                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template}
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
-                "remat": args.remat, "data_files": data}
+                "remat": args.remat, "chat_template": args.chat_template, "data_files": data}
     print("configuration:", json.dumps({"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
                                          **{k: v for k, v in run_meta.items() if k != "data_files"}}, indent=1))
     t0 = time.perf_counter()
-    result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs), args.out, run_meta=run_meta,
-                   identity=identity, model_name=model_name(args.model), progress=not args.quiet, mesh=mesh,
-                   remat=args.remat)
+    result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs, chat_template=args.chat_template),
+                   args.out, run_meta=run_meta, identity=identity, model_name=model_name(args.model),
+                   progress=not args.quiet, mesh=mesh, remat=args.remat)
     summary = {"train_seconds_per_edit": result.seconds_per_edit, "compile_seconds": result.compile_seconds,
                "wall_seconds": time.perf_counter() - t0, "editor": str(Path(args.out) / "editor")}
     print(json.dumps(summary, indent=1))
@@ -213,9 +219,10 @@ def cmd_train(args) -> dict:
 
 
 def _editor_defaults(args, record):
-    """Fills options not given from the editor's training record: the model, and the data
-    and split unless --data names other data (then nothing of the training data is kept)."""
-    keys = ["model_name", "skip_invalid"]
+    """Fills options not given from the editor's training record: the model and whether
+    prompts are wrapped in its chat template, and the data and split unless --data
+    names other data (then nothing of the training data is kept)."""
+    keys = ["model_name", "skip_invalid", "chat_template"]
     if args.data is None:
         keys += ["dataset", "data", "test_data", "n_train", "n_test", "split_seed"]
     for key in keys:
@@ -274,7 +281,8 @@ def cmd_evaluate(args) -> dict:
     train_reqs, test_reqs, data = _load_data(args)
     test_reqs, overlap = _exclude_trained(args, record, data, test_reqs)
     train_reqs, test_reqs = _check_tokenised(model, train_reqs if ecfg.loc_prior else [], test_reqs,
-                                             args.skip_invalid)
+                                             args.skip_invalid, args.chat_template)
+    chat = bool(args.chat_template)
     config = {"editor": dataclasses.asdict(ecfg), "protocol": args.protocol, "num_seq": args.num_seq,
               "n_edits": args.n_edits, "model": args.model, "dataset": args.dataset, "data": args.data,
               "test_data": args.test_data, "n_train": args.n_train, "n_test": args.n_test,
@@ -282,7 +290,8 @@ def cmd_evaluate(args) -> dict:
               "residual_dtype": model.config.residual_dtype or args.dtype, "editor_dir": str(args.editor),
               "train": record.get("train"), "mesh": args.mesh, "remat": args.remat,
               "capture_chunk": args.capture_chunk, "buckets": args.buckets,
-              "loc_prior_requests": len(train_reqs) if ecfg.loc_prior else None, **overlap}
+              "loc_prior_requests": len(train_reqs) if ecfg.loc_prior else None, "chat_template": chat,
+              "fluency_tokens": args.fluency, "per_request": args.per_request, **overlap}
     print("configuration:", json.dumps(config, indent=1))
     key_prior, prior_s = None, None
     if ecfg.loc_prior:         # C0 from the training requests' locality prompts, never the test ones
@@ -290,19 +299,19 @@ def cmd_evaluate(args) -> dict:
             raise SystemExit("--loc-prior needs training requests (the editor's --data split, or --data with "
                              "--test-data) to estimate C0 from")
         t0 = time.perf_counter()
-        key_prior = locality_gram(model, ecfg, encode_split(model.tokenizer, train_reqs), n_edits=args.n_edits,
-                                  progress=not args.quiet)
+        key_prior = locality_gram(model, ecfg, encode_split(model.tokenizer, train_reqs, chat_template=chat),
+                                  n_edits=args.n_edits, progress=not args.quiet)
         prior_s = time.perf_counter() - t0
     if args.dataset == "mquake":
         result = mquake_accuracy(model, ecfg, state, test_reqs, n_cases=args.n_edits * args.num_seq,
-                                 progress=not args.quiet, key_prior=key_prior)
+                                 progress=not args.quiet, key_prior=key_prior, chat_template=chat)
         out = {"metrics": result, "config": config, "data_files": data}
     else:
-        split = encode_split(model.tokenizer, test_reqs)
+        split = encode_split(model.tokenizer, test_reqs, chat_template=chat)
         res = run_protocol(model, ecfg, state, split, protocol=args.protocol, num_seq=args.num_seq,
                            n_edits=args.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=args.full_curve,
                            progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=args.capture_chunk,
-                           buckets=args.buckets, key_prior=key_prior)
+                           buckets=args.buckets, key_prior=key_prior, fluency_tokens=args.fluency)
         out = {"metrics": res.metrics, "baseline": res.baseline,
                "timing": {"train_seconds_per_edit": record.get("train_seconds_per_edit"),
                           "edit_seconds_per_edit": res.edit_seconds_per_edit,
@@ -311,7 +320,14 @@ def cmd_evaluate(args) -> dict:
                "config": config, "n_requests": res.n_requests, "curve": res.curve, "data_files": data}
         _print_table(res.metrics, res.baseline, f"{args.dataset} {args.protocol} {args.num_seq}x{args.n_edits}")
         if args.plot and res.curve:
-            plot_curve(res.curve, args.plot)
+            plot_curve(res.curve, args.plot, res.baseline)
+        if args.per_request:
+            from .evaluate import per_request_lines
+            Path(args.per_request).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.per_request, "w", encoding="utf-8") as f:
+                for line in per_request_lines(res, split.requests):
+                    f.write(json.dumps(line) + "\n")
+            print(f"wrote {args.per_request} ({res.n_requests} requests)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
@@ -319,36 +335,40 @@ def cmd_evaluate(args) -> dict:
     return out
 
 
-def plot_curve(curve: list[dict], path: str) -> None:
+def plot_curve(curve: list[dict], path: str, baseline: dict | None = None) -> None:
+    """One panel per metric of the curve: its value after each edited batch (over every
+    request edited so far), the unedited model's value as a dashed line."""
+    import math
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+
+    from .metrics import unit
+    names = [k for k in curve[-1] if k != "batches"]
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
     x = [c["batches"] for c in curve]
-    for k in ("ES", "GS", "LS"):
-        ax.plot(x, [c[k] for c in curve], marker="o", label=k)
-    ax.set_xlabel("edited batches")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.legend()
+    for ax, k in zip(axes.flat, names):
+        ax.plot(x, [c.get(k, float("nan")) for c in curve], marker="o", label="edited")
+        if baseline and k in baseline:
+            ax.axhline(baseline[k], color="grey", linestyle="--", label="unedited")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("edited batches", fontsize=8)
+        ax.set_ylabel(unit(k), fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
-def _complete(model, prompts: Sequence[str], params, max_new_tokens: int) -> list[str]:
-    import numpy as np
-
-    from .models import greedy_generate
-    enc = [model.tokenizer(p)["input_ids"] for p in prompts]
-    s = max(map(len, enc))
-    ids = np.zeros((len(enc), s), np.int32)
-    mask = np.zeros_like(ids)
-    for i, e in enumerate(enc):
-        ids[i, :len(e)] = e
-        mask[i, :len(e)] = 1
-    out = greedy_generate(model.config, params, ids, mask, max_new_tokens, model.tokenizer.pad_token_id or 0)
-    return [model.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+def _complete(model, prompts: Sequence[str], params, max_new_tokens: int, chat_template: bool = False) -> list[str]:
+    from .evaluate import generate
+    return generate(model, params, list(prompts), max_new_tokens, chat_template=chat_template, chunk=len(prompts))
 
 
 def _load_editor_for(args, model):
@@ -372,18 +392,19 @@ def cmd_edit(args) -> dict:
     from .models import apply_deltas, save_hf
     from .pipeline import encode_split
     model = _load_model(args)
-    ecfg, state, _ = _load_editor_for(args, model)
+    ecfg, state, record = _load_editor_for(args, model)
+    chat = bool(args.chat_template or record.get("chat_template"))     # as the editor was trained
     facts = [EditRequest(prompt=p, target_new=t, rephrase=p, loc_prompt=p, loc_answer=t, source=f"--fact {i}")
              for i, (p, t) in enumerate(args.fact)]
-    split = encode_split(model.tokenizer, facts)
+    split = encode_split(model.tokenizer, facts, chat_template=chat)
     rows = np.arange(len(facts))
     layout = split.layout([rows])
     deltas, _ = edit_batch(state, model.params, split.batch(rows, layout).edit, zero_deltas(ecfg, model.config),
                            ecfg=ecfg, lcfg=model.config, n_answer=layout.edit.n_answer)
     prompts = [p for p, _ in args.fact] + list(args.prompt or [])
     edited = apply_deltas(model.config, model.params, deltas)
-    before = _complete(model, prompts, model.params, args.max_new_tokens)
-    after = _complete(model, prompts, edited, args.max_new_tokens)
+    before = _complete(model, prompts, model.params, args.max_new_tokens, chat)
+    after = _complete(model, prompts, edited, args.max_new_tokens, chat)
     for p, b, a in zip(prompts, before, after):
         print(f"{p!r}\n  before: {b!r}\n  after:  {a!r}")
     if args.save:
@@ -397,7 +418,7 @@ def cmd_generate(args) -> dict:
     model = _load_model(args)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    outs = _complete(model, args.prompt, model.params, args.max_new_tokens)
+    outs = _complete(model, args.prompt, model.params, args.max_new_tokens, bool(args.chat_template))
     t_gen = time.perf_counter() - t1
     for p, o in zip(args.prompt, outs):
         print(f"{p!r} -> {o!r}")
@@ -432,6 +453,10 @@ def _add_model(p):
                    help="dtype of the residual stream (default: float32; with --dtype bfloat16 every matmul still "
                         "runs in bfloat16); bfloat16 = transformers' all-bfloat16 numerics")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--chat-template", action="store_true", default=None,
+                   help="wrap every prompt in the tokenizer's chat template (one user turn, then the assistant "
+                        "header) for instruct models; default raw prompts (evaluate and edit: as the editor was "
+                        "trained)")
 
 
 def _add_scale(p, capture_chunk: bool = False):
@@ -529,7 +554,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "requests' locality prompts: dW = (U^T U + e^lamda I + NU C0 + MU G)^-1 U^T D (needs --key-memory; "
                    "an extension, default 0)")
     p.add_argument("--buckets", type=int, default=1, help="distinct edit-batch shapes (less padding, more compiles)")
-    p.add_argument("--plot", default=None, help="PNG of the sequential curve (implies --full-curve)")
+    p.add_argument("--plot", default=None, help="PNG of every metric's curve over the stream, unedited beside "
+                   "(implies --full-curve)")
+    p.add_argument("--per-request", default=None, metavar="FILE.jsonl",
+                   help="also write one line per edited request: its id, batch and position in the stream, and "
+                        "every metric edited and unedited")
+    p.add_argument("--fluency", type=int, default=0, metavar="TOKENS",
+                   help="also score fluency: n-gram entropy of TOKENS greedily generated tokens on each request's "
+                        "generation prompts (the edit prompt when it has none), edited and unedited (default 0: "
+                        "off; slow)")
     p.add_argument("--out", default=None, help="results.json")
     _add_scale(p, capture_chunk=True)
     p.set_defaults(func=cmd_evaluate)

@@ -23,7 +23,10 @@ from .tokenize import (
     TeacherForced,
     check_lengths,
     encode,
+    encode_texts,
     pad_id_of,
+    prompt_ids,
+    target_ids,
 )
 
 __all__ = [
@@ -45,5 +48,8 @@ __all__ = [
     "TeacherForced",
     "check_lengths",
     "encode",
+    "encode_texts",
     "pad_id_of",
+    "prompt_ids",
+    "target_ids",
 ]

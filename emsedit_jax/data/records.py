@@ -12,16 +12,26 @@ Supported formats (``fmt``):
 ``"zsre"``
     ZsRE in the MEND format: ``src`` (prompt), ``alt`` (new target), ``rephrase``,
     ``loc`` (locality prompt, kept as is with its ``"nq question: "`` prefix),
-    ``loc_ans``, ``answers`` (``answers[0]`` is the true answer), ``subject``.
+    ``loc_ans``, ``answers`` (``answers[0]`` is the true answer), ``subject``;
+    optionally EasyEdit's ``portability`` (below).
 ``"counterfact"``
     CounterFact, flat EasyEdit/MEND format: ``prompt``, ``target_new``,
     ``ground_truth``, ``subject``, ``rephrase_prompt``, ``locality_prompt``,
-    ``locality_ground_truth``, ``case_id``.
+    ``locality_ground_truth``, ``case_id``; optionally ``portability``.
 ``"counterfact_rome"`` (alias ``"rome"``)
     CounterFact, ROME/MEMIT format: ``requested_rewrite{prompt, subject,
     target_new{str}, target_true{str}}``, ``paraphrase_prompts[]``,
-    ``neighborhood_prompts[]``.  The first paraphrase is the rephrase, the first
-    neighbourhood prompt the locality prompt, whose answer is the true target.
+    ``neighborhood_prompts[]``, optionally ``generation_prompts[]``.  The first
+    paraphrase is the rephrase, the first neighbourhood prompt the locality prompt,
+    whose answer is the true target; all of them are kept (``paraphrases``,
+    ``neighbours``) for the probability scores.
+``"knowedit"``
+    EasyEdit's KnowEdit records: ``prompt``, ``target_new``, ``subject``,
+    ``ground_truth`` (optional: a string, a list of aliases or a list of alias
+    lists; the first string is the true target), ``rephrase_prompt`` /
+    ``paraphrase_prompt`` / ``rephrase`` (optional: the prompt itself when absent),
+    the locality probe as ``locality_prompt`` + ``locality_ground_truth`` or a
+    ``locality`` object of kinds (its first item), and ``portability``.
 ``"mquake"``
     MQuAKE: one request per entry of ``requested_rewrite[]``, all with the case's
     ``case_id``; the case's multi-hop ``questions`` and ``new_answer`` go on its
@@ -32,7 +42,14 @@ Supported formats (``fmt``):
     field names (detected from the first record).  Unlike the standard formats the
     true target (``ground_truth`` / ``answers``) may be left out.
 ``"auto"``
-    Detect one of the four standard formats from the first record's keys.
+    Detect one of the standard formats from the first record's keys.
+
+``portability`` (ZsRE, flat CounterFact, KnowEdit) comes in two shapes: one object
+``{"New Question": ..., "New Answer": ...}`` (EasyEdit's ZsRE; kind
+``"portability"``), or KnowEdit's object of kinds, ``{"Reasoning": [{"prompt": ...,
+"ground_truth": ...}, ...], "Subject_Aliasing": [...], ...}`` (an item's
+``ground_truth`` in any of the forms above).  Each item becomes a (kind, question,
+answer) triple of ``EditRequest.portability``.
 
 Surrounding whitespace is stripped from every text field: the tokenisation adds
 exactly one space between a prompt and its target (some ZsRE ``alt`` targets and the
@@ -77,6 +94,12 @@ class EditRequest:
     of each case: the multi-hop questions and the answer expected once all the
     case's edits are applied.  ``source`` says where the request came from
     (``"file.json#12"``) and is used in error messages.
+
+    Optional extras, read when a file has them: ``paraphrases`` / ``neighbours``, all
+    the paraphrase / neighbourhood prompts of a ROME-format record (``rephrase`` and
+    ``loc_prompt`` are the first ones; a neighbour's answer is ``target_true``);
+    ``generation_prompts`` for the fluency measure; ``portability``, (kind, question,
+    answer) triples whose answers should follow from the edit.
     """
 
     prompt: str
@@ -90,6 +113,10 @@ class EditRequest:
     hop_questions: tuple[str, ...] = ()
     hop_answer: str | None = None
     source: str = ""
+    paraphrases: tuple[str, ...] = ()
+    neighbours: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    portability: tuple[tuple[str, str, str], ...] = ()
 
 
 class DataError(UserError):
@@ -160,12 +187,21 @@ class LoadResult:
         return iter(self.requests)
 
 
-FORMATS = ("auto", "zsre", "counterfact", "counterfact_rome", "mquake", "user")
+FORMATS = ("auto", "zsre", "counterfact", "counterfact_rome", "mquake", "knowedit", "user")
 _ALIASES = {
     "rome": "counterfact_rome",
     "cf": "counterfact",
     "counterfact_flat": "counterfact",
     "zsre_mend": "zsre",
+    "easyedit": "knowedit",
+}
+# What detection looks for, per format (for the message when nothing matches).
+_EXPECTED = {
+    "zsre": "src, alt, rephrase, loc, loc_ans, answers",
+    "counterfact": "prompt, target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth",
+    "counterfact_rome": "requested_rewrite{...}, paraphrase_prompts, neighborhood_prompts",
+    "mquake": "requested_rewrite[...], questions, new_answer",
+    "knowedit": "prompt, target_new, and a locality or portability object",
 }
 _ZSRE_KEYS = frozenset({"src", "alt", "rephrase", "loc", "loc_ans", "answers"})
 _FLAT_KEYS = frozenset(
@@ -269,6 +305,86 @@ def _case_id_of(row: dict, ctx: _Ctx) -> str | int | None:
 # --------------------------------------------------------------------------- #
 
 
+def _first_answer(value: Any, ctx: _Ctx, path: str) -> str:
+    """A KnowEdit answer: a string, a list of aliases or a list of alias lists -> the
+    first string."""
+    while isinstance(value, list) and value:
+        value, path = value[0], f"{path}[0]"
+    if not isinstance(value, str) or not value.strip():
+        raise ctx.error(path, f"expected a non-empty string or a list of them, got {_json_type(value)} "
+                              f"{json.dumps(value)[:60]}")
+    return value.strip()
+
+
+def _kind_items(obj: dict, ctx: _Ctx, path: str) -> list[tuple[str, str, str]]:
+    """KnowEdit's {kind: [{prompt, ground_truth}, ...]} -> (kind, prompt, answer) triples
+    (a kind may also hold a single item object)."""
+    out = []
+    for kind, items in obj.items():
+        if items is None:
+            continue
+        items = [items] if isinstance(items, dict) else items
+        if not isinstance(items, list):
+            raise ctx.error(f"{path}.{kind}", f"expected a list of {{prompt, ground_truth}} objects, got "
+                                              f"{_json_type(items)}")
+        for j, item in enumerate(items):
+            where = f"{path}.{kind}[{j}]"
+            if not isinstance(item, dict):
+                raise ctx.error(where, f"expected a {{prompt, ground_truth}} object, got {_json_type(item)}")
+            prompt = ctx.text(item, "prompt", f"{where}.prompt")
+            out.append((str(kind), prompt, _first_answer(ctx.get(item, "ground_truth", f"{where}.ground_truth"),
+                                                         ctx, f"{where}.ground_truth")))
+    return out
+
+
+def _portability(row: dict, ctx: _Ctx) -> tuple[tuple[str, str, str], ...]:
+    """The record's optional ``portability`` in either shape (module docstring)."""
+    port = ctx.mapping(row, "portability", "portability", required=False)
+    if not port:
+        return ()
+    if "New Question" in port or "New Answer" in port:
+        return (("portability", ctx.text(port, "New Question", "portability.New Question"),
+                 _first_answer(ctx.get(port, "New Answer", "portability.New Answer"), ctx,
+                               "portability.New Answer")),)
+    return tuple(_kind_items(port, ctx, "portability"))
+
+
+def _parse_knowedit(row: dict, ctx: _Ctx, source: str) -> list[EditRequest]:
+    prompt = ctx.text(row, "prompt", "prompt")
+    rephrase = None
+    for key in ("rephrase_prompt", "paraphrase_prompt", "rephrase"):
+        rephrase = rephrase or ctx.text(row, key, key, required=False)
+    truth = ctx.get(row, "ground_truth", "ground_truth", required=False)
+    loc = ctx.mapping(row, "locality", "locality", required=False)
+    if loc and row.get("locality_prompt") is None:
+        items = _kind_items(loc, ctx, "locality")
+        if not items:
+            raise ctx.error("locality", "no {prompt, ground_truth} item in any kind")
+        _, loc_prompt, loc_answer = items[0]
+    else:
+        if row.get("locality_prompt") is None:
+            raise ctx.error("locality", "missing: a locality probe is needed, as a 'locality' object of kinds "
+                                        "({'Relation_Specificity': [{prompt, ground_truth}]}) or "
+                                        "'locality_prompt' + 'locality_ground_truth'")
+        loc_prompt = ctx.text(row, "locality_prompt", "locality_prompt")
+        loc_answer = _first_answer(ctx.get(row, "locality_ground_truth", "locality_ground_truth"), ctx,
+                                   "locality_ground_truth")
+    return [
+        EditRequest(
+            prompt=prompt,
+            target_new=_first_answer(ctx.get(row, "target_new", "target_new"), ctx, "target_new"),
+            rephrase=rephrase or prompt,
+            loc_prompt=loc_prompt,
+            loc_answer=loc_answer,
+            target_true=None if truth is None else _first_answer(truth, ctx, "ground_truth"),
+            subject=ctx.text(row, "subject", "subject", required=False),
+            case_id=ctx.case_id,
+            source=source,
+            portability=_portability(row, ctx),
+        )
+    ]
+
+
 def _parse_zsre(row: dict, ctx: _Ctx, source: str, require_true: bool = True) -> list[EditRequest]:
     subject = ctx.text(row, "subject", "subject", required=False)
     prompt = ctx.text(row, "src", "src")
@@ -291,6 +407,7 @@ def _parse_zsre(row: dict, ctx: _Ctx, source: str, require_true: bool = True) ->
             subject=subject,
             case_id=ctx.case_id,
             source=source,
+            portability=_portability(row, ctx),
         )
     ]
 
@@ -307,6 +424,7 @@ def _parse_flat(row: dict, ctx: _Ctx, source: str, require_true: bool = True) ->
             subject=ctx.text(row, "subject", "subject", required=False),
             case_id=ctx.case_id,
             source=source,
+            portability=_portability(row, ctx),
         )
     ]
 
@@ -336,6 +454,7 @@ def _parse_rome(row: dict, ctx: _Ctx, source: str) -> list[EditRequest]:
     rw = _parse_rewrite(ctx.get(row, "requested_rewrite", "requested_rewrite"), ctx, "requested_rewrite")
     paraphrases = ctx.text_list(row, "paraphrase_prompts", "paraphrase_prompts")
     neighbours = ctx.text_list(row, "neighborhood_prompts", "neighborhood_prompts")
+    generation = ctx.text_list(row, "generation_prompts", "generation_prompts", required=False) or []
     return [
         EditRequest(
             prompt=rw["prompt"],
@@ -348,6 +467,9 @@ def _parse_rome(row: dict, ctx: _Ctx, source: str) -> list[EditRequest]:
             subject=rw["subject"],
             case_id=ctx.case_id,
             source=source,
+            paraphrases=tuple(paraphrases),
+            neighbours=tuple(neighbours),
+            generation_prompts=tuple(generation),
         )
     ]
 
@@ -523,8 +645,9 @@ def detect_format(record: dict, *, allowed: Iterable[str] | None = None) -> str:
     if not isinstance(record, dict):
         raise DataError(f"records must be JSON objects, got {_json_type(record)}")
     keys = {k for k, v in record.items() if v is not None}
-    allowed = set(allowed) if allowed is not None else {"zsre", "counterfact", "counterfact_rome", "mquake"}
+    allowed = set(allowed) if allowed is not None else set(_EXPECTED)
     found = None
+    nested = isinstance(record.get("locality"), dict) or isinstance(record.get("portability"), dict)
     if "requested_rewrite" in keys:
         rw = record["requested_rewrite"]
         if isinstance(rw, list) or "new_answer" in keys or "questions" in keys:
@@ -535,13 +658,18 @@ def detect_format(record: dict, *, allowed: Iterable[str] | None = None) -> str:
         z, f = len(keys & _ZSRE_KEYS), len(keys & _FLAT_KEYS)
         if z > f:
             found = "zsre"
+        elif "knowedit" in allowed and {"prompt", "target_new"} <= keys and (
+                nested or not keys >= _FLAT_KEYS - {"ground_truth"}):
+            found = "knowedit"      # KnowEdit's nested locality/portability, or flat fields left out
         elif f > z:
             found = "counterfact"
     if found is None or found not in allowed:
         hint = " (are the records JSON objects?)" if keys == {"text"} else ""
+        expected = "; ".join(f"{k}: {_EXPECTED[k]}" for k in _EXPECTED if k in allowed)
         raise DataError(
-            f"cannot detect the data format from the first record's keys {sorted(keys)}{hint}; "
-            f"expected one of {sorted(allowed)} (pass fmt=... explicitly)",
+            f"cannot detect the data format: the first record has the fields {sorted(keys)}{hint}; "
+            f"expected the fields of one of the formats ({expected}); pass the format explicitly "
+            "(--dataset / fmt=...)",
             field="<format>",
         )
     return found
@@ -800,6 +928,8 @@ def load_requests(
                 reqs = _parse_flat(row, ctx, source, require_true)
             elif kind == "counterfact_rome":
                 reqs = _parse_rome(row, ctx, source)
+            elif kind == "knowedit":
+                reqs = _parse_knowedit(row, ctx, source)
             else:
                 reqs = _parse_mquake(row, ctx, source, tables)
         except DataError as e:
