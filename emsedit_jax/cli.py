@@ -52,15 +52,16 @@ def parse_modules(spec: str | None, layers: str | None, module: str | None, cfg)
     return tuple(f"{cfg.layer_prefix}.{i}.{suffix}" for i in idx)
 
 
-def _load_model(args):
+def _load_model(args, mesh=None):
     """The --model in --dtype; with bfloat16 parameters the residual stream is float32
-    unless --residual-dtype bfloat16 asks for transformers' all-bfloat16 numerics."""
+    unless --residual-dtype bfloat16 asks for transformers' all-bfloat16 numerics. With a
+    mesh, every parameter is read straight into its shards."""
     import jax.numpy as jnp
 
     from .models import load_model
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else None)
-    return load_model(args.model, dtype=dtype, residual=residual)
+    return load_model(args.model, dtype=dtype, residual=residual, mesh=mesh)
 
 
 def model_name(name: str) -> str:
@@ -190,7 +191,7 @@ def cmd_train(args) -> dict:
     resolve_schedule(args)
     args.chat_template = bool(args.chat_template)
     mesh = _scale_setup(args)
-    model = _load_model(args)
+    model = _load_model(args, mesh)
     train_reqs, test_reqs, data = _load_data(args)
     train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
     ecfg = train_editor_config(args, model.config)
@@ -270,7 +271,7 @@ def cmd_evaluate(args) -> dict:
     record = read_editor_record(args.editor)
     _editor_defaults(args, record)
     args.model = args.model or "smollm2"
-    model = _load_model(args)
+    model = _load_model(args, mesh)
     ecfg, state, record = _load_editor_for(args, model)
     if args.key_memory is not None:     # the solve's key memory is a test-time choice too
         ecfg = dataclasses.replace(ecfg, key_memory=args.key_memory)
