@@ -148,6 +148,13 @@ class NNXModel:
     residual_dtype: None = None
     family: str = "nnx"
 
+    def architecture(self) -> dict:
+        """A JSON description (for the editor's model check): the name, and every
+        parameter's path, shape and dtype."""
+        leaves = jax.tree_util.tree_flatten_with_path(self.template)[0]
+        return {"family": self.family, "name": self.name,
+                "params": sorted([jax.tree_util.keystr(p), list(x.shape), str(x.dtype)] for p, x in leaves)}
+
     # ------------------------------------------------------------ module names
     def canonical(self, name: str) -> str:
         """The canonical name of an editable module; a UserError naming the editable
