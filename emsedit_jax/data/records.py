@@ -958,7 +958,7 @@ def split_requests(
     requests: Sequence[EditRequest],
     n_train: int,
     n_test: int,
-    seed: int,
+    seed: int = 0,
     *,
     by_case: bool = False,
 ) -> tuple[list[EditRequest], list[EditRequest]]:
