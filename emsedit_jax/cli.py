@@ -1,9 +1,10 @@
-"""Command line: `emsedit-jax {demo,train,evaluate,edit,generate}`.
+"""Command line: `emsedit-jax {demo,train,evaluate,edit,generate,plan}`.
 
 train -> an editor folder (editor.json + state/, checkpoints/ while training);
 evaluate -> results.json (metrics, unedited baseline, timing, resolved config);
 edit -> greedy completions before and after editing facts, optionally saved as a
-Hugging Face checkpoint. Every command prints the resolved configuration it ran with.
+Hugging Face checkpoint; plan -> memory per device and FLOPs per edit on a device mesh,
+from config.json alone. Every command prints the resolved configuration it ran with.
 """
 
 from __future__ import annotations
@@ -523,6 +524,11 @@ KEY_MEMORY_HELP = ("ridge solve against the stream's earlier keys: dW = (U^T U +
                    "G = sum of the earlier batches' U^T U (default 0: the paper's solve; an extension)")
 
 
+def cmd_plan(args) -> dict:
+    from .plan import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emsedit-jax", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -559,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "padding, more compiles (RLEdit uses 1: its memory stacks batches)")
     _add_scale(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="memory per device and FLOPs per edit of editing and training on a mesh, "
+                       "from config.json alone (no weights, no accelerator needed)")
+    from .plan import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("evaluate", help="edit held-out requests and score them")
     _add_model(p)
