@@ -20,8 +20,9 @@ from emsedit_jax.editor.config import method_config
 from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.errors import UserError
 from emsedit_jax.evaluate import edit_batch
-from emsedit_jax.models import apply_deltas, get_kernel, load_model, logits
-from emsedit_jax.models.flax_nnx import from_factory, from_nnx, module_path
+from emsedit_jax.models import apply_deltas, get_kernel, load_model, logits, save_hf
+from emsedit_jax.models.flax_nnx import from_nnx, module_path
+from emsedit_jax.models.hf_io import from_factory
 from emsedit_jax.pipeline import encode_split
 
 # The built-in model's module names and the NNX model's paths, both spellings of a path.
@@ -129,6 +130,10 @@ def test_bad_paths_and_factories_are_user_errors(pair, monkeypatch):
         from_factory("no_such_module:factory")
     with pytest.raises(UserError, match="has no function 'nope'"):
         from_factory("nnx_llama:nope")
+    with pytest.raises(UserError, match="a model factory sets its own dtypes"):
+        load_model("nnx_llama:factory", dtype=jnp.bfloat16)
+    with pytest.raises(UserError, match="not saved as a Hugging Face checkpoint"):
+        save_hf(fm, "unused")
     monkeypatch.setattr(nnx_llama, "returns_none", lambda: None, raising=False)
     with pytest.raises(UserError, match=r"returns_none\(\) returned NoneType, expected a Model"):
         from_factory("nnx_llama:returns_none")
