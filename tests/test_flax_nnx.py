@@ -111,7 +111,7 @@ def test_cli_train_evaluate_on_nnx_model_matches_builtin(tiny_model_dir, tmp_pat
 
 
 def test_bad_paths_and_factories_are_user_errors(pair, monkeypatch):
-    model, fm, _, _ = pair
+    model, fm, batch, n_answer = pair
     module = nnx_llama.from_project(model)
     assert module_path("layers[18].mlp.up_proj") == module_path("layers.18.mlp.up_proj") == ("layers", 18, "mlp",
                                                                                               "up_proj")
@@ -137,3 +137,19 @@ def test_bad_paths_and_factories_are_user_errors(pair, monkeypatch):
     monkeypatch.setattr(nnx_llama, "returns_none", lambda: None, raising=False)
     with pytest.raises(UserError, match=r"returns_none\(\) returned NoneType, expected a Model"):
         from_factory("nnx_llama:returns_none")
+
+
+def test_shapes_are_checked_at_trace_time(pair):
+    """chex checks at the editor's entry points and in the solve name what is wrong."""
+    from emsedit_jax.editor import solve
+    model, fm, batch, n_answer = pair
+    for m, name in [(model, "model.layers.2.mlp.up_proj"), (fm, "layers[2].mlp.up_proj")]:
+        with pytest.raises(AssertionError, match=r"delta of .*up_proj"):
+            capture(m.config, m.params, batch, (name,), {name: jnp.zeros((64, 32))}, n_answer=n_answer)
+    with pytest.raises(AssertionError, match="assert_equal_shape"):
+        capture(model.config, model.params, batch._replace(labels=batch.labels[:, :-1]), tuple(NAMES),
+                n_answer=n_answer)
+    with pytest.raises(AssertionError, match="assert_shape"):
+        solve.ridge(jnp.ones((3, 4)), jnp.ones((3, 5)), jnp.zeros(()), prior=jnp.eye(5))
+    with pytest.raises(AssertionError, match="assert_equal_shape_prefix"):
+        solve.ridge(jnp.ones((3, 4)), jnp.ones((2, 5)), jnp.zeros(()))
