@@ -75,7 +75,7 @@ def _load_data(args):
     """(train requests, test requests, data record) from --data/--test-data and the split
     options. The record holds each file's absolute path, SHA-256 and every skipped or
     repeated record, and the split actually used."""
-    from .data import load_requests, split_requests
+    from .data import load_requests, request_hash, split_requests
     if args.dataset is None:
         raise SystemExit("--dataset is required (zsre, counterfact, mquake, demo or user)")
     fmt = DATASET_FORMAT[args.dataset]
@@ -92,11 +92,17 @@ def _load_data(args):
         train = reqs[:args.n_train] if args.n_train else reqs
         test = test_loaded.requests[:args.n_test] if args.n_test else test_loaded.requests
         record["split"] = {"n_train": len(train), "n_test": len(test), "split_seed": None}
-        return train, test, record
-    n_train = args.n_train or len(reqs) // 2
-    n_test = args.n_test or len(reqs) - n_train
-    record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed}
-    return (*split_requests(reqs, n_train, n_test, seed), record)
+    else:
+        n_train = args.n_train or len(reqs) // 2
+        n_test = args.n_test or len(reqs) - n_train
+        record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed}
+        train, test = split_requests(reqs, n_train, n_test, seed)
+    trained = {request_hash(r) for r in train}
+    record["train_test_overlap"] = sum(request_hash(r) in trained for r in test)
+    if record["train_test_overlap"]:
+        print(f"{record['train_test_overlap']} test request(s) have the same content as a training request",
+              file=sys.stderr)
+    return train, test, record
 
 
 def _file_record(loaded) -> dict:
@@ -202,7 +208,8 @@ def cmd_train(args) -> dict:
     identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
                 "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
                 "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
-                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template}
+                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
+                "deterministic": args.deterministic}
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
@@ -468,6 +475,9 @@ def _add_scale(p, capture_chunk: bool = False):
                    help="multi-host run: call jax.distributed.initialize first (TPU pods, SLURM, Open MPI)")
     p.add_argument("--remat", action="store_true", help="recompute LLM layer activations in the backward pass "
                    "(less memory, more compute)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: bit-reproducible kernels (XLA's deterministic ops, no autotuning by timing); slower. "
+                        "CPU runs are reproducible without it")
     if capture_chunk:
         p.add_argument("--capture-chunk", type=int, default=None, metavar="ROWS",
                        help="capture keys and value gradients in microbatches of ROWS packed rows (less memory; "
@@ -477,7 +487,10 @@ def _add_scale(p, capture_chunk: bool = False):
 def _scale_setup(args):
     """Starts multi-host JAX if asked (before anything touches a device), then builds
     the --mesh mesh (None without one)."""
+    from .runs import use_deterministic_ops
     from .sharding import maybe_initialize_distributed, mesh_from_spec
+    if args.deterministic:
+        use_deterministic_ops()
     maybe_initialize_distributed(args.distributed)
     return mesh_from_spec(args.mesh)
 
