@@ -1,9 +1,10 @@
-"""Command line: `emsedit-jax {demo,train,evaluate,edit,generate}`.
+"""Command line: `emsedit-jax {demo,train,evaluate,edit,generate,plan}`.
 
 train -> an editor folder (editor.json + state/, checkpoints/ while training);
 evaluate -> results.json (metrics, unedited baseline, timing, resolved config);
 edit -> greedy completions before and after editing facts, optionally saved as a
-Hugging Face checkpoint. Every command prints the resolved configuration it ran with.
+Hugging Face checkpoint; plan -> memory per device and FLOPs per edit on a device mesh,
+from config.json alone. Every command prints the resolved configuration it ran with.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "de
 
 def default_modules(cfg) -> tuple[str, ...]:
     """Six consecutive MLP input projections: layers 18-23 of a 30-layer LLaMA-style
-    model (0.6 of the depth), the last six layers of GPT-2 / GPT-J."""
+    model (0.6 of the depth), the last six layers of GPT-2 / GPT-J; for a Flax model
+    (--model package.module:factory), the edit paths its factory gave `from_nnx`."""
+    if cfg.family == "nnx":
+        return cfg.modules
     n = cfg.num_layers
     if cfg.family == "llama":
         start = min(max(0, round(0.6 * n)), max(0, n - 6))
@@ -43,6 +47,10 @@ def parse_modules(spec: str | None, layers: str | None, module: str | None, cfg)
     base = default_modules(cfg)
     if layers is None and module is None:
         return base
+    if cfg.family == "nnx":
+        from .errors import UserError
+        raise UserError("--layers/--module name layers of Hugging Face models; for a Flax model pass --modules "
+                        "(module paths like layers.18.mlp.up_proj)")
     suffix = module or base[0].split(".", 3)[-1]
     if layers:
         lo, _, hi = layers.partition("-")
@@ -59,6 +67,14 @@ def _load_model(args, mesh=None):
     import jax.numpy as jnp
 
     from .models import load_model
+    from .models.flax_nnx import from_factory, is_factory
+    if is_factory(args.model):
+        from .errors import UserError
+        if args.dtype != "float32" or args.residual_dtype:
+            raise UserError("--dtype/--residual-dtype apply to checkpoints; a model factory sets its own dtypes")
+        if mesh is not None:
+            raise UserError("--mesh shards checkpoints as they load; it does not apply to a model factory")
+        return from_factory(args.model)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else None)
     return load_model(args.model, dtype=dtype, residual=residual, mesh=mesh)
@@ -400,6 +416,10 @@ def cmd_edit(args) -> dict:
     from .models import apply_deltas, save_hf
     from .pipeline import encode_split
     model = _load_model(args)
+    if args.save and model.config.family == "nnx":
+        from .errors import UserError
+        raise UserError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
+                        "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
     ecfg, state, record = _load_editor_for(args, model)
     chat = bool(args.chat_template or record.get("chat_template"))     # as the editor was trained
     facts = [EditRequest(prompt=p, target_new=t, rephrase=p, loc_prompt=p, loc_answer=t, source=f"--fact {i}")
@@ -455,7 +475,8 @@ def cmd_demo(args) -> dict:
 
 # ---------------------------------------------------------------- parser
 def _add_model(p):
-    p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id")
+    p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id, or "
+                   "package.module:factory returning a Model (a Flax NNX model: models.flax_nnx.from_nnx)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM parameter dtype")
     p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
                    help="dtype of the residual stream (default: float32; with --dtype bfloat16 every matmul still "
@@ -516,6 +537,11 @@ KEY_MEMORY_HELP = ("ridge solve against the stream's earlier keys: dW = (U^T U +
                    "G = sum of the earlier batches' U^T U (default 0: the paper's solve; an extension)")
 
 
+def cmd_plan(args) -> dict:
+    from .plan import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emsedit-jax", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -552,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "padding, more compiles (RLEdit uses 1: its memory stacks batches)")
     _add_scale(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="memory per device and FLOPs per edit of editing and training on a mesh, "
+                       "from config.json alone (no weights, no accelerator needed)")
+    from .plan import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("evaluate", help="edit held-out requests and score them")
     _add_model(p)

@@ -58,7 +58,10 @@ def _sha256_json(obj: Any) -> str:
 
 def config_sha256(lcfg) -> str:
     """Hash of a ModelConfig's architecture (the residual dtype, a numerics choice, is
-    left out)."""
+    left out). A Flax model (models.flax_nnx) hashes its own description."""
+    from .models.transformer import builtin
+    if not builtin(lcfg):
+        return _sha256_json(lcfg.architecture())
     fields = dataclasses.asdict(lcfg)
     fields.pop("residual_dtype", None)
     return _sha256_json(fields)
