@@ -92,6 +92,7 @@ def _load_data(args):
     options. The record holds each file's absolute path, SHA-256 and every skipped or
     repeated record, and the split actually used."""
     from .data import load_requests, request_hash, split_requests
+    from .data.records import split_units
     if args.dataset is None:
         raise SystemExit("--dataset is required (zsre, counterfact, mquake, demo or user)")
     fmt = DATASET_FORMAT[args.dataset]
@@ -109,10 +110,13 @@ def _load_data(args):
         test = test_loaded.requests[:args.n_test] if args.n_test else test_loaded.requests
         record["split"] = {"n_train": len(train), "n_test": len(test), "split_seed": None}
     else:
-        n_train = args.n_train or len(reqs) // 2
-        n_test = args.n_test or len(reqs) - n_train
-        record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed}
-        train, test = split_requests(reqs, n_train, n_test, seed)
+        # An MQuAKE case's rewrites stay together (its multi-hop questions need all of them).
+        by_case = args.dataset == "mquake"
+        n_units = len(split_units(reqs, by_case))
+        n_train = args.n_train or n_units // 2
+        n_test = args.n_test or n_units - n_train
+        record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed, "by_case": by_case}
+        train, test = split_requests(reqs, n_train, n_test, seed, by_case=by_case)
     trained = {request_hash(r) for r in train}
     record["train_test_overlap"] = sum(request_hash(r) in trained for r in test)
     if record["train_test_overlap"]:
@@ -268,6 +272,10 @@ def _exclude_trained(args, record: dict, data: dict, test_reqs):
     info = {"train_overlap": None, "left_out_as_trained": 0,
             "same_file_as_training": data["test_data"] is None
             and data["data"]["sha256"] == record.get("data_sha256")}
+    if data["test_data"] is None and record.get("data_sha256") and data["data"]["path"] == record.get("data") \
+            and not info["same_file_as_training"]:
+        print(f"note: {data['data']['path']} changed since the editor was trained on it (its SHA-256 differs)",
+              file=sys.stderr)
     if trained is None:       # an editor saved without its training requests
         print(f"{args.editor}: the editor does not list its training requests; overlap not checked", file=sys.stderr)
         return test_reqs, info
@@ -354,7 +362,9 @@ def cmd_evaluate(args) -> dict:
             print(f"wrote {args.per_request} ({res.n_requests} requests)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(args.out)              # never a half-written results file
         print(f"wrote {args.out}")
     return out
 
@@ -520,8 +530,8 @@ def _add_data(p, evaluate: bool = False):
     p.add_argument("--dataset", choices=sorted(DATASET_METRIC), default=None)
     p.add_argument("--data", default=None, help="data file (or hub dataset id)")
     p.add_argument("--test-data", default=None, help="separate test file (else --data is split)")
-    p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None, help="training requests (MQuAKE: cases) of --data")
+    p.add_argument("--n-test", type=int, default=None, help="test requests (MQuAKE: cases)")
     if evaluate:
         p.add_argument("--split-seed", type=int, default=None,
                        help="seed of the train/test split of --data (default: the editor's, else 0)")

@@ -150,3 +150,24 @@ def test_two_processes_train_bit_identical_editors(tiny_model_dir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, (a.nets, a.stats), (b.nets, b.stats))
     moved = [float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(a.nets)]
     assert max(moved) > 0
+
+
+def test_split_defaults_and_mquake_cases_stay_whole():
+    """The split seed is 0 unless given; an MQuAKE case's rewrites land on one side."""
+    import argparse
+    from pathlib import Path
+
+    from emsedit_jax.cli import _load_data
+    mquake = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mquake" / "MQuAKE-hard.json"
+    if not mquake.is_file():
+        pytest.skip("../shared/data is absent")
+    args = argparse.Namespace(dataset="mquake", data=str(mquake), test_data=None, n_train=100, n_test=50,
+                              split_seed=None, skip_invalid=False)
+    train, test, record = _load_data(args)
+    assert record["split"] == {"n_train": 100, "n_test": 50, "split_seed": 0, "by_case": True}
+    assert len({r.case_id for r in train}) == 100 and len({r.case_id for r in test}) == 50
+    assert not {r.case_id for r in train} & {r.case_id for r in test}
+    assert record["train_test_overlap"] == 0 and record["data"]["path"] == str(mquake.resolve())
+    args.n_train = 400
+    with pytest.raises(UserError, match=r"not enough cases: n_train \+ n_test \(--n-train, --n-test\) = 450 > 429"):
+        _load_data(args)
