@@ -29,7 +29,10 @@ DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "de
 
 def default_modules(cfg) -> tuple[str, ...]:
     """Six consecutive MLP input projections: layers 18-23 of a 30-layer LLaMA-style
-    model (0.6 of the depth), the last six layers of GPT-2 / GPT-J."""
+    model (0.6 of the depth), the last six layers of GPT-2 / GPT-J; for a Flax model
+    (--model package.module:factory), the edit paths its factory gave `from_nnx`."""
+    if cfg.family == "nnx":
+        return cfg.modules
     n = cfg.num_layers
     if cfg.family == "llama":
         start = min(max(0, round(0.6 * n)), max(0, n - 6))
@@ -44,6 +47,10 @@ def parse_modules(spec: str | None, layers: str | None, module: str | None, cfg)
     base = default_modules(cfg)
     if layers is None and module is None:
         return base
+    if cfg.family == "nnx":
+        from .errors import UserError
+        raise UserError("--layers/--module name layers of Hugging Face models; for a Flax model pass --modules "
+                        "(module paths like layers.18.mlp.up_proj)")
     suffix = module or base[0].split(".", 3)[-1]
     if layers:
         lo, _, hi = layers.partition("-")
@@ -60,6 +67,14 @@ def _load_model(args, mesh=None):
     import jax.numpy as jnp
 
     from .models import load_model
+    from .models.flax_nnx import from_factory, is_factory
+    if is_factory(args.model):
+        from .errors import UserError
+        if args.dtype != "float32" or args.residual_dtype:
+            raise UserError("--dtype/--residual-dtype apply to checkpoints; a model factory sets its own dtypes")
+        if mesh is not None:
+            raise UserError("--mesh shards checkpoints as they load; it does not apply to a model factory")
+        return from_factory(args.model)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else None)
     return load_model(args.model, dtype=dtype, residual=residual, mesh=mesh)
@@ -76,7 +91,7 @@ def _load_data(args):
     """(train requests, test requests, data record) from --data/--test-data and the split
     options. The record holds each file's absolute path, SHA-256 and every skipped or
     repeated record, and the split actually used."""
-    from .data import load_requests, split_requests
+    from .data import load_requests, request_hash, split_requests
     if args.dataset is None:
         raise SystemExit("--dataset is required (zsre, counterfact, mquake, demo or user)")
     fmt = DATASET_FORMAT[args.dataset]
@@ -93,11 +108,17 @@ def _load_data(args):
         train = reqs[:args.n_train] if args.n_train else reqs
         test = test_loaded.requests[:args.n_test] if args.n_test else test_loaded.requests
         record["split"] = {"n_train": len(train), "n_test": len(test), "split_seed": None}
-        return train, test, record
-    n_train = args.n_train or len(reqs) // 2
-    n_test = args.n_test or len(reqs) - n_train
-    record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed}
-    return (*split_requests(reqs, n_train, n_test, seed), record)
+    else:
+        n_train = args.n_train or len(reqs) // 2
+        n_test = args.n_test or len(reqs) - n_train
+        record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed}
+        train, test = split_requests(reqs, n_train, n_test, seed)
+    trained = {request_hash(r) for r in train}
+    record["train_test_overlap"] = sum(request_hash(r) in trained for r in test)
+    if record["train_test_overlap"]:
+        print(f"{record['train_test_overlap']} test request(s) have the same content as a training request",
+              file=sys.stderr)
+    return train, test, record
 
 
 def _file_record(loaded) -> dict:
@@ -203,7 +224,8 @@ def cmd_train(args) -> dict:
     identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
                 "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
                 "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
-                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template}
+                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
+                "deterministic": args.deterministic}
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
@@ -394,6 +416,10 @@ def cmd_edit(args) -> dict:
     from .models import apply_deltas, save_hf
     from .pipeline import encode_split
     model = _load_model(args)
+    if args.save and model.config.family == "nnx":
+        from .errors import UserError
+        raise UserError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
+                        "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
     ecfg, state, record = _load_editor_for(args, model)
     chat = bool(args.chat_template or record.get("chat_template"))     # as the editor was trained
     facts = [EditRequest(prompt=p, target_new=t, rephrase=p, loc_prompt=p, loc_answer=t, source=f"--fact {i}")
@@ -449,7 +475,8 @@ def cmd_demo(args) -> dict:
 
 # ---------------------------------------------------------------- parser
 def _add_model(p):
-    p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id")
+    p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id, or "
+                   "package.module:factory returning a Model (a Flax NNX model: models.flax_nnx.from_nnx)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM parameter dtype")
     p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
                    help="dtype of the residual stream (default: float32; with --dtype bfloat16 every matmul still "
@@ -469,6 +496,9 @@ def _add_scale(p, capture_chunk: bool = False):
                    help="multi-host run: call jax.distributed.initialize first (TPU pods, SLURM, Open MPI)")
     p.add_argument("--remat", action="store_true", help="recompute LLM layer activations in the backward pass "
                    "(less memory, more compute)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: bit-reproducible kernels (XLA's deterministic ops, no autotuning by timing); slower. "
+                        "CPU runs are reproducible without it")
     if capture_chunk:
         p.add_argument("--capture-chunk", type=int, default=None, metavar="ROWS",
                        help="capture keys and value gradients in microbatches of ROWS packed rows (less memory; "
@@ -478,7 +508,10 @@ def _add_scale(p, capture_chunk: bool = False):
 def _scale_setup(args):
     """Starts multi-host JAX if asked (before anything touches a device), then builds
     the --mesh mesh (None without one)."""
+    from .runs import use_deterministic_ops
     from .sharding import maybe_initialize_distributed, mesh_from_spec
+    if args.deterministic:
+        use_deterministic_ops()
     maybe_initialize_distributed(args.distributed)
     return mesh_from_spec(args.mesh)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ..models.config import ModelConfig
 from ..models.layers import Array, ModuleEdit, Params, default_positions
-from ..models.transformer import context, embed, head, module_shape, parse_module, run_layers
+from ..models.transformer import builtin, context, embed, head, module_shape, parse_module, run_layers
 
 IGNORE = -100
 
@@ -74,11 +74,17 @@ class Prefix(NamedTuple):
 
 def first_layer(cfg: ModelConfig, modules: Sequence[str]) -> int:
     """The lowest layer touched by `modules`: everything below it is edit-independent."""
+    if not builtin(cfg):
+        return 0
     return min(parse_module(cfg, m)[0] for m in modules)
 
 
-def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, remat: bool = False) -> Prefix:
-    """Runs the unedited layers [0, start) once (no gradient flows into them)."""
+def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, remat: bool = False
+                  ) -> Prefix | None:
+    """Runs the unedited layers [0, start) once (no gradient flows into them). None for
+    a model without a layer split (flax_nnx): every pass then runs the whole model."""
+    if not builtin(cfg):
+        return None
     pos = _positions(batch)
     ctx = context(cfg, batch.attention_mask, pos)
     h, _ = run_layers(cfg, params, embed(cfg, params, batch.input_ids, pos), ctx, stop=start, remat=remat)
@@ -86,6 +92,8 @@ def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, re
 
 
 def _run(cfg, params, batch, edits_by_name, positions, prefix: Prefix | None, remat):
+    if not builtin(cfg):
+        return cfg.run(params, batch.input_ids, batch.attention_mask, _positions(batch), edits_by_name, positions)
     edits: dict[int, dict[str, ModuleEdit]] = {}
     for name, edit in edits_by_name.items():
         layer, suffix = parse_module(cfg, name)
