@@ -88,7 +88,8 @@ def _load_data(args):
     """(train requests, test requests, data record) from --data/--test-data and the split
     options. The record holds each file's absolute path, SHA-256 and every skipped or
     repeated record, and the split actually used."""
-    from .data import load_requests, split_requests
+    from .data import load_requests, request_hash, split_requests
+    from .data.records import split_units
     if args.dataset is None:
         raise SystemExit("--dataset is required (zsre, counterfact, mquake, demo or user)")
     fmt = DATASET_FORMAT[args.dataset]
@@ -105,11 +106,20 @@ def _load_data(args):
         train = reqs[:args.n_train] if args.n_train else reqs
         test = test_loaded.requests[:args.n_test] if args.n_test else test_loaded.requests
         record["split"] = {"n_train": len(train), "n_test": len(test), "split_seed": None}
-        return train, test, record
-    n_train = args.n_train or len(reqs) // 2
-    n_test = args.n_test or len(reqs) - n_train
-    record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed}
-    return (*split_requests(reqs, n_train, n_test, seed), record)
+    else:
+        # An MQuAKE case's rewrites stay together (its multi-hop questions need all of them).
+        by_case = args.dataset == "mquake"
+        n_units = len(split_units(reqs, by_case))
+        n_train = args.n_train or n_units // 2
+        n_test = args.n_test or n_units - n_train
+        record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed, "by_case": by_case}
+        train, test = split_requests(reqs, n_train, n_test, seed, by_case=by_case)
+    trained = {request_hash(r) for r in train}
+    record["train_test_overlap"] = sum(request_hash(r) in trained for r in test)
+    if record["train_test_overlap"]:
+        print(f"{record['train_test_overlap']} test request(s) have the same content as a training request",
+              file=sys.stderr)
+    return train, test, record
 
 
 def _file_record(loaded) -> dict:
@@ -215,7 +225,8 @@ def cmd_train(args) -> dict:
     identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
                 "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
                 "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
-                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template}
+                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
+                "deterministic": args.deterministic}
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
@@ -258,6 +269,10 @@ def _exclude_trained(args, record: dict, data: dict, test_reqs):
     info = {"train_overlap": None, "left_out_as_trained": 0,
             "same_file_as_training": data["test_data"] is None
             and data["data"]["sha256"] == record.get("data_sha256")}
+    if data["test_data"] is None and record.get("data_sha256") and data["data"]["path"] == record.get("data") \
+            and not info["same_file_as_training"]:
+        print(f"note: {data['data']['path']} changed since the editor was trained on it (its SHA-256 differs)",
+              file=sys.stderr)
     if trained is None:       # an editor saved without its training requests
         print(f"{args.editor}: the editor does not list its training requests; overlap not checked", file=sys.stderr)
         return test_reqs, info
@@ -344,7 +359,9 @@ def cmd_evaluate(args) -> dict:
             print(f"wrote {args.per_request} ({res.n_requests} requests)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(args.out)              # never a half-written results file
         print(f"wrote {args.out}")
     return out
 
@@ -486,6 +503,9 @@ def _add_scale(p, capture_chunk: bool = False):
                    help="multi-host run: call jax.distributed.initialize first (TPU pods, SLURM, Open MPI)")
     p.add_argument("--remat", action="store_true", help="recompute LLM layer activations in the backward pass "
                    "(less memory, more compute)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: bit-reproducible kernels (XLA's deterministic ops, no autotuning by timing); slower. "
+                        "CPU runs are reproducible without it")
     if capture_chunk:
         p.add_argument("--capture-chunk", type=int, default=None, metavar="ROWS",
                        help="capture keys and value gradients in microbatches of ROWS packed rows (less memory; "
@@ -495,7 +515,10 @@ def _add_scale(p, capture_chunk: bool = False):
 def _scale_setup(args):
     """Starts multi-host JAX if asked (before anything touches a device), then builds
     the --mesh mesh (None without one)."""
+    from .runs import use_deterministic_ops
     from .sharding import maybe_initialize_distributed, mesh_from_spec
+    if args.deterministic:
+        use_deterministic_ops()
     maybe_initialize_distributed(args.distributed)
     return mesh_from_spec(args.mesh)
 
@@ -504,8 +527,8 @@ def _add_data(p, evaluate: bool = False):
     p.add_argument("--dataset", choices=sorted(DATASET_METRIC), default=None)
     p.add_argument("--data", default=None, help="data file (or hub dataset id)")
     p.add_argument("--test-data", default=None, help="separate test file (else --data is split)")
-    p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None, help="training requests (MQuAKE: cases) of --data")
+    p.add_argument("--n-test", type=int, default=None, help="test requests (MQuAKE: cases)")
     if evaluate:
         p.add_argument("--split-seed", type=int, default=None,
                        help="seed of the train/test split of --data (default: the editor's, else 0)")
