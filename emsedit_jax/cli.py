@@ -67,14 +67,11 @@ def _load_model(args, mesh=None):
     import jax.numpy as jnp
 
     from .models import load_model
-    from .models.flax_nnx import from_factory, is_factory
-    if is_factory(args.model):
+    from .models.hf_io import is_factory
+    if is_factory(args.model) and (args.dtype != "float32" or args.residual_dtype or mesh is not None):
         from .errors import UserError
-        if args.dtype != "float32" or args.residual_dtype:
-            raise UserError("--dtype/--residual-dtype apply to checkpoints; a model factory sets its own dtypes")
-        if mesh is not None:
-            raise UserError("--mesh shards checkpoints as they load; it does not apply to a model factory")
-        return from_factory(args.model)
+        raise UserError("--dtype, --residual-dtype and --mesh apply to checkpoints; a model factory "
+                        f"({args.model}) sets its own dtypes")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else None)
     return load_model(args.model, dtype=dtype, residual=residual, mesh=mesh)

@@ -20,8 +20,9 @@ from emsedit_jax.editor.config import method_config
 from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.errors import UserError
 from emsedit_jax.evaluate import edit_batch
-from emsedit_jax.models import apply_deltas, get_kernel, load_model, logits
-from emsedit_jax.models.flax_nnx import from_factory, from_nnx, module_path
+from emsedit_jax.models import apply_deltas, get_kernel, load_model, logits, save_hf
+from emsedit_jax.models.flax_nnx import from_nnx, module_path
+from emsedit_jax.models.hf_io import from_factory
 from emsedit_jax.pipeline import encode_split
 
 # The built-in model's module names and the NNX model's paths, both spellings of a path.
@@ -33,11 +34,12 @@ NAMES = {"model.layers.2.mlp.up_proj": "layers.2.mlp.up_proj",
 @pytest.fixture(scope="module")
 def pair(tiny_model_dir):
     model = load_model(tiny_model_dir)
-    flax_model = from_nnx(nnx_llama.from_project(model), model.tokenizer, nnx_llama.EDIT_PATHS)
+    module = nnx_llama.from_project(model)
+    flax_model = from_nnx(module, model.tokenizer, nnx_llama.EDIT_PATHS)
     split = encode_split(model.tokenizer, synthetic_requests(8, seed=1, ragged=True))
     rows = np.arange(8)
     layout = split.layout([rows])
-    return model, flax_model, split.batch(rows, layout).edit, layout.edit.n_answer
+    return model, flax_model, split.batch(rows, layout).edit, layout.edit.n_answer, module
 
 
 def renamed(tree):
@@ -45,30 +47,35 @@ def renamed(tree):
 
 
 def test_nnx_model_equals_builtin_llama(pair):
-    model, fm, batch, n_answer = pair
+    model, fm, batch, n_answer, module = pair
+    before = nnx.to_pure_dict(nnx.clone(nnx.state(module, nnx.Param)))
     assert fm.config.modules == ("layers.2.mlp.up_proj", "layers.3.mlp.up_proj", "layers.3.self_attn.o_proj")
     rng = np.random.default_rng(0)
     deltas = {m: jnp.asarray(0.1 * rng.standard_normal(get_kernel(model.config, model.params, m).shape), jnp.float32)
               for m in NAMES}
 
-    # Logits of the unedited and the edited model, over every position.
-    ids, mask = batch.input_ids, batch.attention_mask
-    chex.assert_trees_all_close(logits(fm.config, fm.params, ids, mask), logits(model.config, model.params, ids, mask),
-                                atol=1e-5, rtol=0)
-    got = logits(fm.config, apply_deltas(fm.config, fm.params, renamed(deltas)), ids, mask)
-    want = logits(model.config, apply_deltas(model.config, model.params, deltas), ids, mask)
-    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=0)
-    assert float(jnp.abs(got - logits(fm.config, fm.params, ids, mask)).max()) > 1e-2   # the deltas matter
-    # ...and at the answer slots of packed rows, through the editor's own entry point.
-    chex.assert_trees_all_close(edited_logits(fm.config, fm.params, batch, renamed(deltas), n_answer=n_answer),
-                                edited_logits(model.config, model.params, batch, deltas, n_answer=n_answer),
-                                atol=1e-5, rtol=0)
+    def outputs(m, modules, deltas):
+        """Logits over every position (unedited, edited), at the answer slots, and the
+        capture (loss, keys, value gradients) under `deltas`: one program per model,
+        traced once (two models: at most two traces; the second call reuses it)."""
+        @jax.jit
+        @chex.assert_max_traces(n=2)
+        def run(params, batch, deltas):
+            ids, mask = batch.input_ids, batch.attention_mask
+            return (logits(m.config, params, ids, mask),
+                    logits(m.config, apply_deltas(m.config, params, deltas), ids, mask),
+                    edited_logits(m.config, params, batch, deltas, n_answer=n_answer),
+                    capture(m.config, params, batch, modules, deltas, n_answer=n_answer))
 
-    # Loss, keys and value gradients under the deltas.
-    want = capture(model.config, model.params, batch, tuple(NAMES), deltas, n_answer=n_answer)
-    got = capture(fm.config, fm.params, batch, tuple(NAMES.values()), renamed(deltas), n_answer=n_answer)
-    chex.assert_trees_all_close(got, want._replace(keys=renamed(want.keys), grads=renamed(want.grads)), atol=1e-5, rtol=0)
-    assert all(float(jnp.abs(g).max()) > 1e-3 for g in got.grads.values())
+        run(m.params, batch, jax.tree.map(jnp.zeros_like, deltas))
+        return run(m.params, batch, deltas)
+
+    got = outputs(fm, tuple(NAMES.values()), renamed(deltas))
+    want = outputs(model, tuple(NAMES), deltas)
+    want = (*want[:3], want[3]._replace(keys=renamed(want[3].keys), grads=renamed(want[3].grads)))
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=0)
+    assert float(jnp.abs(got[1] - got[0]).max()) > 1e-2                      # the deltas matter
+    assert all(float(jnp.abs(g).max()) > 1e-3 for g in got[3].grads.values())
 
     # The deltas of a two-step EMSEdit edit with the key memory.
     def deltas_of(m, modules):
@@ -84,8 +91,8 @@ def test_nnx_model_equals_builtin_llama(pair):
     for m in want:
         chex.assert_trees_all_close(got[m], want[m], atol=1e-5 * float(jnp.abs(want[m]).max()), rtol=0)
     assert all(float(jnp.abs(d).max()) > 1e-3 for d in got.values())
-    # The caller's parameters are never changed.
-    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(nnx_llama.from_project(model), nnx.Param)), fm.params)
+    # The caller's module is never changed.
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(module, nnx.Param)), before)
 
 
 def test_cli_train_evaluate_on_nnx_model_matches_builtin(tiny_model_dir, tmp_path, monkeypatch):
@@ -110,7 +117,7 @@ def test_cli_train_evaluate_on_nnx_model_matches_builtin(tiny_model_dir, tmp_pat
 
 
 def test_bad_paths_and_factories_are_user_errors(pair, monkeypatch):
-    model, fm, _, _ = pair
+    model, fm, _, _, _ = pair
     module = nnx_llama.from_project(model)
     assert module_path("layers[18].mlp.up_proj") == module_path("layers.18.mlp.up_proj") == ("layers", 18, "mlp",
                                                                                               "up_proj")
@@ -129,6 +136,26 @@ def test_bad_paths_and_factories_are_user_errors(pair, monkeypatch):
         from_factory("no_such_module:factory")
     with pytest.raises(UserError, match="has no function 'nope'"):
         from_factory("nnx_llama:nope")
+    with pytest.raises(UserError, match="a model factory sets its own dtypes"):
+        load_model("nnx_llama:factory", dtype=jnp.bfloat16)
+    with pytest.raises(UserError, match="not saved as a Hugging Face checkpoint"):
+        save_hf(fm, "unused")
     monkeypatch.setattr(nnx_llama, "returns_none", lambda: None, raising=False)
     with pytest.raises(UserError, match=r"returns_none\(\) returned NoneType, expected a Model"):
         from_factory("nnx_llama:returns_none")
+
+
+def test_shapes_are_checked_at_trace_time(pair):
+    """chex checks at the editor's entry points and in the solve name what is wrong."""
+    from emsedit_jax.editor import solve
+    model, fm, batch, n_answer, _ = pair
+    for m, name in [(model, "model.layers.2.mlp.up_proj"), (fm, "layers[2].mlp.up_proj")]:
+        with pytest.raises(AssertionError, match=r"delta of .*up_proj"):
+            capture(m.config, m.params, batch, (name,), {name: jnp.zeros((64, 32))}, n_answer=n_answer)
+    with pytest.raises(AssertionError, match="assert_equal_shape"):
+        capture(model.config, model.params, batch._replace(labels=batch.labels[:, :-1]), tuple(NAMES),
+                n_answer=n_answer)
+    with pytest.raises(AssertionError, match="assert_shape"):
+        solve.ridge(jnp.ones((3, 4)), jnp.ones((3, 5)), jnp.zeros(()), prior=jnp.eye(5))
+    with pytest.raises(AssertionError, match="assert_equal_shape_prefix"):
+        solve.ridge(jnp.ones((3, 4)), jnp.ones((2, 5)), jnp.zeros(()))

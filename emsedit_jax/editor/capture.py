@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -59,6 +60,15 @@ def token_nll(logits: Array, targets: Array, mask: Array) -> Array:
     logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def check_inputs(cfg: ModelConfig, batch: Batch, deltas: Mapping[str, Array] | None) -> None:
+    """Trace-time shape checks of the editor's entry points (free under jit): the
+    batch's arrays are all (B, S), each delta is its module's (d_in, d_out)."""
+    chex.assert_rank(batch.input_ids, 2)
+    chex.assert_equal_shape([x for x in batch if x is not None])
+    for name, delta in (deltas or {}).items():
+        chex.assert_shape(delta, module_shape(cfg, name), custom_message=f"delta of {name}")
 
 
 def _positions(batch: Batch) -> Array:
@@ -114,6 +124,7 @@ def edited_logits(cfg: ModelConfig, params: Params, batch: Batch, deltas: Mappin
                   ) -> tuple[Array, Array, Array]:
     """Logits of params + deltas at the answer slots: logits (B, A, V) in float32,
     targets (B, A), mask (B, A). `prefix` skips the unedited lower layers."""
+    check_inputs(cfg, batch, deltas)
     positions, targets, mask = answer_slots(batch.labels, n_answer)
     edits = {name: ModuleEdit(delta=d) for name, d in (deltas or {}).items()}
     logits, _ = _run(cfg, params, batch, edits, positions, prefix, remat)
@@ -139,6 +150,7 @@ def capture(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[st
                                 remat=remat, chunk=chunk)
     modules = tuple(modules)
     deltas = dict(deltas or {})
+    check_inputs(cfg, batch, deltas)
     positions, targets, mask = answer_slots(batch.labels, n_answer)
     b = batch.input_ids.shape[0]
 

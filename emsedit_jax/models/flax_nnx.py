@@ -279,35 +279,3 @@ def from_nnx(module: nnx.Module, tokenizer: Any, edit_paths: Sequence[str], *, a
     cfg = NNXModel(graphdef, template, rest, shapes, dtypes, tuple(shapes), apply, label)
     return Model(cfg, nnx.to_pure_dict(params), tokenizer, Path(f"nnx:{label}"), {})
 
-
-FACTORY = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
-
-
-def is_factory(spec: str) -> bool:
-    """True for 'package.module:function' (and not an existing path)."""
-    import os
-    return bool(FACTORY.fullmatch(str(spec))) and not os.path.exists(spec)
-
-
-def from_factory(spec: str):
-    """Imports `package.module` and returns `function()`, which must return a `Model`
-    (for a Flax NNX model: `from_nnx(...)`). The module must be importable (installed,
-    or its folder on PYTHONPATH)."""
-    import importlib
-
-    from .hf_io import Model
-    m = FACTORY.fullmatch(str(spec))
-    if not m:
-        raise UserError(f"--model {spec!r}: a model factory is written 'package.module:function'")
-    try:
-        module = importlib.import_module(m.group(1))
-    except ImportError as e:
-        raise UserError(f"--model {spec!r}: cannot import {m.group(1)!r} ({e}); is its folder on PYTHONPATH?") from e
-    fn = getattr(module, m.group(2), None)
-    if not callable(fn):
-        raise UserError(f"--model {spec!r}: {m.group(1)} has no function {m.group(2)!r}")
-    model = fn()
-    if not isinstance(model, Model):
-        raise UserError(f"--model {spec!r}: {m.group(2)}() returned {type(model).__name__}, expected a Model "
-                        "(build it with emsedit_jax.models.flax_nnx.from_nnx)")
-    return model
