@@ -239,6 +239,8 @@ def cmd_train(args) -> dict:
     result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs, chat_template=args.chat_template),
                    args.out, run_meta=run_meta, identity=identity, model_name=model_name(args.model),
                    progress=not args.quiet, mesh=mesh, remat=args.remat)
+    if not result.n_edits_seen:
+        print(f"{args.out} already holds this finished run; its editor is unchanged", file=sys.stderr)
     summary = {"train_seconds_per_edit": result.seconds_per_edit, "compile_seconds": result.compile_seconds,
                "wall_seconds": time.perf_counter() - t0, "editor": str(Path(args.out) / "editor")}
     print(json.dumps(summary, indent=1))
