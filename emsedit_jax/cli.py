@@ -30,8 +30,9 @@ DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "de
 def default_modules(cfg) -> tuple[str, ...]:
     """Six consecutive MLP input projections: layers 18-23 of a 30-layer LLaMA-style
     model (0.6 of the depth), the last six layers of GPT-2 / GPT-J; for a Flax model
-    (--model package.module:factory), the edit paths its factory gave `from_nnx`."""
-    if cfg.family == "nnx":
+    (--model package.module:factory), the edit paths its factory gave `from_nnx` / `from_linen`."""
+    from .models.transformer import builtin
+    if not builtin(cfg):
         return cfg.modules
     n = cfg.num_layers
     if cfg.family == "llama":
@@ -47,7 +48,8 @@ def parse_modules(spec: str | None, layers: str | None, module: str | None, cfg)
     base = default_modules(cfg)
     if layers is None and module is None:
         return base
-    if cfg.family == "nnx":
+    from .models.transformer import builtin
+    if not builtin(cfg):
         from .errors import UserError
         raise UserError("--layers/--module name layers of Hugging Face models; for a Flax model pass --modules "
                         "(module paths like layers.18.mlp.up_proj)")
@@ -428,7 +430,7 @@ def cmd_edit(args) -> dict:
     from .models import apply_deltas, save_hf
     from .pipeline import encode_split
     model = _load_model(args)
-    if args.save and model.config.family == "nnx":
+    if args.save and model.config.family in ("nnx", "linen"):
         from .errors import UserError
         raise UserError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
                         "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
@@ -488,7 +490,7 @@ def cmd_demo(args) -> dict:
 # ---------------------------------------------------------------- parser
 def _add_model(p):
     p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id, or "
-                   "package.module:factory returning a Model (a Flax NNX model: models.flax_nnx.from_nnx)")
+                   "package.module:factory returning a Model (a Flax model: models.flax_nnx.from_nnx, models.flax_linen.from_linen)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM parameter dtype")
     p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
                    help="dtype of the residual stream (default: float32; with --dtype bfloat16 every matmul still "
