@@ -446,6 +446,10 @@ def test_hub_ids_only_for_org_name(tmp_path, monkeypatch):
     write_json(tmp_path / "org" / "name", [FLAT_OK])  # a local path wins over a hub id
     assert resolve_data_path("org/name") == (tmp_path / "org" / "name").resolve()
     assert len(load_requests("org/name").requests) == 1
+    # Offline (as the tests run) an unknown hub id is one message naming it.
+    msg = _message("nosuch-org/nosuch-name")
+    assert msg.startswith("nosuch-org/nosuch-name: no such local file, and loading it as a Hugging Face Hub data "
+                          "set (split 'train') failed: ")
 
 
 def test_null_and_non_object_records(tmp_path):
@@ -493,6 +497,9 @@ def test_jsonl_bad_lines(tmp_path):
     assert [r.case_id for r in res.requests] == [7, 9]
     assert res.skipped[1] == f"{path}, record 3 (line 5): truncated: the file ends inside this record"
     # A wrong field on a JSONL line names the line too.
+    array = tmp_path / "array.jsonl"                 # a JSON array under a .jsonl name
+    array.write_text(json.dumps([FLAT_OK, FLAT_OK], indent=1), encoding="utf-8")
+    assert len(load_requests(array).requests) == 2
     typed = write_jsonl(tmp_path / "typed.jsonl", [FLAT_OK, dict(FLAT_OK, target_new=["x"])])
     assert _message(typed) == f"{typed}, record 1 (line 2), case_id=7, field 'target_new': expected a string, got array [\"x\"]"
 

@@ -777,6 +777,8 @@ def read_records(path: Path) -> tuple[list, list[int] | None]:
     if not text.strip():
         raise DataError("the file is empty", file=str(path))
     jsonl = path.name.lower().endswith((".jsonl", ".jsonl.gz"))
+    if jsonl and text.lstrip().startswith("["):  # a JSON array in a file named .jsonl
+        jsonl = False
     if not jsonl:
         try:
             data = json.loads(text)
@@ -819,7 +821,11 @@ def read_records(path: Path) -> tuple[list, list[int] | None]:
 def _read_hub(hub_id: str, split: str) -> list:
     import datasets
 
-    ds = datasets.load_dataset(hub_id, split=split)
+    try:
+        ds = datasets.load_dataset(hub_id, split=split)
+    except Exception as e:  # offline, unknown id, no such split: one message
+        raise DataError(f"no such local file, and loading it as a Hugging Face Hub data set (split {split!r}) "
+                        f"failed: {type(e).__name__}: {str(e)[:200]}", file=hub_id) from None
     return ds.to_list()
 
 
