@@ -446,6 +446,8 @@ def test_hub_ids_only_for_org_name(tmp_path, monkeypatch):
     write_json(tmp_path / "org" / "name", [FLAT_OK])  # a local path wins over a hub id
     assert resolve_data_path("org/name") == (tmp_path / "org" / "name").resolve()
     assert len(load_requests("org/name").requests) == 1
+    with pytest.raises(DataError, match=r"^org/typo: no such file"):  # a path into a local folder
+        resolve_data_path("org/typo")
     # Offline (as the tests run) an unknown hub id is one message naming it.
     msg = _message("nosuch-org/nosuch-name")
     assert msg.startswith("nosuch-org/nosuch-name: no such local file, and loading it as a Hugging Face Hub data "
@@ -463,7 +465,7 @@ def test_null_and_non_object_records(tmp_path):
     assert res.skipped == [f"{path}, record 1: the record is null; expected a JSON object",
                            f"{path}, record 3: the record is null; expected a JSON object"]
     first_list = write_json(tmp_path / "list0.json", [["a", "b"], FLAT_OK, FLAT_OK])
-    assert _message(first_list) == f"{first_list}, record 0: the record is array; expected a JSON object"
+    assert _message(first_list) == f"{first_list}, record 0: the record is an array; expected a JSON object"
     assert len(load_requests(first_list, skip_invalid=True).requests) == 2
     only_null = write_json(tmp_path / "only_null.json", [None])
     assert _message(only_null) == f"{only_null}, record 0: no record is a JSON object (record 0 is null)"

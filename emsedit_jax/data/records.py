@@ -687,11 +687,11 @@ def resolve_data_path(path_or_id: str | os.PathLike) -> Path | None:
     """The absolute, resolved path of a local data file, or None for a hub data set id.
 
     A hub id is only what looks like ``org/name`` (one slash, no JSON suffix) and is not
-    a local path; anything else must be an existing file, so a typo in a path is a
+    a local path (nor a path into an existing local folder ``org``); anything else must be an existing file, so a typo in a path is a
     DataError rather than a network request."""
     s = os.path.expanduser(os.fspath(path_or_id))
     if not isinstance(path_or_id, Path) and not os.path.exists(s) and _HUB_ID.fullmatch(s) \
-            and not s.lower().endswith(_LOCAL_SUFFIXES):
+            and not s.lower().endswith(_LOCAL_SUFFIXES) and not os.path.isdir(s.split("/")[0]):
         return None
     path = Path(s)
     if path.is_dir():
@@ -926,7 +926,9 @@ def load_requests(
             if isinstance(row, _BadLine):
                 raise ctx.error(None, row.reason)
             if not isinstance(row, dict):
-                raise ctx.error(None, f"the record is {_json_type(row)}; expected a JSON object")
+                kind_of = _json_type(row)
+                article = "" if kind_of == "null" else ("an " if kind_of[0] in "aeiou" else "a ")
+                raise ctx.error(None, f"the record is {article}{kind_of}; expected a JSON object")
             ctx.case_id = _case_id_of(row, ctx)
             if kind == "zsre":
                 reqs = _parse_zsre(row, ctx, source, require_true)
