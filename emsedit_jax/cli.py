@@ -212,23 +212,26 @@ def train_config(args):
 
 def cmd_train(args) -> dict:
     from .pipeline import encode_split
+    from .runs import check_run
     from .train import train
     resolve_schedule(args)
     args.chat_template = bool(args.chat_template)
     mesh = _scale_setup(args)
-    model = _load_model(args, mesh)
-    train_reqs, test_reqs, data = _load_data(args)
-    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
-    ecfg = train_editor_config(args, model.config)
+    train_reqs, test_reqs, data = _load_data(args)        # data errors before the model loads
     tcfg = train_config(args)
-    residual = model.config.residual_dtype or args.dtype
-    # Everything that makes this run this run (runs.claim_run adds the model, the configs
-    # and the training requests' content hash); --mesh and --remat change only the cost.
+    residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else args.dtype)
+    # Everything that makes this run this run (runs.claim_run adds the model, the editor
+    # config and the training requests' content hash); --mesh and --remat change only
+    # the cost. A folder holding another run is refused before the model loads.
     identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
                 "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
                 "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
                 "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
                 "deterministic": args.deterministic}
+    check_run(args.out, {**identity, "train": dataclasses.asdict(tcfg)})
+    model = _load_model(args, mesh)
+    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
+    ecfg = train_editor_config(args, model.config)
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
