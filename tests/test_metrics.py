@@ -147,11 +147,14 @@ def test_fluency_is_entropy_of_greedy_generation(tiny, torch_model):
     assert got[0] == pytest.approx(want0) and got[1] == pytest.approx(M.generation_entropy("w1 w2 w3" + texts[2]))
 
 
-def test_chat_template_prompts(tiny):
+def test_chat_template_prompts(tiny, tiny_model_dir):
     tok = tiny.tokenizer
     r = cf_request(0)
     with pytest.raises(UserError, match="no chat template"):
         encode_split(tok, [r], chat_template=True)
+    from emsedit_jax.cli import main
+    with pytest.raises(UserError, match="--chat-template"):
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "w1", "--chat-template"])
     tok = type(tok).from_pretrained(tok.name_or_path) if tok.name_or_path else tok
     tok.chat_template = "{% for m in messages %}w100 {{ m['content'] }} w101{% endfor %} w102"
     assert prompt_ids(tok, ["w1 w2"], chat_template=True) == [tok("w100 w1 w2 w101 w102")["input_ids"]]
