@@ -29,6 +29,7 @@ from . import safetensors_io as st
 from .config import ConfigError, ModelConfig
 from .layers import Params, get_path, set_path
 from .safetensors_io import CheckpointError
+from ..errors import UserError
 from .transformer import abstract_params, layer_params, tensor_specs
 
 
@@ -119,6 +120,25 @@ def _full(ndim: int) -> tuple[slice, ...]:
     return (slice(None),) * ndim
 
 
+def _assemble(shape: tuple[int, ...], sharding, dtype, block) -> jax.Array:
+    """The array of global `shape` on `sharding`, built from this process's devices'
+    slices: each distinct slice (a replicated one once) is read by `block(index)` and
+    sent to its devices before the next is read, so the host holds one slice at a time.
+    (`jax.make_array_from_callback` does the same but gathers every slice of the
+    process before sending any.)"""
+    groups: dict[tuple, tuple[tuple[slice, ...], list]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        index = tuple(index) + _full(len(shape) - len(index))
+        key = tuple(range(n)[i] for n, i in zip(shape, index))
+        groups.setdefault(key, (index, []))[1].append(device)
+    arrays = []
+    for index, devices in groups.values():
+        host = np.asarray(block(index), dtype)
+        arrays += [jax.device_put(host, d) for d in devices]
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: bool = False,
                 shardings: Params | None = None) -> Params:
     """Reads every tensor the config needs, checks shapes and finiteness, and builds the
@@ -127,9 +147,9 @@ def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: b
 
     `shardings`: None (every array whole on the default device), or a tree of
     `jax.sharding.Sharding`s shaped like the parameters (e.g. `sharding.param_shardings(
-    abstract_params(cfg, dtype, stacked), mesh)`); each array is then built with
-    `jax.make_array_from_callback` from the slices its devices need, read from the files
-    slice by slice (a transposed tensor by reading the transposed slice)."""
+    abstract_params(cfg, dtype, stacked), mesh)`); each array is then assembled from the
+    slices this process's devices hold, read from the files slice by slice (a transposed
+    tensor by reading the transposed slice), one slice in host memory at a time."""
     files = {_canonical(cfg, k): (k, f) for k, f in _weight_files(folder).items()}
     tables: dict[Path, dict[str, st.TensorInfo]] = {}
     want = abstract_params(cfg, dtype, stacked=stacked)
@@ -150,9 +170,9 @@ def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: b
         return f, orig
 
     def read(source: tuple[Path, str], index: tuple[slice, ...], transpose: bool) -> np.ndarray:
-        """index: a slice per dimension of our layout -> that slice, float32."""
+        """index: a slice per dimension of our layout -> that slice, in the file's dtype."""
         f, orig = source
-        arr = np.asarray(st.read(f, orig, tuple(reversed(index)) if transpose else index), np.float32)
+        arr = st.read(f, orig, tuple(reversed(index)) if transpose else index)
         if not np.isfinite(arr).all():
             raise CheckpointError(f"{f}: tensor {orig!r} contains NaN or infinite values")
         return arr.T if transpose else arr
@@ -168,15 +188,13 @@ def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: b
                 index = tuple(index) + _full(len(shape) - len(index))
                 picked = range(len(layers))[index[0]]
                 out = np.empty((len(picked), *[len(range(n)[i]) for n, i in zip(shape[1:], index[1:])]),
-                               np.float32)
+                               np.dtype(dtype))
                 for j, layer in enumerate(picked):      # one layer's slice at a time
                     out[j] = read(layers[layer], index[1:], transpose)
                 return out
         if shardings is None:
             return jnp.asarray(block(_full(len(shape))), dtype)
-        target = get_path(shardings, path)
-        return jax.make_array_from_callback(
-            shape, target, lambda index: block(tuple(index) + _full(len(shape) - len(index))).astype(dtype))
+        return _assemble(shape, get_path(shardings, path), dtype, block)
 
     params: Params = {} if stacked else {"layers": tuple({} for _ in range(cfg.num_layers))}
     used = set()
@@ -222,7 +240,14 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bo
     per-layer tensors on a leading layer axis (unedited layers run as a `lax.scan`,
     faster to compile) instead of the default list layout (faster to run on CPU).
     `mesh` (a `sharding.make_mesh` mesh): every parameter is read straight into its
-    shards on the mesh (see `load_params`), placed as `sharding.param_shardings` says."""
+    shards on the mesh (see `load_params`), placed as `sharding.param_shardings` says.
+    'package.module:function' (not a path) calls that function for the Model (a Flax
+    model: `flax_nnx.from_nnx`); the options above are then the function's business."""
+    if is_factory(name_or_path):
+        if jnp.dtype(dtype) != jnp.float32 or residual is not None or stacked or mesh is not None:
+            raise UserError(f"model {name_or_path}: a model factory sets its own dtypes and layout "
+                            "(dtype/residual/stacked/mesh apply to checkpoints)")
+        return from_factory(name_or_path)
     folder = resolve(name_or_path)
     cfg, raw = read_config(folder, strict=strict)
     if residual is not None:
@@ -234,6 +259,36 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bo
     params = load_params(folder, cfg, dtype, stacked=stacked, shardings=shardings)
     tok = load_tokenizer(folder) if tokenizer else None
     return Model(cfg, params, tok, folder, raw)
+
+
+FACTORY = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
+
+
+def is_factory(spec: str) -> bool:
+    """True for 'package.module:function' (and not an existing path)."""
+    return bool(FACTORY.fullmatch(str(spec))) and not os.path.exists(spec)
+
+
+def from_factory(spec: str):
+    """Imports `package.module` and returns `function()`, which must return a `Model`
+    (for a Flax NNX model: `from_nnx(...)`). The module must be importable (installed,
+    or its folder on PYTHONPATH)."""
+    import importlib
+    m = FACTORY.fullmatch(str(spec))
+    if not m:
+        raise UserError(f"model {spec!r}: a model factory is written 'package.module:function'")
+    try:
+        module = importlib.import_module(m.group(1))
+    except ImportError as e:
+        raise UserError(f"model {spec!r}: cannot import {m.group(1)!r} ({e}); is its folder on PYTHONPATH?") from e
+    fn = getattr(module, m.group(2), None)
+    if not callable(fn):
+        raise UserError(f"model {spec!r}: {m.group(1)} has no function {m.group(2)!r}")
+    model = fn()
+    if not isinstance(model, Model):
+        raise UserError(f"model {spec!r}: {m.group(2)}() returned {type(model).__name__}, expected a Model "
+                        "(build it with emsedit_jax.models.flax_nnx.from_nnx)")
+    return model
 
 
 # ---------------------------------------------------------------- export
@@ -270,6 +325,11 @@ def save_hf(model: Model, out_dir: str | os.PathLike, params: Params | None = No
             dtype=None, max_shard_bytes: int | None = None) -> Path:
     """Writes `params` (default: model.params) as a Hugging Face checkpoint folder with
     the original config and tokenizer files. Shards above `max_shard_bytes`."""
+    from .transformer import builtin
+    if not builtin(model.config):
+        raise UserError(f"{model.config.name}: a Flax model is not saved as a Hugging Face checkpoint; its edited "
+                        "parameters are apply_deltas(model.config, model.params, deltas), a pytree to save "
+                        "as that model is saved")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = hf_state_dict(model.config, model.params if params is None else params, dtype)
