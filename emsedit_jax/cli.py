@@ -30,8 +30,9 @@ DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "de
 def default_modules(cfg) -> tuple[str, ...]:
     """Six consecutive MLP input projections: layers 18-23 of a 30-layer LLaMA-style
     model (0.6 of the depth), the last six layers of GPT-2 / GPT-J; for a Flax model
-    (--model package.module:factory), the edit paths its factory gave `from_nnx`."""
-    if cfg.family == "nnx":
+    (--model package.module:factory), the edit paths its factory gave `from_nnx` / `from_linen`."""
+    from .models.transformer import builtin
+    if not builtin(cfg):
         return cfg.modules
     n = cfg.num_layers
     if cfg.family == "llama":
@@ -47,7 +48,8 @@ def parse_modules(spec: str | None, layers: str | None, module: str | None, cfg)
     base = default_modules(cfg)
     if layers is None and module is None:
         return base
-    if cfg.family == "nnx":
+    from .models.transformer import builtin
+    if not builtin(cfg):
         from .errors import UserError
         raise UserError("--layers/--module name layers of Hugging Face models; for a Flax model pass --modules "
                         "(module paths like layers.18.mlp.up_proj)")
@@ -210,23 +212,26 @@ def train_config(args):
 
 def cmd_train(args) -> dict:
     from .pipeline import encode_split
+    from .runs import check_run
     from .train import train
     resolve_schedule(args)
     args.chat_template = bool(args.chat_template)
     mesh = _scale_setup(args)
-    model = _load_model(args, mesh)
-    train_reqs, test_reqs, data = _load_data(args)
-    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
-    ecfg = train_editor_config(args, model.config)
+    train_reqs, test_reqs, data = _load_data(args)        # data errors before the model loads
     tcfg = train_config(args)
-    residual = model.config.residual_dtype or args.dtype
-    # Everything that makes this run this run (runs.claim_run adds the model, the configs
-    # and the training requests' content hash); --mesh and --remat change only the cost.
+    residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else args.dtype)
+    # Everything that makes this run this run (runs.claim_run adds the model, the editor
+    # config and the training requests' content hash); --mesh and --remat change only
+    # the cost. A folder holding another run is refused before the model loads.
     identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
                 "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
                 "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
                 "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
                 "deterministic": args.deterministic}
+    check_run(args.out, {**identity, "train": dataclasses.asdict(tcfg)})
+    model = _load_model(args, mesh)
+    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
+    ecfg = train_editor_config(args, model.config)
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
@@ -237,6 +242,8 @@ def cmd_train(args) -> dict:
     result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs, chat_template=args.chat_template),
                    args.out, run_meta=run_meta, identity=identity, model_name=model_name(args.model),
                    progress=not args.quiet, mesh=mesh, remat=args.remat)
+    if not result.n_edits_seen:
+        print(f"{args.out} already holds this finished run; its editor is unchanged", file=sys.stderr)
     summary = {"train_seconds_per_edit": result.seconds_per_edit, "compile_seconds": result.compile_seconds,
                "wall_seconds": time.perf_counter() - t0, "editor": str(Path(args.out) / "editor")}
     print(json.dumps(summary, indent=1))
@@ -426,7 +433,7 @@ def cmd_edit(args) -> dict:
     from .models import apply_deltas, save_hf
     from .pipeline import encode_split
     model = _load_model(args)
-    if args.save and model.config.family == "nnx":
+    if args.save and model.config.family in ("nnx", "linen"):
         from .errors import UserError
         raise UserError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
                         "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
@@ -486,7 +493,7 @@ def cmd_demo(args) -> dict:
 # ---------------------------------------------------------------- parser
 def _add_model(p):
     p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id, or "
-                   "package.module:factory returning a Model (a Flax NNX model: models.flax_nnx.from_nnx)")
+                   "package.module:factory returning a Model (a Flax model: models.flax_nnx.from_nnx, models.flax_linen.from_linen)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM parameter dtype")
     p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
                    help="dtype of the residual stream (default: float32; with --dtype bfloat16 every matmul still "

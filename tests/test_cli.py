@@ -29,9 +29,17 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     common = ["--model", str(tiny_model_dir), "--dataset", "user", "--data", "edits.jsonl", "--n-train", "24",
               "--n-test", "16", "--quiet"]
     monkeypatch.chdir(tmp_path)         # the data path is relative to the training's directory
-    main(["train", *common, "--out", str(tmp_path / "run"), "--epochs", "2", "--n-edits", "4", "--num-seq", "2",
-          "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"])
+    train_args = ["train", *common, "--out", str(tmp_path / "run"), "--epochs", "2", "--n-edits", "4", "--num-seq",
+                  "2", "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"]
+    main(train_args)
     assert (tmp_path / "run" / "editor" / "editor.json").is_file()
+    # A rerun into the finished folder that differs in anything is refused, naming what,
+    # before the model loads.
+    editor_json = (tmp_path / "run" / "editor" / "editor.json").read_text()
+    for extra, diff in ((["--dtype", "bfloat16"], "dtype"), (["--split-seed", "3"], "split.split_seed")):
+        with pytest.raises(UserError, match=rf"run holds another training run \(it differs in {diff}\); use"):
+            main(train_args + extra)
+    assert (tmp_path / "run" / "editor" / "editor.json").read_text() == editor_json
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     out = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
