@@ -327,7 +327,9 @@ def cmd_evaluate(args) -> dict:
               "train": record.get("train"), "mesh": args.mesh, "remat": args.remat,
               "capture_chunk": args.capture_chunk, "buckets": args.buckets,
               "loc_prior_requests": len(train_reqs) if ecfg.loc_prior else None, "chat_template": chat,
-              "fluency_tokens": args.fluency, "per_request": args.per_request, **overlap}
+              "fluency_tokens": args.fluency, "per_request": args.per_request,
+              "prob_scores": args.prob_scores if args.prob_scores is not None else
+              DATASET_METRIC.get(args.dataset) == "counterfact", **overlap}
     print("configuration:", json.dumps(config, indent=1))
     key_prior, prior_s = None, None
     if ecfg.loc_prior:         # C0 from the training requests' locality prompts, never the test ones
@@ -347,7 +349,8 @@ def cmd_evaluate(args) -> dict:
         res = run_protocol(model, ecfg, state, split, protocol=args.protocol, num_seq=args.num_seq,
                            n_edits=args.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=args.full_curve,
                            progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=args.capture_chunk,
-                           buckets=args.buckets, key_prior=key_prior, fluency_tokens=args.fluency)
+                           buckets=args.buckets, key_prior=key_prior, fluency_tokens=args.fluency,
+                           prob_scores=args.prob_scores)
         out = {"metrics": res.metrics, "baseline": res.baseline,
                "timing": {"train_seconds_per_edit": record.get("train_seconds_per_edit"),
                           "edit_seconds_per_edit": res.edit_seconds_per_edit,
@@ -626,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score fluency: n-gram entropy of TOKENS greedily generated tokens on each request's "
                         "generation prompts (the edit prompt when it has none), edited and unedited (default 0: "
                         "off; slow)")
+    p.add_argument("--prob-scores", action="store_true", default=None,
+                   help="also report ROME's probability scores (efficacy, paraphrase and neighbourhood score and "
+                        "magnitude, from whole-target probabilities of the new and true targets; default: on for "
+                        "CounterFact, off for the others)")
     p.add_argument("--out", default=None, help="results.json")
     _add_scale(p, capture_chunk=True)
     p.set_defaults(func=cmd_evaluate)

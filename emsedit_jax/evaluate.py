@@ -124,13 +124,16 @@ class Probes:
 def build_probes(tokenizer, requests, *, prob_scores: bool, chat_template: bool = False) -> Probes | None:
     """Probes of `requests`: with `prob_scores`, the new and the true target after the
     edit prompt, every paraphrase and every neighbourhood prompt (of requests with a
-    true target); the portability items of every request that has them. None if
+    true target; the locality prompt is a neighbour when its answer is the true
+    target); the portability items of every request that has them. None if
     there is nothing to score (so data without these fields cost nothing)."""
     rows: list[tuple[int, str, int, str, str, str]] = []
     for i, r in enumerate(requests):
         if prob_scores and r.target_true is not None:
-            groups = (("edit", (r.prompt,)), ("para", r.paraphrases or (r.rephrase,)),
-                      ("neigh", r.neighbours or (r.loc_prompt,)))
+            # Neighbours share the relation and the true object (CounterFact); a locality
+            # prompt with another answer (ZsRE's unrelated questions) is no neighbour.
+            neighbours = r.neighbours or ((r.loc_prompt,) if r.loc_answer == r.target_true else ())
+            groups = (("edit", (r.prompt,)), ("para", r.paraphrases or (r.rephrase,)), ("neigh", neighbours))
             for group, prompts in groups:
                 for j, prompt in enumerate(prompts):
                     rows += [(i, group, j, "new", prompt, r.target_new), (i, group, j, "true", prompt, r.target_true)]
