@@ -456,7 +456,10 @@ def cmd_edit(args) -> dict:
     from .evaluate import edit_batch
     from .editor.steps import zero_deltas
     from .models import apply_deltas, save_hf
+    from .checkpoint import read_editor_record
     from .pipeline import encode_split
+    if args.model is None:        # the model the editor was trained for
+        args.model = read_editor_record(args.editor).get("model_name") or "smollm2"
     model = _load_model(args)
     if args.save and model.config.family in ("nnx", "linen"):
         from .errors import UserError
@@ -717,7 +720,7 @@ def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
     if getattr(args, "plot", None):
         args.full_curve = True
-    if args.command != "evaluate" and getattr(args, "model", "x") is None:
+    if args.command not in ("evaluate", "edit") and getattr(args, "model", "x") is None:
         args.model = "smollm2"
     return args.func(args)
 
