@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from .editor.config import EditorConfig
 from .editor.normalizer import Stats
 from .editor.steps import EditorState
+from .models.hf_io import CheckpointError
 
 
 def _abstract(tree):
@@ -84,25 +85,51 @@ def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: d
     return directory
 
 
+def read_editor_record(directory: str | Path) -> dict[str, Any]:
+    """The editor.json of an editor folder; CheckpointError says what is wrong with it."""
+    directory = Path(directory).absolute()
+    record_file = directory / "editor.json"
+    if not record_file.is_file():
+        raise CheckpointError(f"{record_file}: missing; is {directory} an editor folder written by "
+                              "'emsedit-jax train'?")
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{record_file}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("editor"), dict):
+        raise CheckpointError(f"{record_file}: expected an object with the editor's configuration under 'editor'")
+    return record
+
+
+def editor_config_of(record: dict[str, Any], record_file: str | Path) -> EditorConfig:
+    """The EditorConfig an editor.json describes; CheckpointError names the file."""
+    fields = dict(record["editor"])
+    known = {f.name for f in dataclasses.fields(EditorConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(f"{record_file}: 'editor' has unknown field(s) {unknown}")
+    if isinstance(fields.get("modules"), list):
+        fields["modules"] = tuple(fields["modules"])
+    try:
+        return EditorConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{record_file}: {e}") from None
+
+
 def load_editor(directory: str | Path, lcfg) -> tuple[EditorConfig, EditorState, dict[str, Any]]:
     """Reads an editor folder written by `save_editor` (for the model config `lcfg`)."""
     from .editor.steps import init_editor
     directory = Path(directory).absolute()
     record_file = directory / "editor.json"
-    if not record_file.is_file():
-        raise FileNotFoundError(f"{record_file}: missing; is {directory} an editor folder written by "
-                                "'emsedit-jax train'?")
-    record = json.loads(record_file.read_text())
-    fields = dict(record["editor"])
-    fields["modules"] = tuple(fields["modules"])
-    ecfg = EditorConfig(**fields)
+    record = read_editor_record(directory)
+    ecfg = editor_config_of(record, record_file)
     template = init_editor(ecfg, lcfg, jax.random.key(0))
     target = {"nets": template.nets, "stats": template.stats}
     with ocp.StandardCheckpointer() as ckptr:
         try:
             restored = ckptr.restore(directory / "state", _abstract(target))
         except ValueError as e:
-            raise ValueError(f"{directory / 'state'}: the saved arrays do not fit the editor described in "
+            raise CheckpointError(f"{directory / 'state'}: the saved arrays do not fit the editor described in "
                              f"{record_file}; for example an editor saved by an emsedit-jax whose hypernetworks were "
                              "stacked arrays 'A', 'B', ... rather than one parameter set per step, which must be "
                              f"retrained: {e}") from e

@@ -22,11 +22,13 @@ import numpy as np
 
 from emsedit_jax import cli
 from emsedit_jax.editor.capture import capture
+from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.pipeline import encode_split
 from report import write_report
 
 
 def main():
+    limit_lapack_threads()      # jaxlib's CPU LAPACK at one thread (EMSEDIT_JAX_LAPACK_THREADS overrides)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--data", default="../shared/data/zsre/zsre_mend_train-1k.json")

@@ -35,6 +35,7 @@ import numpy as np
 from emsedit_jax import cli
 from emsedit_jax.checkpoint import load_editor
 from emsedit_jax.evaluate import run_protocol
+from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
 from emsedit_jax.pipeline import encode_split
 from report import write_report
@@ -63,6 +64,7 @@ def load_precision(model_name: str, name: str):
 
 
 def main():
+    limit_lapack_threads()      # jaxlib's CPU LAPACK at one thread (EMSEDIT_JAX_LAPACK_THREADS overrides)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--editor", required=True, help="editor folder written by train")
     ap.add_argument("--streams", type=int, default=4)

@@ -11,6 +11,7 @@ import pytest
 from conftest import synthetic_requests
 from emsedit_jax.cli import default_modules, main, parse_modules
 from emsedit_jax.data import DataError
+from emsedit_jax.errors import ConfigError
 from emsedit_jax.models import ModelConfig, get_kernel, load_model
 
 
@@ -35,20 +36,20 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) >= {"metrics", "baseline", "timing", "config", "n_requests"}
     assert set(saved["metrics"]) == set(saved["baseline"]) == {"ES", "GS", "LS"}
-    assert saved["n_requests"] == 8 and saved["config"]["data"] == str(data)  # split taken from the editor
+    assert saved["n_requests"] == 8 and saved["config"]["data"]["data"] == str(data)  # split taken from the editor
     assert saved["timing"]["train_seconds_per_edit"] > 0 and saved["timing"]["edit_seconds_per_edit"] > 0
     assert (tmp_path / "curve.png").stat().st_size > 0 and len(out["curve"]) == 2
     printed = capsys.readouterr().out
     assert "| unedited |" in printed and "configuration:" in printed
     # The key memory and the locality prior are test-time choices: the same editor
     # evaluated with them, recorded; C0 comes from the 24 training requests.
-    with pytest.raises(SystemExit, match="needs --key-memory"):
+    with pytest.raises(ConfigError, match="needs --key-memory"):
         main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--loc-prior", "3", "--quiet"])
     km = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
                "--key-memory", "1", "--loc-prior", "3", "--quiet"])
-    assert saved["config"]["editor"]["key_memory"] == 0 and km["config"]["editor"]["key_memory"] == 1.0
-    assert saved["config"]["editor"]["loc_prior"] == 0 and km["config"]["editor"]["loc_prior"] == 3.0
-    assert km["config"]["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
+    assert saved["editor"]["key_memory"] == 0 and km["editor"]["key_memory"] == 1.0
+    assert saved["editor"]["loc_prior"] == 0 and km["editor"]["loc_prior"] == 3.0
+    assert km["config"]["evaluate"]["key_memory"] == 1.0 and km["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
     assert km["baseline"] == out["baseline"] and km["n_requests"] == 8
 
     res = main(["edit", "--model", str(tiny_model_dir), "--editor", str(tmp_path / "run" / "editor"),
