@@ -33,7 +33,7 @@ from .editor.config import EditorConfig, default_modules, method_config
 from .editor.steps import Deltas, EditorState, new_stream, zero_deltas
 from .errors import UserError
 from .evaluate import EvalConfig, EvalResult, edit_batch, run_protocol
-from .models import Model, apply_deltas, greedy_generate, save_hf
+from .models import Model, apply_deltas, save_hf
 from .models import load_model as _load_model_folder
 from .pipeline import encode_split
 from .train import TrainConfig
@@ -59,6 +59,11 @@ class Editor:
     config: EditorConfig
     state: EditorState
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def chat_template(self) -> bool:
+        """Whether it was trained on prompts wrapped in the tokenizer's chat template."""
+        return bool(self.record.get("chat_template"))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the editor folder (editor.json + state/) that `load_editor` reads."""
@@ -95,23 +100,24 @@ class EditedModel:
 
 
 def load_model(name: str | os.PathLike = "smollm2", *, dtype: str = "float32",
-               residual_dtype: str | None = None) -> Model:
+               residual_dtype: str | None = None, mesh=None) -> Model:
     """`name`: the embedded model ("smollm2"), a local Hugging Face folder, or a hub id
     ('org/name', from the local Hugging Face cache or the hub). `dtype`: "float32" or
     "bfloat16" parameters; with bfloat16 the residual stream stays float32 unless
-    `residual_dtype="bfloat16"` (transformers' all-bfloat16 numerics)."""
+    `residual_dtype="bfloat16"` (transformers' all-bfloat16 numerics). `mesh` (a
+    `sharding.make_mesh` mesh) reads every parameter straight into its shards."""
     import jax.numpy as jnp
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if dtype not in dtypes:
         raise UserError(f"dtype: expected float32 or bfloat16, got {dtype!r}")
     residual = residual_dtype or ("float32" if dtype == "bfloat16" else None)
-    return _load_model_folder(name, dtype=dtypes[dtype], residual=residual)
+    return _load_model_folder(name, dtype=dtypes[dtype], residual=residual, mesh=mesh)
 
 
 def load_editor(path: str | os.PathLike, model: Model) -> Editor:
     """The editor folder written by `emsedit-jax train` / `ej.train_editor(..., out=...)` /
-    `Editor.save`, for `model`."""
-    ecfg, state, record = _load_editor_folder(path, model.config)
+    `Editor.save`, for `model` (refused when made for another architecture)."""
+    ecfg, state, record = _load_editor_folder(path, model.config, model_name=str(model.path))
     return Editor(ecfg, state, record)
 
 
@@ -129,9 +135,11 @@ def _requests(facts: Sequence[Fact | tuple[str, str]]) -> list[EditRequest]:
     return out
 
 
-def edit(model: Model | EditedModel, editor: Editor, facts: Sequence[Fact | tuple[str, str]]) -> EditedModel:
+def edit(model: Model | EditedModel, editor: Editor, facts: Sequence[Fact | tuple[str, str]], *,
+         chat_template: bool | None = None) -> EditedModel:
     """Edits `facts` (one batch) into `model`. Given an EditedModel, the batch continues
-    its stream: the deltas accumulate and the key memory carries over."""
+    its stream: the deltas accumulate and the key memory carries over. `chat_template`:
+    wrap the prompts in the tokenizer's chat template (None: as the editor was trained)."""
     if isinstance(model, EditedModel):
         if model.editor.config != editor.config:
             raise UserError("edit: the model was edited with another editor; continue a stream with the same one")
@@ -142,8 +150,9 @@ def edit(model: Model | EditedModel, editor: Editor, facts: Sequence[Fact | tupl
     facts = tuple(f if isinstance(f, Fact) else Fact(*f) for f in facts)
     if not facts:
         return EditedModel(base, editor, deltas, stream, done)
-    requests = check_lengths(base.tokenizer, _requests(facts)).requests
-    split = encode_split(base.tokenizer, requests)
+    chat = editor.chat_template if chat_template is None else chat_template
+    requests = check_lengths(base.tokenizer, _requests(facts), chat_template=chat).requests
+    split = encode_split(base.tokenizer, requests, chat_template=chat)
     rows = np.arange(len(requests))
     layout = split.layout([rows])
     deltas, stream = edit_batch(stream, base.params, split.batch(rows, layout).edit, deltas, ecfg=editor.config,
@@ -151,21 +160,18 @@ def edit(model: Model | EditedModel, editor: Editor, facts: Sequence[Fact | tupl
     return EditedModel(base, editor, deltas, stream, done + facts)
 
 
-def generate(model: Model | EditedModel, prompts: str | Sequence[str], max_new_tokens: int = 8) -> str | list[str]:
-    """Greedy continuation of each prompt (the new text only); a string for a string."""
+def generate(model: Model | EditedModel, prompts: str | Sequence[str], max_new_tokens: int = 8, *,
+             chat_template: bool = False) -> str | list[str]:
+    """Greedy continuation of each prompt (the new text, up to the first end of
+    sequence); a string for a string. `chat_template`: wrap each prompt in the
+    tokenizer's chat template (instruct models)."""
+    from .evaluate import generate as _generate
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UserError(f"max_new_tokens: expected a whole number >= 1, got {max_new_tokens!r}")
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
-    tok = model.tokenizer
-    enc = [tok(p)["input_ids"] for p in prompts]
-    ids = np.zeros((len(enc), max(map(len, enc))), np.int32)
-    mask = np.zeros_like(ids)
-    for i, e in enumerate(enc):
-        ids[i, :len(e)] = e
-        mask[i, :len(e)] = 1
-    out = greedy_generate(model.config, model.params, ids, mask, max_new_tokens, tok.pad_token_id or 0)
-    texts = [tok.decode(o, skip_special_tokens=True) for o in out]
+    base = model.base if isinstance(model, EditedModel) else model
+    texts = _generate(base, model.params, prompts, max_new_tokens, chat_template=chat_template, chunk=len(prompts))
     return texts[0] if single else texts
 
 
@@ -214,4 +220,4 @@ def evaluate_editor(model: Model, editor: Editor, data, config: EvalConfig | Non
     split = encode_split(model.tokenizer, _data(model, data, format))
     return run_protocol(model, ecfg, editor.state, split, protocol=ev.protocol, num_seq=ev.num_seq,
                         n_edits=ev.n_edits, metric=metric, full_curve=ev.full_curve, progress=progress,
-                        capture_chunk=ev.capture_chunk, buckets=ev.buckets)
+                        capture_chunk=ev.capture_chunk, buckets=ev.buckets, fluency_tokens=ev.fluency)

@@ -6,7 +6,10 @@
   identity (configs, model, data size) is stored beside it; resuming a different run
   into the same folder is an error.
 - `save_editor` / `load_editor`: the final editor, one folder: `editor.json` (every
-  resolved setting of the run) and `state/` (parameters and statistics).
+  resolved setting of the run, the model it is made for, a checksum of its arrays),
+  `state/` (parameters and statistics) and `train_requests.json` (content hashes of the
+  requests it was trained on). `load_editor` refuses an editor whose arrays do not match
+  their checksum or that was made for a model of another architecture.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .editor.config import EditorConfig
 from .editor.normalizer import Stats
 from .editor.steps import EditorState
 from .models.hf_io import CheckpointError
+from .runs import RunError, model_identity, tree_sha256
 
 
 def _abstract(tree):
@@ -45,8 +49,8 @@ class CheckpointStore:
             previous = json.loads(ident_file.read_text())
             if previous != identity:
                 diff = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-                raise ValueError(f"{self.directory} holds checkpoints of a different run (differs in {diff}); "
-                                 "use another --out folder or delete it")
+                raise RunError(f"{self.directory} holds checkpoints of a different run (differs in {diff}); "
+                               "use another --out folder or delete it")
         else:
             ident_file.write_text(json.dumps(identity, indent=1))
         self.manager = ocp.CheckpointManager(
@@ -72,21 +76,33 @@ class CheckpointStore:
         self.manager.close()
 
 
-def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: dict[str, Any]) -> Path:
+TRAIN_REQUESTS = "train_requests.json"
+
+
+def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: dict[str, Any],
+                train_hashes: list[str] | None = None) -> Path:
+    """Writes the editor folder. `meta` should hold "model" (runs.model_identity); the
+    checksum of the arrays is added as "state_sha256", and `train_hashes` (content
+    hashes of the training requests, data.request_hash) go to train_requests.json."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
+    tree = {"nets": state.nets, "stats": state.stats}
     with ocp.StandardCheckpointer() as ckptr:
         target = directory / "state"
         if target.exists():
             shutil.rmtree(target)
-        ckptr.save(target, {"nets": state.nets, "stats": state.stats})
-    record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"}}
+        ckptr.save(target, tree)
+        ckptr.wait_until_finished()
+    if train_hashes is not None:
+        (directory / TRAIN_REQUESTS).write_text(json.dumps({"hashes": list(train_hashes)}))
+    record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"},
+              "state_sha256": tree_sha256(tree)}
     (directory / "editor.json").write_text(json.dumps(record, indent=1, default=str))
     return directory
 
 
 def read_editor_record(directory: str | Path) -> dict[str, Any]:
-    """The editor.json of an editor folder; CheckpointError says what is wrong with it."""
+    """The editor.json of an editor folder (CheckpointError if missing or unreadable)."""
     directory = Path(directory).absolute()
     record_file = directory / "editor.json"
     if not record_file.is_file():
@@ -94,35 +110,56 @@ def read_editor_record(directory: str | Path) -> dict[str, Any]:
                               "'emsedit-jax train'?")
     try:
         record = json.loads(record_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{record_file}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{record_file}: not a valid editor record ({e})") from None
     if not isinstance(record, dict) or not isinstance(record.get("editor"), dict):
-        raise CheckpointError(f"{record_file}: expected an object with the editor's configuration under 'editor'")
+        raise CheckpointError(f"{record_file}: not a valid editor record (no 'editor' settings)")
     return record
 
 
-def editor_config_of(record: dict[str, Any], record_file: str | Path) -> EditorConfig:
-    """The EditorConfig an editor.json describes; CheckpointError names the file."""
-    fields = dict(record["editor"])
-    known = {f.name for f in dataclasses.fields(EditorConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise CheckpointError(f"{record_file}: 'editor' has unknown field(s) {unknown}")
-    if isinstance(fields.get("modules"), list):
-        fields["modules"] = tuple(fields["modules"])
+def trained_hashes(directory: str | Path) -> set[str] | None:
+    """Content hashes of the requests an editor was trained on (None for an editor
+    saved without them)."""
+    f = Path(directory) / TRAIN_REQUESTS
+    if not f.is_file():
+        return None
     try:
-        return EditorConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{record_file}: {e}") from None
+        return set(json.loads(f.read_text())["hashes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: unreadable list of training requests ({e})") from None
 
 
-def load_editor(directory: str | Path, lcfg) -> tuple[EditorConfig, EditorState, dict[str, Any]]:
-    """Reads an editor folder written by `save_editor` (for the model config `lcfg`)."""
+def check_model(record: dict, directory, lcfg, model_name: str | None = None) -> None:
+    """Refuses an editor made for a model of another architecture (config hash or edited
+    layer shapes), naming both models."""
+    made_for = record.get("model")
+    if not isinstance(made_for, dict) or "config_sha256" not in made_for:
+        return
+    here = model_identity(model_name or "the given model", lcfg, made_for.get("layer_shapes") or ())
+    what = [k for k in ("config_sha256", "layer_shapes") if made_for.get(k) != here[k]]
+    if what:
+        raise RunError(f"{directory}: this editor was made for model {made_for.get('name')!r} (config sha256 "
+                       f"{str(made_for['config_sha256'])[:12]}), not for {here['name']!r} (config sha256 "
+                       f"{here['config_sha256'][:12]}): {' and '.join(w.replace('_', ' ') for w in what)} differ; "
+                       f"pass --model {made_for.get('name')}")
+
+
+def load_editor(directory: str | Path, lcfg, model_name: str | None = None
+                ) -> tuple[EditorConfig, EditorState, dict[str, Any]]:
+    """Reads an editor folder written by `save_editor` for the model config `lcfg`
+    (`model_name`: how the caller names that model, for messages). Refuses an editor
+    made for another architecture and one whose arrays fail their checksum."""
     from .editor.steps import init_editor
     directory = Path(directory).absolute()
-    record_file = directory / "editor.json"
     record = read_editor_record(directory)
-    ecfg = editor_config_of(record, record_file)
+    record_file = directory / "editor.json"
+    check_model(record, directory, lcfg, model_name)
+    try:
+        fields = dict(record["editor"])
+        fields["modules"] = tuple(fields["modules"])
+        ecfg = EditorConfig(**fields)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{record_file}: invalid editor settings ({e})") from None
     template = init_editor(ecfg, lcfg, jax.random.key(0))
     target = {"nets": template.nets, "stats": template.stats}
     with ocp.StandardCheckpointer() as ckptr:
@@ -130,9 +167,16 @@ def load_editor(directory: str | Path, lcfg) -> tuple[EditorConfig, EditorState,
             restored = ckptr.restore(directory / "state", _abstract(target))
         except ValueError as e:
             raise CheckpointError(f"{directory / 'state'}: the saved arrays do not fit the editor described in "
-                             f"{record_file}; for example an editor saved by an emsedit-jax whose hypernetworks were "
-                             "stacked arrays 'A', 'B', ... rather than one parameter set per step, which must be "
-                             f"retrained: {e}") from e
+                                  f"{record_file}; for example an editor saved by an emsedit-jax whose hypernetworks "
+                                  "were stacked arrays 'A', 'B', ... rather than one parameter set per step, which "
+                                  f"must be retrained: {e}") from None
+        except Exception as e:    # unreadable or corrupted array files
+            raise CheckpointError(f"{directory / 'state'}: cannot read the editor's arrays "
+                                  f"({type(e).__name__}: {str(e)[:200]}); the folder is damaged") from None
     restored = _restore_like(target, restored)
+    want = record.get("state_sha256")
+    if want is not None and tree_sha256(restored) != want:
+        raise CheckpointError(f"{directory / 'state'}: the arrays do not match the checksum in {record_file} "
+                              "(the files were changed or damaged after training); retrain or restore a copy")
     stats = {k: Stats(*v) for k, v in restored["stats"].items()}
     return ecfg, EditorState(restored["nets"], stats, template.key_gram), record

@@ -36,8 +36,9 @@ __all__ = ["DATASET_FORMAT", "DATASET_METRIC", "build_parser", "console", "defau
 # Token accuracy ("zsre") for data whose locality prompts are unrelated facts with their
 # own answers (the demo); the logit comparison for CounterFact.
 DATASET_METRIC = {"zsre": "zsre", "counterfact": "counterfact", "mquake": "counterfact", "demo": "zsre",
-                  "user": "zsre"}
-DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "demo": "counterfact", "user": "user"}
+                  "user": "zsre", "knowedit": "zsre"}
+DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "demo": "counterfact", "user": "user",
+                  "knowedit": "knowedit"}
 DEFAULT_MODEL = "smollm2"
 
 
@@ -50,18 +51,22 @@ class ModelOptions:
     residual_dtype: Literal["float32", "bfloat16"] | None = option(
         None, "dtype of the residual stream (with --dtype bfloat16 every matmul still runs in bfloat16); "
         "bfloat16 = transformers' all-bfloat16 numerics", default_text="float32")
+    chat_template: bool | None = option(
+        None, "wrap every prompt in the tokenizer's chat template (one user turn, then the assistant header) for "
+        "instruct models", default_text="raw prompts; evaluate and edit: as the editor was trained")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataOptions:
-    dataset: Literal["zsre", "counterfact", "mquake", "demo", "user"] | None = option(
+    dataset: Literal["zsre", "counterfact", "mquake", "demo", "user", "knowedit"] | None = option(
         None, "format and metric of the data", default_text="evaluate: the editor's; train: required")
     data: str | None = option(None, "data file (or hub dataset id 'org/name')",
                               default_text="the shipped demo data with --dataset demo; evaluate: the editor's")
     test_data: str | None = option(None, "separate test file", default_text="--data is split")
     n_train: int | None = option(None, "training requests", check="positive", default_text="half of --data")
     n_test: int | None = option(None, "test requests", check="positive", default_text="the rest")
-    split_seed: int | None = option(None, "seed of the train/test split", check="nonneg")
+    split_seed: int | None = option(None, "seed of the train/test split of --data", check="nonneg",
+                                    default_text="0; evaluate: the editor's, else 0")
     skip_invalid: bool = option(False, "skip (and count) invalid records instead of stopping")
 
 
@@ -103,7 +108,12 @@ class TrainRun:
 @dataclasses.dataclass(frozen=True)
 class EvaluateRun:
     editor: str | None = option(None, "editor folder written by train", required=True, default_text="required")
-    plot: str | None = option(None, "PNG of the sequential curve (implies --full-curve)", metavar="FILE")
+    plot: str | None = option(None, "PNG of every metric's curve over the stream, unedited beside (implies "
+                              "--full-curve)", metavar="FILE")
+    per_request: str | None = option(None, "also write one line per edited request: its id, batch and position in "
+                                     "the stream, and every metric edited and unedited", metavar="FILE.jsonl")
+    allow_train_overlap: bool = option(False, "score test requests the editor was trained on (refused otherwise; "
+                                       "the overlap count is always in results.json)")
     out: str | None = option(None, "results.json to write", metavar="FILE", default_text="none: print only")
 
 
@@ -333,60 +343,76 @@ def parse_modules(spec, layers: str | None, module: str | None, cfg) -> tuple[st
 
 
 # ---------------------------------------------------------------- loading
-def _load_model(args):
-    """The --model in --dtype (api.load_model)."""
+def _load_model(args, mesh=None):
+    """The --model in --dtype (api.load_model); with a mesh, every parameter is read
+    straight into its shards."""
     from .api import load_model
-    return load_model(args.model, dtype=args.dtype, residual_dtype=args.residual_dtype)
+    return load_model(args.model, dtype=args.dtype, residual_dtype=args.residual_dtype, mesh=mesh)
+
+
+def model_name(name: str) -> str:
+    """How a run records --model: the absolute path of a local folder, else the name
+    (embedded model or hub id)."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else str(name)
 
 
 def _load_data(args):
-    """(train requests, test requests) from --data/--test-data and the split options."""
+    """(train requests, test requests, data record) from --data/--test-data and the split
+    options. The record holds each file's absolute path, SHA-256 and every skipped or
+    repeated record, and the split actually used."""
     from .data import load_requests, split_requests
     if args.dataset is None:
-        raise ConfigError("--dataset is required (zsre, counterfact, mquake, demo or user)")
+        raise ConfigError("--dataset is required (zsre, counterfact, mquake, demo, user or knowedit)")
     fmt = DATASET_FORMAT[args.dataset]
     data = args.data or (str(demo_data_path()) if args.dataset == "demo" else None)
     if data is None:
         raise ConfigError(f"--data is required with --dataset {args.dataset}")
-    loaded = load_requests(data, fmt, skip_invalid=args.skip_invalid)
-    if loaded.skipped:
-        print(f"skipped {len(loaded.skipped)} invalid record(s) of {data}: {loaded.skipped[:3]}", file=sys.stderr)
+    loaded = report_load(load_requests(data, fmt, skip_invalid=args.skip_invalid))
     reqs = loaded.requests
+    seed = 0 if args.split_seed is None else args.split_seed
+    record = {"data": _file_record(loaded), "test_data": None}
     if args.test_data:
-        test = load_requests(args.test_data, fmt, skip_invalid=args.skip_invalid).requests
+        test_loaded = report_load(load_requests(args.test_data, fmt, skip_invalid=args.skip_invalid))
+        record["test_data"] = _file_record(test_loaded)
         train = reqs[:args.n_train] if args.n_train else reqs
-        return train, test[:args.n_test] if args.n_test else test
+        test = test_loaded.requests[:args.n_test] if args.n_test else test_loaded.requests
+        record["split"] = {"n_train": len(train), "n_test": len(test), "split_seed": None}
+        return train, test, record
     n_train = args.n_train or len(reqs) // 2
     n_test = args.n_test or len(reqs) - n_train
-    return split_requests(reqs, n_train, n_test, args.split_seed)
+    record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed}
+    return (*split_requests(reqs, n_train, n_test, seed), record)
+
+
+def _file_record(loaded) -> dict:
+    return {"path": loaded.path, "sha256": loaded.sha256, "n_records": loaded.n_records,
+            "n_requests": len(loaded.requests), "skipped": loaded.skipped, "duplicates": loaded.duplicates}
+
+
+def report_load(loaded, shown: int = 3):
+    """Prints how many records of a file were skipped or repeat an earlier request, with
+    the first few reasons (all of them stay in `loaded` for the run's JSON record)."""
+    for what, items in (("skipped invalid record(s)", loaded.skipped),
+                        ("request(s) repeating an earlier one (kept)", loaded.duplicates)):
+        if items:
+            print(f"{loaded.path}: {len(items)} {what}:", file=sys.stderr)
+            for line in items[:shown]:
+                print(f"  {line}", file=sys.stderr)
+            if len(items) > shown:
+                print(f"  ... and {len(items) - shown} more", file=sys.stderr)
+    return loaded
 
 
 def demo_data_path() -> Path:
     return Path(__file__).parent / "data" / "demo_counterfacts.json"
 
 
-def _check_tokenised(model, train, test, skip_invalid):
-    """Validates lengths of every request before any long work."""
-    from .data import check_lengths
-    out = []
-    for reqs in (train, test):
-        res = check_lengths(model.tokenizer, reqs, skip_invalid=skip_invalid)
-        if res.skipped:
-            print(f"skipped {len(res.skipped)} over-long request(s)", file=sys.stderr)
-        out.append(res.requests)
-    return out
-
-
-def read_editor_record(editor: str | os.PathLike) -> dict[str, Any]:
-    """editor.json of an editor folder, or a CheckpointError naming what is wrong."""
-    from .checkpoint import read_editor_record as read
-    return read(editor)
-
-
 def _editor_defaults(args, record):
-    """Fills options not given from the editor's training record: the model, and the data
-    and split unless --data names other data (then nothing of the training data is kept)."""
-    keys = ["model_name", "skip_invalid"]
+    """Fills options not given from the editor's training record: the model and whether
+    prompts are wrapped in its chat template, and the data and split unless --data
+    names other data (then nothing of the training data is kept)."""
+    keys = ["model_name", "skip_invalid", "chat_template"]
     if getattr(args, "data", None) is None:
         keys += ["dataset", "data", "test_data", "n_train", "n_test", "split_seed"]
     for key in keys:
@@ -396,12 +422,28 @@ def _editor_defaults(args, record):
 
 
 def _print_table(metrics: dict, baseline: dict, title: str) -> str:
-    lines = [f"{title}", "", "| model | ES | GS | LS |", "|---|---:|---:|---:|",
-             "| unedited | " + " | ".join(f"{baseline[k]:.1f}" for k in ("ES", "GS", "LS")) + " |",
-             "| edited | " + " | ".join(f"{metrics[k]:.1f}" for k in ("ES", "GS", "LS")) + " |"]
+    """One row per metric computed, the unedited model beside the edited one."""
+    from .metrics import unit
+
+    def cell(d, k):
+        return "-" if k not in d else f"{d[k]:.2f}" if unit(k) == "bits" else f"{d[k]:.1f}"
+    lines = [f"{title}", "", "| metric | unit | unedited | edited |", "|---|---|---:|---:|"]
+    lines += [f"| {k} | {unit(k)} | {cell(baseline, k)} | {cell(metrics, k)} |" for k in metrics]
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def _check_tokenised(model, train, test, skip_invalid, chat_template=False):
+    """Validates lengths of every request before any long work."""
+    from .data import check_lengths
+    out = []
+    for reqs in (train, test):
+        res = check_lengths(model.tokenizer, reqs, skip_invalid=skip_invalid, chat_template=chat_template)
+        if res.skipped:
+            print(f"skipped {len(res.skipped)} over-long request(s)", file=sys.stderr)
+        out.append(res.requests)
+    return out
 
 
 def _scale_setup(args):
@@ -432,24 +474,33 @@ def cmd_train(args) -> dict:
     from .train import train
     check_writable(args.out, "--out", folder=True)
     args.model = args.model or DEFAULT_MODEL
+    args.chat_template = bool(args.chat_template)
     ecfg = train_editor_config(args, model_config(args.model))
     tcfg = train_config(args)
     for f in dataclasses.fields(ecfg):          # the resolved values are what is printed and recorded
         if hasattr(args, f.name) and f.name not in TRAIN_EDITOR_SKIP:
             setattr(args, f.name, getattr(ecfg, f.name))
     args.layers = args.module = None
-    train_reqs, test_reqs = _load_data(args)
+    train_reqs, test_reqs, data = _load_data(args)
     mesh = _scale_setup(args)
-    model = _load_model(args)
-    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid)
+    model = _load_model(args, mesh)
+    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
+    residual = model.config.residual_dtype or args.dtype
+    # Everything that makes this run this run (runs.claim_run adds the model, the configs
+    # and the training requests' content hash); --mesh and --remat change only the cost.
+    identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
+                "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
+                "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
+                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template}
     options = resolved_options(args)
-    run_meta = {"model_name": args.model, "dataset": args.dataset, "data": args.data, "test_data": args.test_data,
-                "n_train": args.n_train, "n_test": args.n_test, "split_seed": args.split_seed, "dtype": args.dtype,
-                "residual_dtype": model.config.residual_dtype or args.dtype,
-                "skip_invalid": args.skip_invalid, "mesh": args.mesh, "remat": args.remat, "options": options}
+    run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
+                "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
+                "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
+                "remat": args.remat, "chat_template": args.chat_template, "data_files": data, "options": options}
     print("configuration:", json.dumps(options, indent=1))
     t0 = time.perf_counter()
-    result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs), args.out, run_meta=run_meta,
+    result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs, chat_template=args.chat_template),
+                   args.out, run_meta=run_meta, identity=identity, model_name=model_name(args.model),
                    progress=not args.quiet, mesh=mesh, remat=args.remat)
     summary = {"train_seconds_per_edit": result.seconds_per_edit, "compile_seconds": result.compile_seconds,
                "wall_seconds": time.perf_counter() - t0, "editor": str(Path(args.out) / "editor")}
@@ -457,60 +508,101 @@ def cmd_train(args) -> dict:
     return summary
 
 
+def _exclude_trained(args, record: dict, data: dict, test_reqs):
+    """Test requests without those the editor was trained on, and the overlap record.
+
+    On the editor's own training file the test requests are taken from the complement
+    of its training requests (by content hash); on any other data, a test request the
+    editor was trained on is an error unless --allow-train-overlap. The overlap count
+    always goes to results.json."""
+    from .checkpoint import trained_hashes
+    from .data import request_hash
+    trained = trained_hashes(args.editor)
+    info = {"train_overlap": None, "left_out_as_trained": 0,
+            "same_file_as_training": data["test_data"] is None
+            and data["data"]["sha256"] == record.get("data_sha256")}
+    if trained is None:       # an editor saved without its training requests
+        print(f"{args.editor}: the editor does not list its training requests; overlap not checked", file=sys.stderr)
+        return test_reqs, info
+    if info["same_file_as_training"] and not args.allow_train_overlap:
+        kept = [r for r in test_reqs if request_hash(r) not in trained]
+        info["left_out_as_trained"] = len(test_reqs) - len(kept)
+        if len(kept) < len(test_reqs):
+            print(f"left out {len(test_reqs) - len(kept)} test request(s) the editor was trained on", file=sys.stderr)
+        test_reqs = kept
+    overlap = [r for r in test_reqs if request_hash(r) in trained]
+    info["train_overlap"] = len(overlap)
+    if overlap and not args.allow_train_overlap:
+        raise UserError(f"{len(overlap)} of the {len(test_reqs)} test requests were used to train the editor "
+                        f"{args.editor} (first: {overlap[0].source}); evaluate on other requests, or pass "
+                        "--allow-train-overlap to score them anyway")
+    return test_reqs, info
+
+
 def cmd_evaluate(args) -> dict:
-    from .checkpoint import load_editor
+    from .checkpoint import read_editor_record
     from .evaluate import locality_gram, mquake_accuracy, run_protocol
     from .pipeline import encode_split
     record = read_editor_record(args.editor)
     _editor_defaults(args, record)
     args.model = args.model or DEFAULT_MODEL
-    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+    args.chat_template = bool(args.chat_template)
+    for flag, path in (("--out", args.out), ("--plot", args.plot), ("--per-request", args.per_request)):
         if path:
             check_writable(path, flag, folder=False)
     ev = _config(EvalConfig, args)
     key_memory = record["editor"].get("key_memory", 0) if ev.key_memory is None else ev.key_memory
     if ev.loc_prior and not key_memory:
         raise ConfigError("--loc-prior NU starts the key memory at NU C0: it needs --key-memory MU > 0")
-    train_reqs, test_reqs = _load_data(args)
+    train_reqs, test_reqs, data = _load_data(args)
     mesh = _scale_setup(args)
-    model = _load_model(args)
-    ecfg, state, record = load_editor(args.editor, model.config)
+    model = _load_model(args, mesh)
+    ecfg, state, record = _load_editor_for(args, model)
     ecfg = ev.editor_config(ecfg)
+    test_reqs, overlap = _exclude_trained(args, record, data, test_reqs)
+    chat = args.chat_template
     train_reqs, test_reqs = _check_tokenised(model, train_reqs if ecfg.loc_prior else [], test_reqs,
-                                             args.skip_invalid)
+                                             args.skip_invalid, chat)
     options = resolved_options(args)
     print("configuration:", json.dumps(options, indent=1))
     info = {"editor": dataclasses.asdict(ecfg), "editor_dir": str(args.editor), "train": record.get("train"),
-            "residual_dtype": model.config.residual_dtype or args.dtype,
-            "loc_prior_requests": len(train_reqs) if ecfg.loc_prior else None}
+            "residual_dtype": model.config.residual_dtype or args.dtype, "chat_template": chat,
+            "loc_prior_requests": len(train_reqs) if ecfg.loc_prior else None, **overlap}
     key_prior, prior_s = None, None
     if ecfg.loc_prior:         # C0 from the training requests' locality prompts, never the test ones
         if not train_reqs:
             raise ConfigError("--loc-prior needs training requests (the editor's --data split, or --data with "
                               "--test-data) to estimate C0 from")
         t0 = time.perf_counter()
-        key_prior = locality_gram(model, ecfg, encode_split(model.tokenizer, train_reqs), n_edits=ev.n_edits,
-                                  progress=not args.quiet)
+        key_prior = locality_gram(model, ecfg, encode_split(model.tokenizer, train_reqs, chat_template=chat),
+                                  n_edits=ev.n_edits, progress=not args.quiet)
         prior_s = time.perf_counter() - t0
     if args.dataset == "mquake":
         result = mquake_accuracy(model, ecfg, state, test_reqs, n_cases=ev.n_edits * ev.num_seq,
-                                 progress=not args.quiet, key_prior=key_prior)
-        out = {"metrics": result, "config": options, **info}
+                                 progress=not args.quiet, key_prior=key_prior, chat_template=chat)
+        out = {"metrics": result, "config": options, **info, "data_files": data}
     else:
-        split = encode_split(model.tokenizer, test_reqs)
+        split = encode_split(model.tokenizer, test_reqs, chat_template=chat)
         res = run_protocol(model, ecfg, state, split, protocol=ev.protocol, num_seq=ev.num_seq,
                            n_edits=ev.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=ev.full_curve,
                            progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=ev.capture_chunk,
-                           buckets=ev.buckets, key_prior=key_prior)
+                           buckets=ev.buckets, key_prior=key_prior, fluency_tokens=ev.fluency)
         out = {"metrics": res.metrics, "baseline": res.baseline,
                "timing": {"train_seconds_per_edit": record.get("train_seconds_per_edit"),
                           "edit_seconds_per_edit": res.edit_seconds_per_edit,
                           "edit_compile_seconds": res.edit_compile_seconds,
                           "loc_prior_seconds": prior_s},
-               "config": options, **info, "n_requests": res.n_requests, "curve": res.curve}
+               "config": options, **info, "n_requests": res.n_requests, "curve": res.curve, "data_files": data}
         _print_table(res.metrics, res.baseline, f"{args.dataset} {ev.protocol} {ev.num_seq}x{ev.n_edits}")
         if args.plot and res.curve:
-            plot_curve(res.curve, args.plot)
+            plot_curve(res.curve, args.plot, res.baseline)
+        if args.per_request:
+            from .evaluate import per_request_lines
+            Path(args.per_request).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.per_request, "w", encoding="utf-8") as f:
+                for line in per_request_lines(res, split.requests):
+                    f.write(json.dumps(line) + "\n")
+            print(f"wrote {args.per_request} ({res.n_requests} requests)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
@@ -518,25 +610,52 @@ def cmd_evaluate(args) -> dict:
     return out
 
 
-def plot_curve(curve: list[dict], path: str) -> None:
+def plot_curve(curve: list[dict], path: str, baseline: dict | None = None) -> None:
+    """One panel per metric of the curve: its value after each edited batch (over every
+    request edited so far), the unedited model's value as a dashed line."""
+    import math
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+
+    from .metrics import unit
+    names = [k for k in curve[-1] if k != "batches"]
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
     x = [c["batches"] for c in curve]
-    for k in ("ES", "GS", "LS"):
-        ax.plot(x, [c[k] for c in curve], marker="o", label=k)
-    ax.set_xlabel("edited batches")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.legend()
+    for ax, k in zip(axes.flat, names):
+        ax.plot(x, [c.get(k, float("nan")) for c in curve], marker="o", label="edited")
+        if baseline and k in baseline:
+            ax.axhline(baseline[k], color="grey", linestyle="--", label="unedited")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("edited batches", fontsize=8)
+        ax.set_ylabel(unit(k), fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
+
+
+def _load_editor_for(args, model):
+    """load_editor for --model (refused when the editor was made for another
+    architecture); a same-architecture model of another name is named on stderr."""
+    from .checkpoint import load_editor
+    ecfg, state, record = load_editor(args.editor, model.config, model_name=model_name(args.model))
+    made_for = (record.get("model") or {}).get("name") if isinstance(record.get("model"), dict) else None
+    if made_for is not None and made_for != model_name(args.model):
+        print(f"note: the editor {args.editor} was trained for {made_for}; --model {args.model} has the same "
+              "architecture and edited layer shapes", file=sys.stderr)
+    return ecfg, state, record
 
 
 def _model_from_editor(args) -> None:
     """--model defaults to the model the editor (--editor) was trained for."""
+    from .checkpoint import read_editor_record
     if args.model is None and getattr(args, "editor", None):
         args.model = read_editor_record(args.editor).get("model_name")
     args.model = args.model or DEFAULT_MODEL
@@ -549,10 +668,11 @@ def cmd_edit(args) -> dict:
         check_writable(args.save, "--save", folder=True)
     model = _load_model(args)
     editor = api.load_editor(args.editor, model)
-    edited = api.edit(model, editor, [api.Fact(p, t) for p, t in args.fact])
+    chat = bool(args.chat_template or editor.chat_template)     # as the editor was trained
+    edited = api.edit(model, editor, [api.Fact(p, t) for p, t in args.fact], chat_template=chat)
     prompts = [p for p, _ in args.fact] + list(args.prompt or [])
-    before = api.generate(model, prompts, max_new_tokens=args.max_new_tokens)
-    after = api.generate(edited, prompts, max_new_tokens=args.max_new_tokens)
+    before = api.generate(model, prompts, max_new_tokens=args.max_new_tokens, chat_template=chat)
+    after = api.generate(edited, prompts, max_new_tokens=args.max_new_tokens, chat_template=chat)
     for p, b, a in zip(prompts, before, after):
         print(f"{p!r}\n  before: {b!r}\n  after:  {a!r}")
     if args.save:
@@ -568,7 +688,7 @@ def cmd_generate(args) -> dict:
     model = _load_model(args)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    outs = api.generate(model, args.prompt, max_new_tokens=args.max_new_tokens)
+    outs = api.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, chat_template=bool(args.chat_template))
     t_gen = time.perf_counter() - t1
     for p, o in zip(args.prompt, outs):
         print(f"{p!r} -> {o!r}")

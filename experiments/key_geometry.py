@@ -40,7 +40,7 @@ def main():
     ns = argparse.Namespace(model=args.model, dtype="float32", residual_dtype=None, dataset="zsre", data=args.data,
                             test_data=None, n_train=500, n_test=498, split_seed=0, skip_invalid=True)
     model = cli._load_model(ns)
-    _, test = cli._load_data(ns)
+    _, test, _ = cli._load_data(ns)
     lo, hi = (int(x) for x in args.layers.split("-"))
     layers = range(lo, hi + 1)
     mods = tuple(f"model.layers.{layer}.mlp.{kind}" for kind in ("up_proj", "down_proj") for layer in layers)

@@ -84,7 +84,7 @@ def main():
     ecfg, state, _ = load_editor(args.editor, ref.config)
     mus = [ecfg.key_memory] if args.key_memory is None else [float(x) for x in args.key_memory.split(",")]
     variants = {(p, mu): (models[p], dataclasses.replace(ecfg, key_memory=mu)) for p in models for mu in mus}
-    _, test = cli._load_data(data_args)
+    _, test, _ = cli._load_data(data_args)
     _, test = cli._check_tokenised(ref, [], test, data_args.skip_invalid)
     per = args.num_seq * args.n_edits
     if len(test) < per * args.streams:

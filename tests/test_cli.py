@@ -32,8 +32,13 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys):
           "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"])
     assert (tmp_path / "run" / "editor" / "editor.json").is_file()
     out = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
-                "--out", str(tmp_path / "results.json"), "--plot", str(tmp_path / "curve.png"), "--quiet"])
+                "--out", str(tmp_path / "results.json"), "--plot", str(tmp_path / "curve.png"), "--quiet",
+                "--per-request", str(tmp_path / "per_request.jsonl")])
     saved = json.loads((tmp_path / "results.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / "per_request.jsonl").read_text().splitlines()]
+    assert [(x["batch"], x["position"]) for x in lines] == [(i // 4, i % 4) for i in range(8)]
+    assert sum(x["edited"]["ES"] for x in lines) / 8 == pytest.approx(saved["metrics"]["ES"])
+    assert saved["chat_template"] is False and saved["config"]["model"]["chat_template"] is False
     assert set(saved) >= {"metrics", "baseline", "timing", "config", "n_requests"}
     assert set(saved["metrics"]) == set(saved["baseline"]) == {"ES", "GS", "LS"}
     assert saved["n_requests"] == 8 and saved["config"]["data"]["data"] == str(data)  # split taken from the editor

@@ -166,7 +166,7 @@ def test_user_errors_end_in_one_line_and_status_2(tmp_path):
     cases = [
         (["train", "--out", "x"], "the following arguments are required: --dataset"),
         (["train", "--dataset", "demo", "--out", "x", "--rank", "0"], "argument --rank: expected a whole number > 0"),
-        (["evaluate", "--editor", str(garbage)], f"{garbage / 'editor.json'}: not valid JSON"),
+        (["evaluate", "--editor", str(garbage)], f"{garbage / 'editor.json'}: not a valid editor record"),
         (["train", "--dataset", "demo", "--model", str(bad_model), "--out", str(tmp_path / "run")],
          "config.json: hidden_size must be a whole number > 0, got 'thirty-two'"),
         (["train", "--config", str(tmp_path / "none.yaml")], "--config"),
