@@ -97,7 +97,9 @@ def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: d
         (directory / TRAIN_REQUESTS).write_text(json.dumps({"hashes": list(train_hashes)}))
     record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"},
               "state_sha256": tree_sha256(tree)}
-    (directory / "editor.json").write_text(json.dumps(record, indent=1, default=str))
+    tmp = directory / "editor.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(directory / "editor.json")     # written last and whole: the folder is complete once it exists
     return directory
 
 

@@ -1,9 +1,10 @@
-"""Command line: `emsedit-jax {demo,train,evaluate,edit,generate}`.
+"""Command line: `emsedit-jax {demo,train,evaluate,edit,generate,plan}`.
 
 train -> an editor folder (editor.json + state/, checkpoints/ while training);
 evaluate -> results.json (metrics, unedited baseline, timing, resolved options);
 edit -> greedy completions before and after editing facts, optionally saved as a
-Hugging Face checkpoint.
+Hugging Face checkpoint; plan -> memory per device and FLOPs per edit on a device mesh,
+from config.json alone.
 
 Every flag is a field of an option dataclass (EditorConfig, TrainConfig, EvalConfig, or
 the groups below) and takes its default and help text from it (`options.add_options`):
@@ -45,7 +46,8 @@ DEFAULT_MODEL = "smollm2"
 # ---------------------------------------------------------------- option groups
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    model: str | None = option(None, "embedded model name (smollm2), Hugging Face folder or hub id 'org/name'",
+    model: str | None = option(None, "embedded model name (smollm2), Hugging Face folder, hub id 'org/name', or "
+                               "package.module:factory returning a Model (a Flax NNX model: models.flax_nnx.from_nnx)",
                                default_text=f"{DEFAULT_MODEL}; evaluate, edit, generate: the editor's model")
     dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of the LLM's parameters")
     residual_dtype: Literal["float32", "bfloat16"] | None = option(
@@ -63,8 +65,9 @@ class DataOptions:
     data: str | None = option(None, "data file (or hub dataset id 'org/name')",
                               default_text="the shipped demo data with --dataset demo; evaluate: the editor's")
     test_data: str | None = option(None, "separate test file", default_text="--data is split")
-    n_train: int | None = option(None, "training requests", check="positive", default_text="half of --data")
-    n_test: int | None = option(None, "test requests", check="positive", default_text="the rest")
+    n_train: int | None = option(None, "training requests (MQuAKE: cases) of --data", check="positive",
+                                 default_text="half of --data")
+    n_test: int | None = option(None, "test requests (MQuAKE: cases)", check="positive", default_text="the rest")
     split_seed: int | None = option(None, "seed of the train/test split of --data", check="nonneg",
                                     default_text="0; evaluate: the editor's, else 0")
     skip_invalid: bool = option(False, "skip (and count) invalid records instead of stopping")
@@ -87,6 +90,8 @@ class ScaleOptions:
     distributed: bool = option(False, "multi-host run: call jax.distributed.initialize first (TPU pods, SLURM, "
                                "Open MPI)")
     remat: bool = option(False, "recompute LLM layer activations in the backward pass (less memory, more compute)")
+    deterministic: bool = option(False, "GPU: bit-reproducible kernels (XLA's deterministic ops, no autotuning by "
+                                 "timing); slower. CPU runs are reproducible without it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +175,10 @@ NOT_PRINTED = ("config", "debug")
 REQUIRED = {"train": ("dataset",)}       # required by a command though optional in the option group
 
 
+PLAN_HELP = ("memory per device and FLOPs per edit of editing and training on a mesh, from config.json alone "
+             "(no weights, no accelerator needed)")
+
+
 class Parser(argparse.ArgumentParser):
     """The parser, with the derived fields of each command (for --config and the
     printed configuration)."""
@@ -179,7 +188,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     ap = Parser(prog="emsedit-jax", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*COMMANDS, "plan"]) + "}")
     ap.fields, ap.commands = {}, {}
     for name, (help_text, groups) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -189,6 +198,11 @@ def build_parser() -> Parser:
                 fields.setdefault(f.name, (section, f))
         p.set_defaults(func=globals()[f"cmd_{name}"])
         ap.fields[name], ap.commands[name] = fields, p
+    from .plan import add_arguments     # plan: its own flags (plan.add_arguments)
+    p = sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP)
+    add_arguments(p)
+    p.set_defaults(func=cmd_plan)
+    ap.fields["plan"], ap.commands["plan"] = {}, p
     return ap
 
 
@@ -307,15 +321,19 @@ def check_writable(path: str | os.PathLike, flag: str, *, folder: bool) -> None:
 
 
 def model_config(name: str):
-    """The ModelConfig of --model from its config.json alone (no weights read)."""
-    from .models.hf_io import read_config, resolve
-    return read_config(resolve(name))[0]
+    """The ModelConfig of --model from its config.json alone (no weights read); None for
+    a model factory (package.module:factory), known only once built."""
+    from .models.hf_io import is_factory, read_config, resolve
+    return None if is_factory(name) else read_config(resolve(name))[0]
 
 
 def parse_modules(spec, layers: str | None, module: str | None, cfg) -> tuple[str, ...]:
     """--modules / --layers / --module -> module names, each checked against the model's
     config (layer in range, a linear module of the family)."""
     from .models import parse_module
+    if cfg.family == "nnx" and (layers is not None or module is not None):
+        raise ConfigError("--layers/--module name layers of Hugging Face models; for a Flax model pass --modules "
+                          "(module paths like layers.18.mlp.up_proj)")
     if spec:
         names = tuple(s.strip() for s in spec.split(",") if s.strip()) if isinstance(spec, str) else tuple(spec)
         flag = "--modules"
@@ -347,6 +365,10 @@ def _load_model(args, mesh=None):
     """The --model in --dtype (api.load_model); with a mesh, every parameter is read
     straight into its shards."""
     from .api import load_model
+    from .models.hf_io import is_factory
+    if is_factory(args.model) and (args.dtype != "float32" or args.residual_dtype or mesh is not None):
+        raise ConfigError("--dtype, --residual-dtype and --mesh apply to checkpoints; a model factory "
+                          f"({args.model}) sets its own dtypes")
     return load_model(args.model, dtype=args.dtype, residual_dtype=args.residual_dtype, mesh=mesh)
 
 
@@ -361,7 +383,8 @@ def _load_data(args):
     """(train requests, test requests, data record) from --data/--test-data and the split
     options. The record holds each file's absolute path, SHA-256 and every skipped or
     repeated record, and the split actually used."""
-    from .data import load_requests, split_requests
+    from .data import load_requests, request_hash, split_requests
+    from .data.records import split_units
     if args.dataset is None:
         raise ConfigError("--dataset is required (zsre, counterfact, mquake, demo, user or knowedit)")
     fmt = DATASET_FORMAT[args.dataset]
@@ -378,11 +401,20 @@ def _load_data(args):
         train = reqs[:args.n_train] if args.n_train else reqs
         test = test_loaded.requests[:args.n_test] if args.n_test else test_loaded.requests
         record["split"] = {"n_train": len(train), "n_test": len(test), "split_seed": None}
-        return train, test, record
-    n_train = args.n_train or len(reqs) // 2
-    n_test = args.n_test or len(reqs) - n_train
-    record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed}
-    return (*split_requests(reqs, n_train, n_test, seed), record)
+    else:
+        # An MQuAKE case's rewrites stay together (its multi-hop questions need all of them).
+        by_case = args.dataset == "mquake"
+        n_units = len(split_units(reqs, by_case))
+        n_train = args.n_train or n_units // 2
+        n_test = args.n_test or n_units - n_train
+        record["split"] = {"n_train": n_train, "n_test": n_test, "split_seed": seed, "by_case": by_case}
+        train, test = split_requests(reqs, n_train, n_test, seed, by_case=by_case)
+    trained = {request_hash(r) for r in train}
+    record["train_test_overlap"] = sum(request_hash(r) in trained for r in test)
+    if record["train_test_overlap"]:
+        print(f"{record['train_test_overlap']} test request(s) have the same content as a training request",
+              file=sys.stderr)
+    return train, test, record
 
 
 def _file_record(loaded) -> dict:
@@ -449,7 +481,10 @@ def _check_tokenised(model, train, test, skip_invalid, chat_template=False):
 def _scale_setup(args):
     """Starts multi-host JAX if asked (before anything touches a device), then builds
     the --mesh mesh (None without one)."""
+    from .runs import use_deterministic_ops
     from .sharding import maybe_initialize_distributed, mesh_from_spec
+    if args.deterministic:
+        use_deterministic_ops()
     maybe_initialize_distributed(args.distributed)
     return mesh_from_spec(args.mesh)
 
@@ -475,15 +510,17 @@ def cmd_train(args) -> dict:
     check_writable(args.out, "--out", folder=True)
     args.model = args.model or DEFAULT_MODEL
     args.chat_template = bool(args.chat_template)
-    ecfg = train_editor_config(args, model_config(args.model))
+    cfg = model_config(args.model)
     tcfg = train_config(args)
+    ecfg = train_editor_config(args, cfg) if cfg is not None else None
+    train_reqs, test_reqs, data = _load_data(args)
+    mesh = _scale_setup(args)
+    model = _load_model(args, mesh)
+    ecfg = ecfg or train_editor_config(args, model.config)
     for f in dataclasses.fields(ecfg):          # the resolved values are what is printed and recorded
         if hasattr(args, f.name) and f.name not in TRAIN_EDITOR_SKIP:
             setattr(args, f.name, getattr(ecfg, f.name))
     args.layers = args.module = None
-    train_reqs, test_reqs, data = _load_data(args)
-    mesh = _scale_setup(args)
-    model = _load_model(args, mesh)
     train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
     residual = model.config.residual_dtype or args.dtype
     # Everything that makes this run this run (runs.claim_run adds the model, the configs
@@ -491,7 +528,8 @@ def cmd_train(args) -> dict:
     identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
                 "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
                 "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
-                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template}
+                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
+                "deterministic": args.deterministic}
     options = resolved_options(args)
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
@@ -502,6 +540,8 @@ def cmd_train(args) -> dict:
     result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs, chat_template=args.chat_template),
                    args.out, run_meta=run_meta, identity=identity, model_name=model_name(args.model),
                    progress=not args.quiet, mesh=mesh, remat=args.remat)
+    if not result.n_edits_seen:
+        print(f"{args.out} already holds this finished run; its editor is unchanged", file=sys.stderr)
     summary = {"train_seconds_per_edit": result.seconds_per_edit, "compile_seconds": result.compile_seconds,
                "wall_seconds": time.perf_counter() - t0, "editor": str(Path(args.out) / "editor")}
     print(json.dumps(summary, indent=1))
@@ -521,6 +561,10 @@ def _exclude_trained(args, record: dict, data: dict, test_reqs):
     info = {"train_overlap": None, "left_out_as_trained": 0,
             "same_file_as_training": data["test_data"] is None
             and data["data"]["sha256"] == record.get("data_sha256")}
+    if data["test_data"] is None and record.get("data_sha256") and data["data"]["path"] == record.get("data") \
+            and not info["same_file_as_training"]:
+        print(f"note: {data['data']['path']} changed since the editor was trained on it (its SHA-256 differs)",
+              file=sys.stderr)
     if trained is None:       # an editor saved without its training requests
         print(f"{args.editor}: the editor does not list its training requests; overlap not checked", file=sys.stderr)
         return test_reqs, info
@@ -605,7 +649,9 @@ def cmd_evaluate(args) -> dict:
             print(f"wrote {args.per_request} ({res.n_requests} requests)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(args.out)              # never a half-written results file
         print(f"wrote {args.out}")
     return out
 
@@ -667,6 +713,9 @@ def cmd_edit(args) -> dict:
     if args.save:
         check_writable(args.save, "--save", folder=True)
     model = _load_model(args)
+    if args.save and model.config.family == "nnx":
+        raise ConfigError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
+                          "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
     editor = api.load_editor(args.editor, model)
     chat = bool(args.chat_template or editor.chat_template)     # as the editor was trained
     edited = api.edit(model, editor, [api.Fact(p, t) for p, t in args.fact], chat_template=chat)
@@ -715,6 +764,11 @@ def cmd_demo(args) -> dict:
         print(f"\nthe same editor with key memory {args.key_memory:g} (an extension, see README):")
         result = main([*evaluate, "--key-memory", str(args.key_memory), "--out", str(out / "results_key_memory.json")])
     return result
+
+
+def cmd_plan(args) -> dict:
+    from .plan import run
+    return run(args)
 
 
 # ---------------------------------------------------------------- entry points

@@ -8,6 +8,17 @@ arrays, the run identity written into a training folder, and the folder's lock.
   that differ, and records the identity of a new one.
 - `RunLock`: one process at a time writes a training folder; the lock of a process that
   no longer runs is taken over.
+- `use_deterministic_ops`: the XLA flags that make GPU runs bit-reproducible.
+
+Reproducibility. On CPU the same command gives a bit-identical editor and the same
+metrics in a new process: the split and the batch plan are seeded (split seed 0 by
+default), the editor's initialisation comes from the training seed, the LAPACK library
+runs on one thread (lapack_threads), XLA's CPU reductions are split by a fixed
+partition of the machine's threads, and pytrees order dict keys. Across machines with
+other thread counts or instruction sets the last bits may differ. On GPU, XLA's
+reductions with atomics and its kernel autotuning (which times candidates) can differ
+from one process to the next; `use_deterministic_ops` (CLI: --deterministic) turns on
+XLA's deterministic ops and turns autotuning off, at a cost in speed.
 """
 
 from __future__ import annotations
@@ -25,7 +36,16 @@ import numpy as np
 from .errors import UserError
 
 __all__ = ["RunError", "config_sha256", "model_identity", "tree_sha256", "identity_diff", "claim_run",
-           "RunLock"]
+           "RunLock", "use_deterministic_ops"]
+
+DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_autotune_level=0")
+
+
+def use_deterministic_ops() -> None:
+    """Adds DETERMINISTIC_XLA_FLAGS to XLA_FLAGS. It takes effect only if no JAX backend
+    has started in this process yet (call it first thing)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in DETERMINISTIC_XLA_FLAGS if f not in flags])
 
 
 class RunError(UserError):
@@ -38,7 +58,10 @@ def _sha256_json(obj: Any) -> str:
 
 def config_sha256(lcfg) -> str:
     """Hash of a ModelConfig's architecture (the residual dtype, a numerics choice, is
-    left out)."""
+    left out). A Flax model (models.flax_nnx) hashes its own description."""
+    from .models.transformer import builtin
+    if not builtin(lcfg):
+        return _sha256_json(lcfg.architecture())
     fields = dataclasses.asdict(lcfg)
     fields.pop("residual_dtype", None)
     return _sha256_json(fields)

@@ -42,7 +42,7 @@ from .editor import memory as mem
 from .editor.config import EditorConfig
 from .editor.objective import EditBatch, NAnswer, meta_loss
 from .editor.steps import EditorState, init_editor, new_stream, zero_deltas
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .options import check_fields, option
@@ -109,7 +109,8 @@ def configs(modules, method: str = "emsedit", *, preset: str = "default", **fiel
 def batch_plan(n_requests: int, tcfg: TrainConfig) -> list[list[np.ndarray]]:
     """Per epoch, the index arrays of its batches (seeded; incomplete batches dropped)."""
     if n_requests < tcfg.n_edits:
-        raise ValueError(f"{n_requests} training requests cannot fill one batch of {tcfg.n_edits}")
+        raise UserError(f"{n_requests} training requests cannot fill one batch of {tcfg.n_edits} (--n-edits); "
+                        "give more training requests (--n-train) or a smaller --n-edits")
     rng = np.random.default_rng(tcfg.seed)
     plan = []
     for _ in range(tcfg.epochs):

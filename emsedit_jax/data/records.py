@@ -954,6 +954,20 @@ def load_requests(
 # --------------------------------------------------------------------------- #
 
 
+def split_units(requests: Sequence[EditRequest], by_case: bool = False) -> list[list[EditRequest]]:
+    """What a split moves as one: each request, or with ``by_case`` each run of
+    consecutive requests sharing a non-None ``case_id`` (the rewrites of an MQuAKE case)."""
+    if not by_case:
+        return [[r] for r in requests]
+    groups: list[list[EditRequest]] = []
+    for r in requests:
+        if groups and r.case_id is not None and groups[-1][0].case_id == r.case_id:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 def split_requests(
     requests: Sequence[EditRequest],
     n_train: int,
@@ -970,20 +984,13 @@ def split_requests(
     cases instead of requests.
     """
     if n_train < 0 or n_test < 0:
-        raise ValueError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
-    if by_case:
-        groups: list[list[EditRequest]] = []
-        for r in requests:
-            if groups and r.case_id is not None and groups[-1][0].case_id == r.case_id:
-                groups[-1].append(r)
-            else:
-                groups.append([r])
-    else:
-        groups = [[r] for r in requests]
+        raise UserError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
+    groups = split_units(requests, by_case)
     unit = "cases" if by_case else "requests"
     if n_train + n_test > len(groups):
-        raise ValueError(
-            f"not enough {unit}: n_train + n_test = {n_train + n_test} > {len(groups)} available"
+        raise UserError(
+            f"not enough {unit}: n_train + n_test (--n-train, --n-test) = {n_train + n_test} > "
+            f"{len(groups)} available"
         )
     perm = np.random.default_rng(seed).permutation(len(groups))
     train = [r for g in perm[:n_train] for r in groups[g]]
