@@ -47,7 +47,8 @@ DEFAULT_MODEL = "smollm2"
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     model: str | None = option(None, "embedded model name (smollm2), Hugging Face folder, hub id 'org/name', or "
-                               "package.module:factory returning a Model (a Flax NNX model: models.flax_nnx.from_nnx)",
+                               "package.module:factory returning a Model (a Flax model: models.flax_nnx.from_nnx, "
+                               "models.flax_linen.from_linen)",
                                default_text=f"{DEFAULT_MODEL}; evaluate, edit, generate: the editor's model")
     dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of the LLM's parameters")
     residual_dtype: Literal["float32", "bfloat16"] | None = option(
@@ -331,7 +332,8 @@ def parse_modules(spec, layers: str | None, module: str | None, cfg) -> tuple[st
     """--modules / --layers / --module -> module names, each checked against the model's
     config (layer in range, a linear module of the family)."""
     from .models import parse_module
-    if cfg.family == "nnx" and (layers is not None or module is not None):
+    from .models.transformer import builtin
+    if not builtin(cfg) and (layers is not None or module is not None):
         raise ConfigError("--layers/--module name layers of Hugging Face models; for a Flax model pass --modules "
                           "(module paths like layers.18.mlp.up_proj)")
     if spec:
@@ -506,6 +508,7 @@ def train_config(args) -> TrainConfig:
 
 def cmd_train(args) -> dict:
     from .pipeline import encode_split
+    from .runs import check_run
     from .train import train
     check_writable(args.out, "--out", folder=True)
     args.model = args.model or DEFAULT_MODEL
@@ -513,7 +516,17 @@ def cmd_train(args) -> dict:
     cfg = model_config(args.model)
     tcfg = train_config(args)
     ecfg = train_editor_config(args, cfg) if cfg is not None else None
-    train_reqs, test_reqs, data = _load_data(args)
+    train_reqs, test_reqs, data = _load_data(args)        # data errors before the model loads
+    residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else args.dtype)
+    # Everything that makes this run this run (runs.claim_run adds the model, the editor
+    # config and the training requests' content hash); --mesh and --remat change only
+    # the cost. A folder holding another run is refused before the model loads.
+    identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
+                "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
+                "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
+                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
+                "deterministic": args.deterministic}
+    check_run(args.out, {**identity, "train": dataclasses.asdict(tcfg)})
     mesh = _scale_setup(args)
     model = _load_model(args, mesh)
     ecfg = ecfg or train_editor_config(args, model.config)
@@ -522,14 +535,6 @@ def cmd_train(args) -> dict:
             setattr(args, f.name, getattr(ecfg, f.name))
     args.layers = args.module = None
     train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
-    residual = model.config.residual_dtype or args.dtype
-    # Everything that makes this run this run (runs.claim_run adds the model, the configs
-    # and the training requests' content hash); --mesh and --remat change only the cost.
-    identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
-                "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
-                "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
-                "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
-                "deterministic": args.deterministic}
     options = resolved_options(args)
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
@@ -713,7 +718,7 @@ def cmd_edit(args) -> dict:
     if args.save:
         check_writable(args.save, "--save", folder=True)
     model = _load_model(args)
-    if args.save and model.config.family == "nnx":
+    if args.save and model.config.family in ("nnx", "linen"):
         raise ConfigError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
                           "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
     editor = api.load_editor(args.editor, model)

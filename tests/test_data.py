@@ -446,6 +446,12 @@ def test_hub_ids_only_for_org_name(tmp_path, monkeypatch):
     write_json(tmp_path / "org" / "name", [FLAT_OK])  # a local path wins over a hub id
     assert resolve_data_path("org/name") == (tmp_path / "org" / "name").resolve()
     assert len(load_requests("org/name").requests) == 1
+    with pytest.raises(DataError, match=r"^org/typo: no such file"):  # a path into a local folder
+        resolve_data_path("org/typo")
+    # Offline (as the tests run) an unknown hub id is one message naming it.
+    msg = _message("nosuch-org/nosuch-name")
+    assert msg.startswith("nosuch-org/nosuch-name: no such local file, and loading it as a Hugging Face Hub data "
+                          "set (split 'train') failed: ")
 
 
 def test_null_and_non_object_records(tmp_path):
@@ -459,7 +465,7 @@ def test_null_and_non_object_records(tmp_path):
     assert res.skipped == [f"{path}, record 1: the record is null; expected a JSON object",
                            f"{path}, record 3: the record is null; expected a JSON object"]
     first_list = write_json(tmp_path / "list0.json", [["a", "b"], FLAT_OK, FLAT_OK])
-    assert _message(first_list) == f"{first_list}, record 0: the record is array; expected a JSON object"
+    assert _message(first_list) == f"{first_list}, record 0: the record is an array; expected a JSON object"
     assert len(load_requests(first_list, skip_invalid=True).requests) == 2
     only_null = write_json(tmp_path / "only_null.json", [None])
     assert _message(only_null) == f"{only_null}, record 0: no record is a JSON object (record 0 is null)"
@@ -493,6 +499,9 @@ def test_jsonl_bad_lines(tmp_path):
     assert [r.case_id for r in res.requests] == [7, 9]
     assert res.skipped[1] == f"{path}, record 3 (line 5): truncated: the file ends inside this record"
     # A wrong field on a JSONL line names the line too.
+    array = tmp_path / "array.jsonl"                 # a JSON array under a .jsonl name
+    array.write_text(json.dumps([FLAT_OK, FLAT_OK], indent=1), encoding="utf-8")
+    assert len(load_requests(array).requests) == 2
     typed = write_jsonl(tmp_path / "typed.jsonl", [FLAT_OK, dict(FLAT_OK, target_new=["x"])])
     assert _message(typed) == f"{typed}, record 1 (line 2), case_id=7, field 'target_new': expected a string, got array [\"x\"]"
 

@@ -1,9 +1,12 @@
-"""The Flax NNX adapter: a Llama written as NNX modules (tests/nnx_llama.py) holding the
+"""The Flax adapters: a Llama written as NNX modules (tests/nnx_llama.py) holding the
 tiny checkpoint's weights gives the built-in llama's logits, keys, value gradients and
 edit deltas, and the same metrics after train -> evaluate through the CLI with
-`--model nnx_llama:factory`; mistakes in module paths and factories are UserErrors."""
+`--model nnx_llama:factory`; the same Llama in Linen gives the same logits, keys and
+value gradients; mistakes in module paths and factories are UserErrors."""
 
 from __future__ import annotations
+
+import functools
 
 import chex
 import jax
@@ -21,6 +24,7 @@ from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.errors import UserError
 from emsedit_jax.evaluate import edit_batch
 from emsedit_jax.models import apply_deltas, get_kernel, load_model, logits, save_hf
+from emsedit_jax.models.flax_linen import from_linen
 from emsedit_jax.models.flax_nnx import from_nnx, module_path
 from emsedit_jax.models.hf_io import from_factory
 from emsedit_jax.pipeline import encode_split
@@ -46,36 +50,43 @@ def renamed(tree):
     return {NAMES[k]: v for k, v in tree.items()}
 
 
+@functools.partial(jax.jit, static_argnames=("lcfg", "modules", "n_answer"))
+@chex.assert_max_traces(n=3)        # one trace per model: built-in, NNX, Linen
+def outputs(params, batch, deltas, *, lcfg, modules, n_answer):
+    """Logits over every position (unedited, edited), at the answer slots, and the
+    capture (loss, keys, value gradients) under `deltas`."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    return (logits(lcfg, params, ids, mask), logits(lcfg, apply_deltas(lcfg, params, deltas), ids, mask),
+            edited_logits(lcfg, params, batch, deltas, n_answer=n_answer),
+            capture(lcfg, params, batch, modules, deltas, n_answer=n_answer))
+
+
+def compare_outputs(model, other, names, batch, n_answer):
+    """`other` (a Flax model whose modules `names` maps from the built-in ones) gives
+    the built-in model's outputs within 1e-5."""
+    rng = np.random.default_rng(0)
+    deltas = {m: jnp.asarray(0.1 * rng.standard_normal(get_kernel(model.config, model.params, m).shape), jnp.float32)
+              for m in names}
+
+    def run(m, modules, deltas):
+        outputs(m.params, batch, jax.tree.map(jnp.zeros_like, deltas), lcfg=m.config, modules=modules,
+                n_answer=n_answer)                                             # a second call, no new trace
+        return outputs(m.params, batch, deltas, lcfg=m.config, modules=modules, n_answer=n_answer)
+
+    got = run(other, tuple(names.values()), {names[k]: v for k, v in deltas.items()})
+    want = run(model, tuple(names), deltas)
+    want = (*want[:3], want[3]._replace(keys={names[k]: v for k, v in want[3].keys.items()},
+                                        grads={names[k]: v for k, v in want[3].grads.items()}))
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=0)
+    assert float(jnp.abs(got[1] - got[0]).max()) > 1e-2                      # the deltas matter
+    assert all(float(jnp.abs(g).max()) > 1e-3 for g in got[3].grads.values())
+
+
 def test_nnx_model_equals_builtin_llama(pair):
     model, fm, batch, n_answer, module = pair
     before = nnx.to_pure_dict(nnx.clone(nnx.state(module, nnx.Param)))
     assert fm.config.modules == ("layers.2.mlp.up_proj", "layers.3.mlp.up_proj", "layers.3.self_attn.o_proj")
-    rng = np.random.default_rng(0)
-    deltas = {m: jnp.asarray(0.1 * rng.standard_normal(get_kernel(model.config, model.params, m).shape), jnp.float32)
-              for m in NAMES}
-
-    def outputs(m, modules, deltas):
-        """Logits over every position (unedited, edited), at the answer slots, and the
-        capture (loss, keys, value gradients) under `deltas`: one program per model,
-        traced once (two models: at most two traces; the second call reuses it)."""
-        @jax.jit
-        @chex.assert_max_traces(n=2)
-        def run(params, batch, deltas):
-            ids, mask = batch.input_ids, batch.attention_mask
-            return (logits(m.config, params, ids, mask),
-                    logits(m.config, apply_deltas(m.config, params, deltas), ids, mask),
-                    edited_logits(m.config, params, batch, deltas, n_answer=n_answer),
-                    capture(m.config, params, batch, modules, deltas, n_answer=n_answer))
-
-        run(m.params, batch, jax.tree.map(jnp.zeros_like, deltas))
-        return run(m.params, batch, deltas)
-
-    got = outputs(fm, tuple(NAMES.values()), renamed(deltas))
-    want = outputs(model, tuple(NAMES), deltas)
-    want = (*want[:3], want[3]._replace(keys=renamed(want[3].keys), grads=renamed(want[3].grads)))
-    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=0)
-    assert float(jnp.abs(got[1] - got[0]).max()) > 1e-2                      # the deltas matter
-    assert all(float(jnp.abs(g).max()) > 1e-3 for g in got[3].grads.values())
+    compare_outputs(model, fm, NAMES, batch, n_answer)
 
     # The deltas of a two-step EMSEdit edit with the key memory.
     def deltas_of(m, modules):
@@ -93,6 +104,16 @@ def test_nnx_model_equals_builtin_llama(pair):
     assert all(float(jnp.abs(d).max()) > 1e-3 for d in got.values())
     # The caller's module is never changed.
     chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(module, nnx.Param)), before)
+
+
+def test_linen_model_equals_builtin_llama(pair):
+    model, _, batch, n_answer, _ = pair
+    module, variables = nnx_llama.linen_from_project(model)
+    names = dict(zip(NAMES, ["layers_2.up_proj", "layers_3.up_proj", "layers_3.self_attn.o_proj"]))
+    lm = from_linen(module, variables, model.tokenizer, list(names.values()))
+    compare_outputs(model, lm, names, batch, n_answer)
+    with pytest.raises(UserError, match=r"'layers_9.up_proj'.*no parameter layers_9.up_proj.kernel"):
+        from_linen(module, variables, model.tokenizer, ["layers_9.up_proj"])
 
 
 def test_cli_train_evaluate_on_nnx_model_matches_builtin(tiny_model_dir, tmp_path, monkeypatch):

@@ -106,9 +106,9 @@ def check_editor_integrity(model, editor, tmp_path):
         load_editor(editor, other, model_name="other-model")
     msg = str(e.value)
     assert f"this editor was made for model {record['model']['name']!r}" in msg and "not for 'other-model'" in msg
-    assert "config sha256 differ" in msg
+    assert msg.endswith(f"the architecture (config hash) differs; pass --model {record['model']['name']}")
     wider = dataclasses.replace(model.config, intermediate_size=model.config.intermediate_size * 2)
-    with pytest.raises(RunError, match="config sha256 and layer shapes differ"):
+    with pytest.raises(RunError, match=r"the architecture \(config hash\) and the edited layer shapes differ"):
         load_editor(editor, wider)
     garbage = tmp_path / "garbage_editor"
     shutil.copytree(editor, garbage)

@@ -163,8 +163,10 @@ def method_config(method: str, modules, steps: int | None = None, **overrides) -
 def default_modules(model_cfg) -> tuple[str, ...]:
     """Six consecutive MLP input projections: layers 18-23 of a 30-layer LLaMA-style
     model (0.6 of the depth), the last six layers of GPT-2 / GPT-J; for a Flax model
-    (--model package.module:factory), the edit paths its factory gave `from_nnx`."""
-    if model_cfg.family == "nnx":
+    (--model package.module:factory), the edit paths its factory gave `from_nnx` /
+    `from_linen`."""
+    from ..models.transformer import builtin
+    if not builtin(model_cfg):
         return model_cfg.modules
     n = model_cfg.num_layers
     if model_cfg.family == "llama":
