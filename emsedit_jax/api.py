@@ -215,9 +215,10 @@ def evaluate_editor(model: Model, editor: Editor, data, config: EvalConfig | Non
     EvalResult (.metrics, .baseline in %, timings, the final deltas)."""
     ev = dataclasses.replace(config, **fields) if config else EvalConfig(**fields)
     ecfg = ev.editor_config(editor.config)
-    if ecfg.loc_prior:
-        raise UserError("evaluate_editor: loc_prior needs the key prior of training requests; use the command line")
+    if ecfg.needs_prior:
+        raise UserError("evaluate_editor: loc_prior / null_space need C0 of training requests; use the command line")
     split = encode_split(model.tokenizer, _data(model, data, format))
     return run_protocol(model, ecfg, editor.state, split, protocol=ev.protocol, num_seq=ev.num_seq,
                         n_edits=ev.n_edits, metric=metric, full_curve=ev.full_curve, progress=progress,
-                        capture_chunk=ev.capture_chunk, buckets=ev.buckets, fluency_tokens=ev.fluency)
+                        capture_chunk=ev.capture_chunk, buckets=ev.buckets, fluency_tokens=ev.fluency,
+                        prob_scores=ev.prob_scores)

@@ -85,6 +85,14 @@ class ModuleOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class PriorOptions:
+    prior_source: Literal["loc", "wide"] | None = option(
+        None, "the preserved facts C0 (--loc-prior, --null-space) is estimated from: loc = the training requests' "
+        "locality prompts, wide = those and the training requests' prompts and paraphrases with their true answers",
+        default_text="loc; evaluate: the editor's")
+
+
+@dataclasses.dataclass(frozen=True)
 class ScaleOptions:
     mesh: str | None = option(None, "device mesh, e.g. 1,4: batch rows split over DATA devices, LLM parameters "
                               "fully sharded over MODEL devices", metavar="DATA,MODEL", default_text="one device")
@@ -109,6 +117,8 @@ class TrainRun:
     preset: Literal[tuple(PRESETS)] | None = option(  # type: ignore[valid-type]
         None, "named set of editor and training values under the flags (faithful: the authors' step size, "
         "regulariser, meta learning rate and schedule)", default_text="default")
+    n_val: int | None = option(None, "held-out training requests for --select-every", check="positive",
+                               default_text="one validation stream or batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,14 +166,16 @@ class DemoRun:
 
 
 # command -> its option groups as (section of the printed configuration, dataclass, fields left out)
-TRAIN_EDITOR_SKIP = ("loc_prior",)
+TRAIN_EDITOR_SKIP: tuple[str, ...] = ()
 COMMANDS: dict[str, tuple[str, list[tuple[str, type, tuple[str, ...]]]]] = {
     "train": ("meta-train an editor", [
         ("model", ModelOptions, ()), ("data", DataOptions, ()), ("editor", ModuleOptions, ()),
-        ("editor", EditorConfig, TRAIN_EDITOR_SKIP), ("train", TrainConfig, ()), ("scale", ScaleOptions, ()),
+        ("editor", EditorConfig, TRAIN_EDITOR_SKIP), ("editor", PriorOptions, ()), ("train", TrainConfig, ()),
+        ("scale", ScaleOptions, ()),
         ("run", TrainRun, ()), ("run", CommonOptions, ())]),
     "evaluate": ("edit held-out requests and score them", [
         ("model", ModelOptions, ()), ("data", DataOptions, ()), ("evaluate", EvalConfig, ()),
+        ("evaluate", PriorOptions, ()),
         ("scale", ScaleOptions, ()), ("run", EvaluateRun, ()), ("run", CommonOptions, ())]),
     "edit": ("edit facts and show completions before and after", [
         ("model", ModelOptions, ()), ("run", EditRun, ()), ("run", CommonOptions, ())]),
@@ -507,15 +519,23 @@ def train_config(args) -> TrainConfig:
 
 
 def cmd_train(args) -> dict:
+    from .evaluate import preserved_gram
     from .pipeline import encode_split
     from .runs import check_run
     from .train import train
     check_writable(args.out, "--out", folder=True)
     args.model = args.model or DEFAULT_MODEL
     args.chat_template = bool(args.chat_template)
+    args.prior_source = args.prior_source or "loc"
     cfg = model_config(args.model)
     tcfg = train_config(args)
     ecfg = train_editor_config(args, cfg) if cfg is not None else None
+    n_val = 0
+    if tcfg.select_every:       # the last --n-val training requests are held out to select on
+        need = tcfg.n_edits * (tcfg.num_seq if tcfg.protocol == "sequential" else 1)
+        n_val = args.n_val or need
+        if n_val < need:
+            raise ConfigError(f"--n-val {n_val}: the validation edits need at least {need} held-out requests")
     train_reqs, test_reqs, data = _load_data(args)        # data errors before the model loads
     residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else args.dtype)
     # Everything that makes this run this run (runs.claim_run adds the model, the editor
@@ -525,7 +545,7 @@ def cmd_train(args) -> dict:
                 "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
                 "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
                 "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
-                "deterministic": args.deterministic}
+                "deterministic": args.deterministic, "prior_source": args.prior_source, "n_val": n_val}
     check_run(args.out, {**identity, "train": dataclasses.asdict(tcfg)})
     mesh = _scale_setup(args)
     model = _load_model(args, mesh)
@@ -535,16 +555,28 @@ def cmd_train(args) -> dict:
             setattr(args, f.name, getattr(ecfg, f.name))
     args.layers = args.module = None
     train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
+    if n_val >= len(train_reqs):
+        raise ConfigError(f"--n-val {n_val}: needs fewer than the {len(train_reqs)} training requests")
+    val_reqs = train_reqs[len(train_reqs) - n_val:]
+    train_reqs = train_reqs[:len(train_reqs) - n_val]
     options = resolved_options(args)
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
-                "remat": args.remat, "chat_template": args.chat_template, "data_files": data, "options": options}
+                "remat": args.remat, "chat_template": args.chat_template, "data_files": data,
+                "prior_source": args.prior_source, "n_val": len(val_reqs), "options": options}
     print("configuration:", json.dumps(options, indent=1))
     t0 = time.perf_counter()
+    key_prior = None
+    if ecfg.needs_prior:        # C0 of the training requests' preserved facts, as evaluate computes it
+        key_prior = preserved_gram(model, ecfg, train_reqs, source=args.prior_source, n_edits=tcfg.n_edits,
+                                   progress=not args.quiet, chat_template=args.chat_template)
     result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs, chat_template=args.chat_template),
                    args.out, run_meta=run_meta, identity=identity, model_name=model_name(args.model),
-                   progress=not args.quiet, mesh=mesh, remat=args.remat)
+                   progress=not args.quiet, mesh=mesh, remat=args.remat, key_prior=key_prior,
+                   metric=DATASET_METRIC[args.dataset],
+                   val_split=encode_split(model.tokenizer, val_reqs, chat_template=args.chat_template)
+                   if val_reqs else None)
     if not result.n_edits_seen:
         print(f"{args.out} already holds this finished run; its editor is unchanged", file=sys.stderr)
     summary = {"train_seconds_per_edit": result.seconds_per_edit, "compile_seconds": result.compile_seconds,
@@ -590,7 +622,7 @@ def _exclude_trained(args, record: dict, data: dict, test_reqs):
 
 def cmd_evaluate(args) -> dict:
     from .checkpoint import read_editor_record
-    from .evaluate import locality_gram, mquake_accuracy, run_protocol
+    from .evaluate import mquake_accuracy, preserved_gram, run_protocol
     from .pipeline import encode_split
     record = read_editor_record(args.editor)
     _editor_defaults(args, record)
@@ -603,6 +635,7 @@ def cmd_evaluate(args) -> dict:
     key_memory = record["editor"].get("key_memory", 0) if ev.key_memory is None else ev.key_memory
     if ev.loc_prior and not key_memory:
         raise ConfigError("--loc-prior NU starts the key memory at NU C0: it needs --key-memory MU > 0")
+    args.prior_source = args.prior_source or record.get("prior_source") or "loc"
     train_reqs, test_reqs, data = _load_data(args)
     mesh = _scale_setup(args)
     model = _load_model(args, mesh)
@@ -610,21 +643,24 @@ def cmd_evaluate(args) -> dict:
     ecfg = ev.editor_config(ecfg)
     test_reqs, overlap = _exclude_trained(args, record, data, test_reqs)
     chat = args.chat_template
-    train_reqs, test_reqs = _check_tokenised(model, train_reqs if ecfg.loc_prior else [], test_reqs,
+    train_reqs, test_reqs = _check_tokenised(model, train_reqs if ecfg.needs_prior else [], test_reqs,
                                              args.skip_invalid, chat)
     options = resolved_options(args)
     print("configuration:", json.dumps(options, indent=1))
     info = {"editor": dataclasses.asdict(ecfg), "editor_dir": str(args.editor), "train": record.get("train"),
             "residual_dtype": model.config.residual_dtype or args.dtype, "chat_template": chat,
-            "loc_prior_requests": len(train_reqs) if ecfg.loc_prior else None, **overlap}
+            "loc_prior_requests": len(train_reqs) if ecfg.needs_prior else None,
+            "prior_source": args.prior_source if ecfg.needs_prior else None,
+            "prob_scores": ev.prob_scores if ev.prob_scores is not None else
+            DATASET_METRIC.get(args.dataset) == "counterfact", **overlap}
     key_prior, prior_s = None, None
-    if ecfg.loc_prior:         # C0 from the training requests' locality prompts, never the test ones
+    if ecfg.needs_prior:       # C0 from the training requests' preserved facts, never the test ones
         if not train_reqs:
-            raise ConfigError("--loc-prior needs training requests (the editor's --data split, or --data with "
-                              "--test-data) to estimate C0 from")
+            raise ConfigError("--loc-prior / --null-space need training requests (the editor's --data split, or "
+                              "--data with --test-data) to estimate C0 from")
         t0 = time.perf_counter()
-        key_prior = locality_gram(model, ecfg, encode_split(model.tokenizer, train_reqs, chat_template=chat),
-                                  n_edits=ev.n_edits, progress=not args.quiet)
+        key_prior = preserved_gram(model, ecfg, train_reqs, source=args.prior_source, n_edits=ev.n_edits,
+                                   progress=not args.quiet, chat_template=chat)
         prior_s = time.perf_counter() - t0
     if args.dataset == "mquake":
         result = mquake_accuracy(model, ecfg, state, test_reqs, n_cases=ev.n_edits * ev.num_seq,
@@ -635,7 +671,8 @@ def cmd_evaluate(args) -> dict:
         res = run_protocol(model, ecfg, state, split, protocol=ev.protocol, num_seq=ev.num_seq,
                            n_edits=ev.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=ev.full_curve,
                            progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=ev.capture_chunk,
-                           buckets=ev.buckets, key_prior=key_prior, fluency_tokens=ev.fluency)
+                           buckets=ev.buckets, key_prior=key_prior, fluency_tokens=ev.fluency,
+                           prob_scores=ev.prob_scores)
         out = {"metrics": res.metrics, "baseline": res.baseline,
                "timing": {"train_seconds_per_edit": record.get("train_seconds_per_edit"),
                           "edit_seconds_per_edit": res.edit_seconds_per_edit,

@@ -78,7 +78,7 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert km["config"]["evaluate"]["key_memory"] == 1.0 and km["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
     assert km["baseline"] == out["baseline"] and km["n_requests"] == 8
 
-    res = main(["edit", "--model", str(tiny_model_dir), "--editor", str(tmp_path / "run" / "editor"),
+    res = main(["edit", "--editor", str(tmp_path / "run" / "editor"),     # --model: the editor's
                 "--fact", "w1 w2 w3", "w4", "--save", str(tmp_path / "edited")])
     assert len(res["before"]) == 1
     edited = load_model(tmp_path / "edited", tokenizer=False)

@@ -53,7 +53,18 @@ class EditorConfig:
                    prompts of the training requests), and nu C0 penalises moving the
                    module's output on such keys, as if nu of them were in the memory.
                    An evaluation-time extension (MEMIT's covariance term applied to the
-                   hypernetwork's solve); 0 = none.
+                   hypernetwork's solve); 0 = none. Training uses it too when set
+                   (train.train's key_prior), so the hypernetwork learns with it.
+    null_space:    tau in [0, 1). With tau > 0 every step's update dW (d_in, d_out) is
+                   replaced by P dW, P = I - V V^T, V the eigenvectors of the preserved
+                   keys' C0 whose eigenvalues exceed tau times the largest: outputs
+                   k^T (W + dW) on keys k in that span do not move (AlphaEdit's
+                   projection, an extension; 0 = none). Needs C0 like loc_prior.
+    key_positions: where a step takes its keys and value gradients: "answer" (the
+                   paper's: the answer positions), "subject" (the last token of the
+                   request's subject, as in MEMIT / AlphaEdit; requests without a
+                   subject in the prompt fall back to their answer positions) or
+                   "both" (the union). An extension; the loss is always the answer's.
     back_depth:    memory backtracking in sequential training: the losses of the
                    stream's last back_depth - 1 earlier batches, weighted time_decay **
                    age, join each batch's loss (RLEdit's; None = the method's default:
@@ -74,9 +85,16 @@ class EditorConfig:
     key_memory: float = option(0.0, "MU: ridge solve against the stream's earlier keys: dW = (U^T U + e^lamda I + "
                                "MU G)^-1 U^T D, G = sum of the earlier batches' U^T U (0: the paper's solve; "
                                "an extension)", check="nonneg", metavar="MU")
-    loc_prior: float = option(0.0, "NU: each stream's key memory starts at NU C0, C0 the mean k k^T of the keys "
-                              "at the training requests' locality prompts (needs key_memory > 0; an extension)",
-                              check="nonneg", metavar="NU", cli=False)
+    loc_prior: float = option(0.0, "NU: start each stream's key memory at NU C0, C0 the mean k k^T of the keys of "
+                              "the training requests' preserved facts (--prior-source): dW = (U^T U + e^lamda I + "
+                              "NU C0 + MU G)^-1 U^T D (needs --key-memory; an extension)", check="nonneg",
+                              metavar="NU")
+    null_space: float = option(0.0, "TAU: project every update onto the null space of C0: dW <- (I - V V^T) dW, V the "
+                               "eigenvectors of C0 with eigenvalue above TAU times the largest (AlphaEdit's "
+                               "projection; an extension; 0: none)", check="nonneg", metavar="TAU")
+    key_positions: Literal["answer", "subject", "both"] = option(
+        "answer", "where keys and value gradients are taken: answer positions (the paper's), the subject's last token "
+        "(answer positions for prompts without the subject) or both (an extension)")
     msbp: Literal["detached", "exact"] = option("detached", "multi-step backpropagation: the paper's detached "
                                                 "keys and value gradients, or exact gradients through them")
     regulariser: Literal["norm", "kl"] | None = option(None, "training regulariser",
@@ -107,6 +125,22 @@ class EditorConfig:
         if self.loc_prior and not self.key_memory:
             raise ConfigError("EditorConfig.loc_prior is the starting value of the key memory: it needs "
                               "key_memory > 0")
+        if not self.null_space < 1:
+            raise ConfigError(f"EditorConfig.null_space: expected a fraction of C0's largest eigenvalue in [0, 1) "
+                              f"(0: none), got {self.null_space}")
+        if self.null_space and self.update_rule != "ridge":
+            raise ConfigError("EditorConfig.null_space projects the ridge solve's update; MEND's rank-1 update has "
+                              "none")
+
+    @property
+    def needs_prior(self) -> bool:
+        """Whether a stream needs C0 (the preserved keys' mean k k^T) to start."""
+        return bool(self.loc_prior or self.null_space)
+
+    def key_slots(self, n_answer: int) -> int:
+        """Key slots per packed row for `n_answer` answer slots: a request's subject
+        slot replaces its answer slots ("subject") or joins them ("both")."""
+        return 2 * n_answer if self.key_positions == "both" else n_answer
 
     @property
     def n_param_sets(self) -> int:
