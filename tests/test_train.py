@@ -283,3 +283,32 @@ def test_locality_gram_is_the_mean_outer_product_of_locality_keys(tiny):
     for i, m in enumerate(MODULES):
         u = np.asarray(cap.keys[m], np.float64).reshape(mask.size, -1)[mask]
         np.testing.assert_allclose(gram[i], u.T @ u / len(u), rtol=1e-4, atol=1e-6)
+
+
+def test_selection_by_validation_keeps_the_best_scored_editor(tiny, tmp_path):
+    """With select_every the untrained editor, every select_every batches and the end are
+    scored on the held-out split; the saved editor is the best scored one."""
+    from emsedit_jax.checkpoint import load_editor
+    model, split = tiny
+    fit = dataclasses.replace(split, requests=split.requests[:8],
+                              views={k: _rows(v, slice(0, 8)) for k, v in split.views.items()})
+    val = dataclasses.replace(split, requests=split.requests[8:12],
+                              views={k: _rows(v, slice(8, 12)) for k, v in split.views.items()})
+    tcfg = TrainConfig(protocol="batch", n_edits=4, num_seq=1, epochs=2, meta_lr=1e-2, select_every=2)
+    cfg = ecfg(step_specific=False)
+    res = train(model, cfg, tcfg, fit, tmp_path / "sel", progress=False, val_split=val)
+    scores = [h for h in res.history if "validation_after_batches" in h]
+    assert [h["validation_after_batches"] for h in scores] == [0, 2, 4]
+    record = json.loads((tmp_path / "sel" / "editor" / "editor.json").read_text())
+    best = max(scores, key=lambda h: h["ES"] + h["GS"] + h["LS"])
+    assert record["selected_after_batches"] == best["validation_after_batches"]
+    assert record["selected_score"] == pytest.approx(best["ES"] + best["GS"] + best["LS"])
+    _, saved, _ = load_editor(tmp_path / "sel" / "editor", model.config)
+    if best["validation_after_batches"] == 0:
+        init = init_editor(cfg, model.config, jax.random.key(0))
+        jax.tree.map(np.testing.assert_array_equal, saved.nets, init.nets)
+
+
+def _rows(tf, rows):
+    return dataclasses.replace(tf, **{f.name: getattr(tf, f.name)[rows] for f in dataclasses.fields(tf)
+                                      if isinstance(getattr(tf, f.name), np.ndarray)})
