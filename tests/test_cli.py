@@ -132,6 +132,7 @@ def test_two_processes_train_bit_identical_editors(tiny_model_dir, tmp_path):
     import sys
     from pathlib import Path
 
+    import chex
     import jax
     import numpy as np
 
@@ -155,7 +156,7 @@ def test_two_processes_train_bit_identical_editors(tiny_model_dir, tmp_path):
     assert records[0]["data"] == str((tmp_path / "edits.jsonl").resolve())
     model = load_model(tiny_model_dir, tokenizer=False)
     (_, a, _), (_, b, _) = (load_editor(tmp_path / n / "run" / "editor", model.config) for n in "ab")
-    jax.tree.map(np.testing.assert_array_equal, (a.nets, a.stats), (b.nets, b.stats))
+    chex.assert_trees_all_equal((a.nets, a.stats), (b.nets, b.stats))
     moved = [float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(a.nets)]
     assert max(moved) > 0
 
