@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .checkpoint import load_editor as _load_editor_folder
-from .checkpoint import save_editor
+from .checkpoint import save_editor, trained_hashes
 from .data import EditRequest, check_lengths, load_requests
 from .editor.config import EditorConfig, default_modules, method_config
 from .editor.steps import Deltas, EditorState, new_stream, zero_deltas
@@ -59,6 +59,7 @@ class Editor:
     config: EditorConfig
     state: EditorState
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_hashes: list[str] | None = None      # content hashes of its training requests
 
     @property
     def chat_template(self) -> bool:
@@ -67,7 +68,7 @@ class Editor:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the editor folder (editor.json + state/) that `load_editor` reads."""
-        return save_editor(Path(path), self.config, self.state, self.record)
+        return save_editor(Path(path), self.config, self.state, self.record, self.train_hashes)
 
 
 @dataclasses.dataclass
@@ -118,7 +119,8 @@ def load_editor(path: str | os.PathLike, model: Model) -> Editor:
     """The editor folder written by `emsedit-jax train` / `ej.train_editor(..., out=...)` /
     `Editor.save`, for `model` (refused when made for another architecture)."""
     ecfg, state, record = _load_editor_folder(path, model.config, model_name=str(model.path))
-    return Editor(ecfg, state, record)
+    hashes = trained_hashes(path)
+    return Editor(ecfg, state, record, None if hashes is None else sorted(hashes))
 
 
 def _requests(facts: Sequence[Fact | tuple[str, str]]) -> list[EditRequest]:
@@ -181,8 +183,9 @@ def _data(model: Model, data, fmt: str) -> list[EditRequest]:
     return check_lengths(model.tokenizer, list(data)).requests
 
 
-def train_editor(model: Model, data, config: TrainConfig | None = None, *, editor_config: EditorConfig | None = None,
-          out: str | os.PathLike | None = None, format: str = "auto", progress: bool = False) -> Editor:
+def train_editor(model: Model, data, config: TrainConfig | None = None, *,
+                 editor_config: EditorConfig | None = None, out: str | os.PathLike | None = None,
+                 format: str = "auto", progress: bool = False) -> Editor:
     """Meta-trains an editor on `data` (EditRequests, or a data file in `format`).
     `config`: TrainConfig (default: its defaults); `editor_config`: EditorConfig
     (default: EMSEdit on `default_modules(model.config)`, step-specific for the
@@ -194,20 +197,17 @@ def train_editor(model: Model, data, config: TrainConfig | None = None, *, edito
         editor_config = method_config("emsedit", default_modules(model.config),
                                       step_specific=config.protocol == "sequential")
     requests = _data(model, data, format)
-    meta = {"model_name": str(model.path), "n_train": len(requests)}
-    if out is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = _train(model, editor_config, config, encode_split(model.tokenizer, requests), tmp,
-                            run_meta=meta, progress=progress)
-    else:
-        result = _train(model, editor_config, config, encode_split(model.tokenizer, requests), out,
-                        run_meta=meta, progress=progress)
-    record = {**meta, "train": dataclasses.asdict(config), "train_seconds_per_edit": result.seconds_per_edit}
-    return Editor(editor_config, result.state, record)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp if out is None else out)
+        _train(model, editor_config, config, encode_split(model.tokenizer, requests), folder,
+               run_meta={"model_name": str(model.path)}, model_name=str(model.path), progress=progress)
+        hashes = trained_hashes(folder / "editor")
+        ecfg, state, record = _load_editor_folder(folder / "editor", model.config, model_name=str(model.path))
+    return Editor(ecfg, state, record, None if hashes is None else sorted(hashes))
 
 
-def evaluate_editor(model: Model, editor: Editor, data, config: EvalConfig | None = None, *, metric: str = "zsre",
-             format: str = "auto", progress: bool = False, **fields) -> EvalResult:
+def evaluate_editor(model: Model, editor: Editor, data, config: EvalConfig | None = None, *,
+                    metric: str = "zsre", format: str = "auto", progress: bool = False, **fields) -> EvalResult:
     """Edits the requests of `data` (EditRequests or a file) with a protocol and scores
     them, and the unedited model on the same requests. `config` or `fields` (any
     EvalConfig field: protocol="batch", num_seq=..., n_edits=...) choose the protocol;

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -107,7 +108,9 @@ def coerce(value: Any, hint, check: str | None) -> Any:
     return value
 
 
+@functools.cache
 def hints(cls) -> dict[str, Any]:
+    """The resolved annotations of dataclass `cls` (cached: configs are built often)."""
     return typing.get_type_hints(cls)
 
 
