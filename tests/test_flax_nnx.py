@@ -132,7 +132,7 @@ def test_cli_train_evaluate_on_nnx_model_matches_builtin(tiny_model_dir, tmp_pat
         results[tag] = main(["evaluate", "--editor", str(tmp_path / tag / "editor"), "--num-seq", "2",
                              "--n-edits", "4", "--quiet"])
     nnx_run, hf_run = results["nnx"], results["hf"]
-    assert nnx_run["config"]["model"] == "nnx_llama:factory"
+    assert nnx_run["config"]["model"]["model"] == "nnx_llama:factory"
     assert nnx_run["baseline"] == hf_run["baseline"] and nnx_run["metrics"] == hf_run["metrics"]
     assert nnx_run["metrics"]["ES"] > nnx_run["baseline"]["ES"]
 
