@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,8 +211,7 @@ def test_step_ranks_keep_each_step_at_its_rank():
                                                 zero_deltas(ecfg, TINY), n_answer=2)[2])
     base = edit(state.nets)
     moved = edit({k: (sets[0], jax.tree.map(lambda a: a * 1.5, sets[1])) for k, sets in state.nets.items()})
-    for m in MODULES:
-        np.testing.assert_array_equal(moved[m][0], base[m][0])
+    chex.assert_trees_all_equal({m: moved[m][0] for m in MODULES}, {m: base[m][0] for m in MODULES})
     assert max(float(jnp.abs(moved[m][1] - base[m][1]).max()) for m in MODULES) > 1e-6
 
 
@@ -224,11 +224,11 @@ def test_rollback_and_apply_are_exact():
     np.testing.assert_allclose(sum(per_step[m] for m in [MODULES[0]])[0] + per_step[MODULES[0]][1], deltas[MODULES[0]], rtol=1e-6)
     edited = apply_deltas(TINY, params, deltas)
     # The parameters passed in are untouched: rolling back is dropping the deltas.
-    jax.tree.map(np.testing.assert_array_equal, params, original)
+    chex.assert_trees_all_equal(params, original)
     # Subtracting the deltas again restores the weights to within float32 rounding;
     # the delta representation itself (params + deltas) never loses a bit.
     back = apply_deltas(TINY, edited, {m: -d for m, d in deltas.items()})
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), back, original)
+    chex.assert_trees_all_close(back, original, atol=1e-6, rtol=1e-7)
     ids = tiny_batch(1)
     from emsedit_jax.editor.capture import edited_logits
     logits = jax.jit(edited_logits, static_argnums=0, static_argnames=("n_answer",))
