@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -259,7 +260,7 @@ def read_config_file(path: str, command: str, fields: dict[str, tuple[str, CliFi
             raw = json.loads(text)
     except Exception as e:  # noqa: BLE001  (json and yaml errors: reported with the file)
         kind = "YAML" if file.suffix.lower() in (".yaml", ".yml") else "JSON"
-        raise ConfigError(f"--config {path}: not valid {kind}: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"--config {path}: not valid {kind}: {' '.join(str(e).split())}") from e
     if isinstance(raw, dict) and "command" not in raw:
         raw = next((raw[k] for k in ("config", "options") if isinstance(raw.get(k), dict)), raw)
     if not isinstance(raw, dict):
@@ -313,24 +314,23 @@ def _config(cls, args, **overrides):
 
 # ---------------------------------------------------------------- checks before work
 def check_writable(path: str | os.PathLike, flag: str, *, folder: bool) -> None:
-    """That `path` (a folder or a file to be written) can be created or written, before
-    any work: its nearest existing ancestor must be a writable folder."""
+    """That `path` (a folder, or a file to be written) can be created or written, before
+    any work: a file can be created in it (a folder) or in its nearest existing
+    ancestor. Nothing is left behind."""
     p = Path(path).expanduser().absolute()
-    if p.exists():
-        if folder and not p.is_dir():
-            raise ConfigError(f"{flag} {path}: exists and is not a folder")
-        if not folder and p.is_dir():
-            raise ConfigError(f"{flag} {path}: is a folder, expected a file name")
-        if not os.access(p if folder else p, os.W_OK):
-            raise ConfigError(f"{flag} {path}: not writable")
-        return
-    parent = p.parent
+    if p.exists() and folder != p.is_dir():
+        raise ConfigError(f"{flag} {path}: " + ("exists and is not a folder" if folder else
+                                                 "is a folder, expected a file name"))
+    parent = p if p.is_dir() else p.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"{flag} {path}: {parent} is a file, so {p.name} cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: cannot create it ({parent} is not writable)")
+        raise ConfigError(f"{flag} {path}: {parent} is a file, so {p.relative_to(parent)} cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
 
 
 def model_config(name: str):

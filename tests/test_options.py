@@ -140,6 +140,27 @@ def test_modules_and_paths_checked_before_the_model_loads(tiny_model_dir, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_output_paths_checked_before_the_model_loads(tiny_editor_dir, tmp_path, monkeypatch):
+    """evaluate --out / --plot / --per-request and edit --save: a place where nothing can
+    be written (/proc) or a file where a folder is needed stops the run at once."""
+    import emsedit_jax.api as api
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    editor = str(tiny_editor_dir)
+    for argv, message in [(["evaluate", "--editor", editor, "--out", "/proc/emsedit/results.json"],
+                           "--out /proc/emsedit/results.json: cannot write in /proc"),
+                          (["evaluate", "--editor", editor, "--plot", str(blocker / "curve.png")],
+                           "is a file, so curve.png cannot be created"),
+                          (["evaluate", "--editor", editor, "--per-request", str(tmp_path)],
+                           "--per-request .*: is a folder, expected a file name"),
+                          (["edit", "--editor", editor, "--fact", "w1", "w2", "--save", str(blocker)],
+                           "--save .*file: exists and is not a folder")]:
+        with pytest.raises(ConfigError, match=message):
+            cli.main(argv)
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
 def test_model_from_the_editor(tiny_editor_dir, capsys):
     """generate / edit without --model use the model the editor was trained for."""
     out = cli.main(["generate", "--editor", str(tiny_editor_dir), "--prompt", "w1 w2", "--max-new-tokens", "2"])
