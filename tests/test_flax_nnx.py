@@ -139,6 +139,7 @@ def test_cli_train_evaluate_on_nnx_model_matches_builtin(tiny_model_dir, tmp_pat
     # The Python API on the same factory and editor.
     import emsedit_jax as ej
     model = ej.load_model("nnx_llama:factory")
+    assert str(model.path) == "nnx_llama:factory"        # what a run records, to load it again
     editor = ej.load_editor(tmp_path / "nnx" / "editor", model)
     edited = ej.edit(model, editor, [ej.Fact("w1 w2 w3", "w4")])
     assert set(edited.deltas) == {"layers[1].mlp.up_proj"} and float(abs(edited.deltas["layers[1].mlp.up_proj"]).max()) > 0
