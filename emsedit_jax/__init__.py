@@ -12,8 +12,9 @@ and changes nothing in the process):
 
 Also: ej.train_editor / ej.evaluate_editor (the submodules emsedit_jax.train and
 emsedit_jax.evaluate keep their names), the configuration dataclasses (EditorConfig, TrainConfig,
-EvalConfig), ej.configs and ej.PRESETS, the error types, and
-ej.limit_lapack_threads() (what the command line does at start on CPU).
+EvalConfig), ej.configs and ej.PRESETS, the error types,
+ej.limit_lapack_threads() (what the command line does at start on CPU), and
+ej.from_nnx / ej.from_linen, which make a Flax model a Model to edit.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ _EXPORTS = {
     "DataError": ("data", "DataError"),
     "CheckpointError": ("models.hf_io", "CheckpointError"),
     "limit_lapack_threads": ("lapack_threads", "limit"),
+    "from_nnx": ("models.flax_nnx", "from_nnx"),
+    "from_linen": ("models.flax_linen", "from_linen"),
 }
 __all__ = sorted(_EXPORTS)
 
@@ -51,6 +54,8 @@ if TYPE_CHECKING:
     from .errors import ConfigError, UserError
     from .evaluate import EvalConfig, EvalResult
     from .lapack_threads import limit as limit_lapack_threads
+    from .models.flax_linen import from_linen
+    from .models.flax_nnx import from_nnx
     from .models.hf_io import CheckpointError
     from .train import PRESETS, TrainConfig, configs
 

@@ -102,8 +102,9 @@ class EditedModel:
 
 def load_model(name: str | os.PathLike = "smollm2", *, dtype: str = "float32",
                residual_dtype: str | None = None, mesh=None) -> Model:
-    """`name`: the embedded model ("smollm2"), a local Hugging Face folder, or a hub id
-    ('org/name', from the local Hugging Face cache or the hub). `dtype`: "float32" or
+    """`name`: the embedded model ("smollm2"), a local Hugging Face folder, a hub id
+    ('org/name', from the local Hugging Face cache or the hub), or 'package.module:function'
+    returning a Model (a Flax model: `ej.from_nnx` / `ej.from_linen`). `dtype`: "float32" or
     "bfloat16" parameters; with bfloat16 the residual stream stays float32 unless
     `residual_dtype="bfloat16"` (transformers' all-bfloat16 numerics). `mesh` (a
     `sharding.make_mesh` mesh) reads every parameter straight into its shards."""

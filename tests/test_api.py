@@ -8,6 +8,7 @@ import io
 import re
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -83,9 +84,8 @@ def test_edits_continue_one_stream_and_roll_back(tiny_model_dir, tiny_editor_dir
         layout = split.layout([np.arange(2)])
         deltas, state = edit_batch(state, model.params, split.batch(np.arange(2), layout).edit, deltas,
                                    ecfg=editor.config, lcfg=model.config, n_answer=layout.edit.n_answer)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), second.deltas, deltas)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), second.stream.key_gram,
-                 state.key_gram)
+    chex.assert_trees_all_close(second.deltas, deltas, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(second.stream.key_gram, state.key_gram, rtol=1e-6, atol=1e-7)
     assert any(float(np.abs(g).max()) > 0 for g in second.stream.key_gram.values())
     prompts = [r.prompt for r in reqs]
     assert ej.generate(second.base, prompts, max_new_tokens=2) == ej.generate(model, prompts, max_new_tokens=2)

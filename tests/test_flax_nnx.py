@@ -136,6 +136,15 @@ def test_cli_train_evaluate_on_nnx_model_matches_builtin(tiny_model_dir, tmp_pat
     assert nnx_run["baseline"] == hf_run["baseline"] and nnx_run["metrics"] == hf_run["metrics"]
     assert nnx_run["metrics"]["ES"] > nnx_run["baseline"]["ES"]
 
+    # The Python API on the same factory and editor.
+    import emsedit_jax as ej
+    model = ej.load_model("nnx_llama:factory")
+    assert str(model.path) == "nnx_llama:factory"        # what a run records, to load it again
+    editor = ej.load_editor(tmp_path / "nnx" / "editor", model)
+    edited = ej.edit(model, editor, [ej.Fact("w1 w2 w3", "w4")])
+    assert set(edited.deltas) == {"layers[1].mlp.up_proj"} and float(abs(edited.deltas["layers[1].mlp.up_proj"]).max()) > 0
+    assert ej.generate(edited, "w1 w2 w3", max_new_tokens=1) == "w4"
+
 
 def test_bad_paths_and_factories_are_user_errors(pair, monkeypatch):
     model, fm, _, _, _ = pair

@@ -72,6 +72,17 @@ def test_printed_configuration_reads_back(tmp_path, suffix):
     again = cli.parse_args(["train", "--config", str(file)])
     assert cli.resolved_options(again) == printed
     assert cli.parse_args(["train", "--config", str(file), "--rank", "8"]).rank == 8      # flags win
+    with pytest.raises(ConfigError, match=r"--config .*none\.yaml: no such file"):
+        cli.parse_args(["train", "--config", str(tmp_path / "none.yaml")])
+    (tmp_path / "bad.yaml").write_text("rank: [1")
+    with pytest.raises(ConfigError, match=r"--config .*bad\.yaml: not valid YAML: while parsing"):
+        cli.parse_args(["train", "--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "zero.json").write_text(json.dumps({"command": "train", "editor": {"rank": 0}}))
+    with pytest.raises(ConfigError, match=r"--config .*zero\.json: rank: expected a whole number > 0, got 0"):
+        cli.parse_args(["train", "--config", str(tmp_path / "zero.json")])
+    with pytest.raises(ConfigError, match=r"'ranks' is not an option of train"):
+        file.write_text(json.dumps({**printed, "editor": {"ranks": 3}}))
+        cli.parse_args(["train", "--config", str(file)])
     results = tmp_path / "results.json"                      # a results.json holds them under "config"
     results.write_text(json.dumps({"metrics": {}, "config": printed}))
     assert cli.parse_args(["train", "--config", str(results)]).modules == ("a.b", "c.d")
@@ -186,11 +197,9 @@ def test_user_errors_end_in_one_line_and_status_2(tmp_path):
     (bad_model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "thirty-two"}))
     cases = [
         (["train", "--out", "x"], "the following arguments are required: --dataset"),
-        (["train", "--dataset", "demo", "--out", "x", "--rank", "0"], "argument --rank: expected a whole number > 0"),
         (["evaluate", "--editor", str(garbage)], f"{garbage / 'editor.json'}: not a valid editor record"),
         (["train", "--dataset", "demo", "--model", str(bad_model), "--out", str(tmp_path / "run")],
          "config.json: hidden_size must be a whole number > 0, got 'thirty-two'"),
-        (["train", "--config", str(tmp_path / "none.yaml")], "--config"),
     ]
     for argv, message in cases:
         out = _run_cli(*argv, cwd=tmp_path)

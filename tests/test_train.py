@@ -307,7 +307,7 @@ def test_selection_by_validation_keeps_the_best_scored_editor(tiny, tmp_path):
     _, saved, _ = load_editor(tmp_path / "sel" / "editor", model.config)
     if best["validation_after_batches"] == 0:
         init = init_editor(cfg, model.config, jax.random.key(0))
-        jax.tree.map(np.testing.assert_array_equal, saved.nets, init.nets)
+        chex.assert_trees_all_equal(saved.nets, init.nets)
 
 
 def _rows(tf, rows):

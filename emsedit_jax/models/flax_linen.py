@@ -93,4 +93,4 @@ def from_linen(module: nn.Module, variables: Mapping, tokenizer: Any, edit_paths
     label = name or type(module).__name__
     modules = tuple(path_name(module_path(p)) for p in edit_paths)
     cfg = LinenModel(template, shapes, dtypes, modules, apply, label, module=module, rest=rest)
-    return Model(cfg, params, tokenizer, Path(f"linen:{label}"), {})
+    return Model(cfg, params, tokenizer, Path(f"<linen model {label}>"), {})

@@ -320,5 +320,5 @@ def from_nnx(module: nnx.Module, tokenizer: Any, edit_paths: Sequence[str], *, a
     label = name or type(module).__name__
     modules = tuple(path_name(module_path(p)) for p in edit_paths)
     cfg = NNXModel(template, shapes, dtypes, modules, apply, label, graphdef=graphdef, rest=rest)
-    return Model(cfg, pure, tokenizer, Path(f"nnx:{label}"), {})
+    return Model(cfg, pure, tokenizer, Path(f"<nnx model {label}>"), {})
 
