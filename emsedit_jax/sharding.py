@@ -39,6 +39,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .editor.capture import Batch, pad_rows
+from .errors import ConfigError
 from .models.config import ModelConfig
 from .models.transformer import is_layer_list, parse_module
 
@@ -56,7 +57,7 @@ def make_mesh(data: int = 1, model: int = 1, *, devices: Sequence[Any] | None = 
     if data * model > len(devices):
         hint = (" (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)"
                 if devices[0].platform == "cpu" else "")
-        raise ValueError(f"a {data}x{model} mesh needs {data * model} devices; {len(devices)} "
+        raise ConfigError(f"a {data}x{model} mesh needs {data * model} devices; {len(devices)} "
                          f"{devices[0].platform} device(s) are available{hint}")
     return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
                          devices=devices)
@@ -68,9 +69,9 @@ def parse_mesh(spec: str) -> tuple[int, int]:
     try:
         data, model = (int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"--mesh takes DATA,MODEL (two positive integers, e.g. 1,4), not {spec!r}") from None
+        raise ConfigError(f"--mesh takes DATA,MODEL (two positive integers, e.g. 1,4), not {spec!r}") from None
     if data < 1 or model < 1:
-        raise ValueError(f"--mesh takes DATA,MODEL (two positive integers, e.g. 1,4), not {spec!r}")
+        raise ConfigError(f"--mesh takes DATA,MODEL (two positive integers, e.g. 1,4), not {spec!r}")
     return data, model
 
 

@@ -42,8 +42,10 @@ from .editor import memory as mem
 from .editor.config import EditorConfig
 from .editor.objective import EditBatch, NAnswer, meta_loss
 from .editor.steps import EditorState, init_editor, new_stream, zero_deltas
+from .errors import ConfigError, UserError
 from .models.config import ModelConfig
 from .models.hf_io import Model
+from .options import check_fields, option
 from .pipeline import EncodedSplit, Layout
 from .runs import RunLock, claim_run, model_identity
 from .sharding import commit
@@ -51,35 +53,67 @@ from .sharding import commit
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    protocol: Literal["sequential", "batch"] = "sequential"
-    schedule: Literal["default", "faithful"] = "default"
-    n_edits: int = 10           # requests per edit batch
-    num_seq: int = 10           # batches per sequential stream
-    epochs: int = 2
-    meta_lr: float = 1e-4
-    clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 10  # batches between checkpoints
-    max_row_len: int = 512      # packed row length cap
-    buckets: int = 1            # distinct batch layouts (shapes compiled); RLEdit's memory needs 1
+    """How an editor is meta-trained. The defaults are the working ones; the authors'
+    values are the "faithful" preset (PRESETS)."""
+    protocol: Literal["sequential", "batch"] = option(
+        "sequential", "editing protocol trained for (sequential: step-specific hypernetworks)")
+    schedule: Literal["default", "faithful"] = option(
+        "default", "default: an Adam step per batch; faithful: the authors' (one step per stream, beta squared)")
+    n_edits: int = option(10, "requests per edit batch", check="positive")
+    num_seq: int = option(10, "batches per sequential stream", check="positive")
+    epochs: int = option(1, "passes over the training requests", check="positive")
+    meta_lr: float = option(1e-4, "Adam learning rate of the hypernetworks", check="positive")
+    clip: float = option(1.0, "global gradient-norm clip", check="positive")
+    seed: int = option(0, "seed of the editor's initialisation and the batch order", check="nonneg")
+    checkpoint_every: int = option(10, "batches between checkpoints", check="positive")
+    max_row_len: int = option(512, "packed row length cap (tokens)", check="positive")
+    buckets: int = option(1, "distinct batch shapes to compile: more buckets, less padding, more compiles "
+                          "(RLEdit's memory needs 1)", check="positive")
+    select_every: int = option(0, "hold out the last --n-val training requests and score the editor on them before "
+                               "training and every BATCHES batches; keep the best (ES + GS + LS) editor (0: none)",
+                               check="nonneg", metavar="BATCHES")
 
     def __post_init__(self):
-        if self.protocol not in ("sequential", "batch"):
-            raise ValueError(f"protocol must be 'sequential' or 'batch', not {self.protocol!r}")
-        if self.schedule not in ("default", "faithful"):
-            raise ValueError(f"schedule must be 'default' or 'faithful', not {self.schedule!r}")
-        if self.n_edits < 1 or self.num_seq < 1 or self.epochs < 1:
-            raise ValueError("n_edits, num_seq and epochs must be >= 1")
+        check_fields(self)
 
     @property
     def beta_power(self) -> int:
         return 2 if self.schedule == "faithful" else 1
 
 
+# Named sets of EditorConfig and TrainConfig values. "faithful" is the authors' setting:
+# linear step size eta_0 1e-6, beta 0.5 (applied squared), meta learning rate 1e-5 and
+# one Adam step per stream; with the embedded model it barely edits, so the defaults
+# use a larger step size, learnt in log space, and a weaker regulariser.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "faithful": {"lr_init": 1e-6, "log_step_size": False, "beta": 0.5, "schedule": "faithful", "meta_lr": 1e-5,
+                 "epochs": 1},
+}
+
+
+def configs(modules, method: str = "emsedit", *, preset: str = "default", **fields
+            ) -> tuple[EditorConfig, TrainConfig]:
+    """The (EditorConfig, TrainConfig) of a run: `preset`'s values over the defaults, then
+    `fields` (any field of either, by name). `method` may name a step count ('malmen2')."""
+    from .editor.config import method_config
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    values = {**PRESETS[preset], **fields}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    editor_names = {f.name for f in dataclasses.fields(EditorConfig)}
+    unknown = sorted(set(values) - train_names - editor_names)
+    if unknown:
+        raise ConfigError(f"unknown configuration field(s) {unknown}")
+    tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
+    return method_config(method, modules, **{k: v for k, v in values.items() if k in editor_names}), tcfg
+
+
 def batch_plan(n_requests: int, tcfg: TrainConfig) -> list[list[np.ndarray]]:
     """Per epoch, the index arrays of its batches (seeded; incomplete batches dropped)."""
     if n_requests < tcfg.n_edits:
-        raise ValueError(f"{n_requests} training requests cannot fill one batch of {tcfg.n_edits}")
+        raise UserError(f"{n_requests} training requests cannot fill one batch of {tcfg.n_edits} (--n-edits); "
+                        "give more training requests (--n-train) or a smaller --n-edits")
     rng = np.random.default_rng(tcfg.seed)
     plan = []
     for _ in range(tcfg.epochs):
@@ -107,15 +141,16 @@ def _optimizer(clip: float, meta_lr: float, every_k: int | None) -> optax.Gradie
 @functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "tx", "n_answer", "beta_power", "only_step", "remat"),
                    donate_argnames=("nets", "opt_state"))
 def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory: mem.Memory | None = None,
-               key_gram: dict | None = None, *, ecfg: EditorConfig, lcfg: ModelConfig,
+               key_gram: dict | None = None, protect: dict | None = None, *, ecfg: EditorConfig, lcfg: ModelConfig,
                tx: optax.GradientTransformation, n_answer: NAnswer, beta_power: int = 1,
                only_step: int | None = None, remat: bool = False):
     """One meta-training update. Returns (nets, stats, opt_state, deltas, metrics, key_gram).
     `memory`: RLEdit's buffer of the stream's earlier batches (None: no backtracking);
-    `key_gram`: the key memory of the stream so far (None or {}: none)."""
+    `key_gram`: the key memory of the stream so far (None or {}: none); `protect`: the
+    null-space projections (EditorConfig.null_space; None or {}: none)."""
     (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
         nets, stats, ecfg, lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
-        only_step=only_step, memory=memory, key_gram=key_gram, remat=remat)
+        only_step=only_step, memory=memory, key_gram=key_gram, remat=remat, protect=protect)
     updates, opt_state = tx.update(grads, opt_state, nets)
     nets = optax.apply_updates(nets, updates)
     metrics = {"loss": loss, "gen_loss": aux.gen_loss, "reg_loss": aux.reg_loss,
@@ -136,7 +171,8 @@ class TrainResult:
 
 def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out_dir: str | Path, *,
           run_meta: dict | None = None, identity: dict | None = None, model_name: str | None = None,
-          progress: bool = True, stop_after: int | None = None, remat: bool = False, mesh=None) -> TrainResult:
+          progress: bool = True, stop_after: int | None = None, remat: bool = False, mesh=None,
+          key_prior: dict | None = None, val_split: EncodedSplit | None = None, metric: str = "zsre") -> TrainResult:
     """Meta-trains an editor on `split`, checkpointing to `out_dir/checkpoints` and
     writing the final editor to `out_dir/editor`. Resumes if a checkpoint exists.
     `identity`: what else identifies the run (data file hash, split, dtypes, ...), added
@@ -144,15 +180,24 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     (default: its folder). `run_meta` is only recorded in editor.json. `stop_after`
     (batches) simulates an interruption, for tests. `mesh` (a `sharding.make_mesh`
     mesh; None: one device) shards the LLM parameters and the batches; `remat`
-    recomputes the LLM layers' activations in the backward pass."""
+    recomputes the LLM layers' activations in the backward pass.
+    `key_prior`: C0 (evaluate.preserved_gram of the training requests), needed when
+    ecfg.loc_prior or ecfg.null_space is on: every stream starts from it, as at test time.
+    Selection by validation (tcfg.select_every > 0 and `val_split`, held-out training
+    requests): before the first batch (the untrained editor), every select_every batches
+    and at the end, the editor edits `val_split` with the training protocol and is
+    scored ES + GS + LS (`metric`, evaluate.run_protocol); the editor saved is the best
+    scored one (each validation is in `history`). Not kept across a resume."""
     out = Path(out_dir)
     with RunLock(out):
         return _train(model, ecfg, tcfg, split, out, run_meta=run_meta, identity=identity,
-                      model_name=model_name, progress=progress, stop_after=stop_after, remat=remat, mesh=mesh)
+                      model_name=model_name, progress=progress, stop_after=stop_after, remat=remat, mesh=mesh,
+                      key_prior=key_prior, val_split=val_split, metric=metric)
 
 
 def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out: Path, *,
-           run_meta, identity, model_name, progress, stop_after, remat, mesh) -> TrainResult:
+           run_meta, identity, model_name, progress, stop_after, remat, mesh, key_prior, val_split,
+           metric) -> TrainResult:
     hashes = [request_hash(r) for r in split.requests]
     identity = {**(identity or {}), "editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
                 "model": model_identity(model_name or model.path, model.config, ecfg.modules),
@@ -162,6 +207,8 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     lcfg = model.config
     step = train_step
     if mesh is not None:
+        if ecfg.null_space:
+            raise ValueError("null_space is not supported with a mesh in training yet; train on one device")
         from .sharding import place_params, sharded_train_step
         model = dataclasses.replace(model, params=place_params(model.params, mesh))
         step = functools.partial(sharded_train_step, mesh=mesh)
@@ -181,7 +228,8 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     restored = store.restore_latest(_checkpoint_tree(state, opt_state, deltas))
     if restored is not None:
         tree, meta = restored
-        state = EditorState(tree["nets"], tree["stats"], tree.get("key_gram", {}))
+        protect = new_stream(ecfg, lcfg, state, key_prior).protect
+        state = EditorState(tree["nets"], tree["stats"], tree.get("key_gram", {}), protect)
         opt_state, deltas = tree["opt"], tree["deltas"]
         position, history = tuple(meta["position"]), meta["history"]
 
@@ -191,11 +239,13 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     times, compile_s, n_batches_run, compiled = [], 0.0, 0, set()
     only_steps = list(range(ecfg.steps)) if (tcfg.schedule == "faithful" and tcfg.protocol == "batch") else [None]
     memory = None
+    select = tcfg.select_every > 0 and val_split is not None
+    best = _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, done, history) if select else None
     for epoch in range(position[0], tcfg.epochs):
         first = position[1] if epoch == position[0] else 0
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
-                deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state)
+                deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state, key_prior)
             if mesh is None:     # committed like the step's outputs: one compile per layout
                 state, opt_state, deltas = commit((state, opt_state, deltas))
             layout = layouts[epoch * len(plan[0]) + b]
@@ -206,9 +256,10 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
             for only in only_steps:
                 nets, stats, opt_state, new_deltas, metrics, key_gram = step(
                     state.nets, state.stats, opt_state, model.params, batch, deltas, memory, state.key_gram,
-                    ecfg=ecfg, lcfg=lcfg, tx=tx, n_answer=layout.n_answer, beta_power=tcfg.beta_power,
+                    **({"protect": state.protect} if state.protect else {}), ecfg=ecfg, lcfg=lcfg, tx=tx,
+                    n_answer=layout.n_answer, beta_power=tcfg.beta_power,
                     only_step=only, remat=remat)
-                state = EditorState(nets, stats, key_gram)
+                state = EditorState(nets, stats, key_gram, state.protect)
             deltas = new_deltas
             if slots:
                 memory = mem.push(memory, batch, b % tcfg.num_seq, ecfg.time_decay)
@@ -221,6 +272,9 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
                 times.append(dt)
             n_batches_run += 1
             history.append({"epoch": epoch, "batch": b, "seconds": dt, **metrics})
+            if select and (done + n_batches_run) % tcfg.select_every == 0 and done + n_batches_run < total:
+                best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior,
+                                           done + n_batches_run, history), key=lambda x: x[0])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gen=f"{metrics['gen_loss']:.3f}")
             step_no = epoch * len(plan[0]) + b + 1
@@ -234,10 +288,28 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
                 return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
     bar.close()
     store.close()
+    meta = {}
+    if select:
+        best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, total, history),
+                   key=lambda x: x[0])
+        state = best[1]
+        meta = {"selected_after_batches": best[2], "selected_score": best[0]}
     if n_batches_run or not (out / "editor" / "editor.json").is_file():    # else: finished before, same run
-        save_editor(out / "editor", ecfg, state, {**(run_meta or {}), **identity,
+        save_editor(out / "editor", ecfg, state, {**(run_meta or {}), **identity, **meta,
                                                   "train_seconds_per_edit": _per_edit(times, tcfg)}, hashes)
     return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
+
+
+def _validate(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, state: EditorState, val_split: EncodedSplit,
+              metric: str, key_prior, batches: int, history: list) -> tuple[float, EditorState, int]:
+    """(ES + GS + LS on `val_split`, the editor, batches trained); the scores join `history`."""
+    from .evaluate import run_protocol
+    res = run_protocol(model, ecfg, state, val_split, protocol=tcfg.protocol, num_seq=tcfg.num_seq,
+                       n_edits=tcfg.n_edits, metric=metric, progress=False, key_prior=key_prior, prob_scores=False)
+    score = float(sum(res.metrics.values()))
+    history.append({"validation_after_batches": batches, **res.metrics})
+    kept = jax.tree.map(lambda x: x.copy(), (state.nets, state.stats))   # train_step donates the nets
+    return score, EditorState(*kept), batches
 
 
 def _checkpoint_tree(state: EditorState, opt_state, deltas) -> dict:

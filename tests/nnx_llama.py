@@ -1,17 +1,19 @@
 """A small Llama-style decoder written as Flax NNX modules (the test model of the Flax
-adapter), and a factory that loads it with the weights of a Hugging Face Llama folder.
+adapter), and a factory that loads it with the weights of a Hugging Face Llama folder;
+the same decoder in Flax Linen.
 
 `factory()` is what `--model nnx_llama:factory` imports: it reads the folder named by
 the EMSEDIT_NNX_LLAMA environment variable (tests set it to the tiny checkpoint)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import linen, nnx
 
 EDIT_PATHS = ("layers[2].mlp.up_proj", "layers[3].mlp.up_proj", "layers[3].self_attn.o_proj")
 
@@ -112,3 +114,81 @@ def factory():
     from emsedit_jax.models.flax_nnx import from_nnx
     model = load_model(os.environ["EMSEDIT_NNX_LLAMA"])
     return from_nnx(from_project(model), model.tokenizer, EDIT_PATHS, name="nnx-llama")
+
+
+# ---------------------------------------------------------------- the same model in Linen
+class LinenAttention(linen.Module):
+    heads: int
+    kv_heads: int
+    theta: float
+
+    @linen.compact
+    def __call__(self, x, segments, positions):
+        b, s, d = x.shape
+        dh = d // self.heads
+        dense = functools.partial(linen.Dense, use_bias=False)
+        q = rotate_half(dense(self.heads * dh, name="q_proj")(x).reshape(b, s, self.heads, dh), positions, self.theta)
+        k = rotate_half(dense(self.kv_heads * dh, name="k_proj")(x).reshape(b, s, self.kv_heads, dh), positions,
+                        self.theta)
+        v = dense(self.kv_heads * dh, name="v_proj")(x).reshape(b, s, self.kv_heads, dh)
+        rep = self.heads // self.kv_heads
+        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
+        causal = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+        scores = jnp.where((causal[None] & same)[:, None], scores, jnp.finfo(scores.dtype).min)
+        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        return dense(d, name="o_proj")(out.reshape(b, s, -1))
+
+
+class LinenBlock(linen.Module):
+    f: int
+    heads: int
+    kv_heads: int
+    eps: float
+    theta: float
+
+    @linen.compact
+    def __call__(self, h, segments, positions):
+        d = h.shape[-1]
+        dense = functools.partial(linen.Dense, use_bias=False)
+        x = linen.RMSNorm(epsilon=self.eps, name="input_layernorm")(h)
+        h = h + LinenAttention(self.heads, self.kv_heads, self.theta, name="self_attn")(x, segments, positions)
+        x = linen.RMSNorm(epsilon=self.eps, name="post_attention_layernorm")(h)
+        m = jax.nn.silu(dense(self.f, name="gate_proj")(x)) * dense(self.f, name="up_proj")(x)
+        return h + dense(d, name="down_proj")(m)
+
+
+class LinenLlama(linen.Module):
+    vocab: int
+    d: int
+    f: int
+    n_layers: int
+    heads: int
+    kv_heads: int
+    eps: float = 1e-6
+    theta: float = 10000.0
+
+    @linen.compact
+    def __call__(self, input_ids, segments, positions):
+        embed = linen.Embed(self.vocab, self.d, name="embed_tokens")
+        h = embed(input_ids)
+        for i in range(self.n_layers):
+            h = LinenBlock(self.f, self.heads, self.kv_heads, self.eps, self.theta, name=f"layers_{i}")(
+                h, segments, positions)
+        return embed.attend(linen.RMSNorm(epsilon=self.eps, name="norm")(h))
+
+
+def linen_from_project(model):
+    """(LinenLlama, variables) holding the weights of a project `Model` (as from_project).
+    Its MLP sits directly in the block: paths like 'layers_2.up_proj'."""
+    c = model.config
+    module = LinenLlama(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads,
+                        c.num_kv_heads, c.norm_eps, c.rope_theta)
+    p = model.params
+    params = {"embed_tokens": {"embedding": p["embed_tokens"]["embedding"]}, "norm": {"scale": p["norm"]["weight"]}}
+    for i, lp in enumerate(p["layers"]):
+        params[f"layers_{i}"] = {"input_layernorm": {"scale": lp["input_layernorm"]["weight"]},
+                                 "post_attention_layernorm": {"scale": lp["post_attention_layernorm"]["weight"]},
+                                 "self_attn": lp["self_attn"], **lp["mlp"]}
+    return module, {"params": params}

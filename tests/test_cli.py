@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_requests
 from emsedit_jax.cli import default_modules, main, parse_modules
 from emsedit_jax.data import DataError
-from emsedit_jax.errors import UserError
+from emsedit_jax.errors import ConfigError, UserError
 from emsedit_jax.models import ModelConfig, get_kernel, load_model
 
 
@@ -29,9 +29,17 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     common = ["--model", str(tiny_model_dir), "--dataset", "user", "--data", "edits.jsonl", "--n-train", "24",
               "--n-test", "16", "--quiet"]
     monkeypatch.chdir(tmp_path)         # the data path is relative to the training's directory
-    main(["train", *common, "--out", str(tmp_path / "run"), "--epochs", "2", "--n-edits", "4", "--num-seq", "2",
-          "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"])
+    train_args = ["train", *common, "--out", str(tmp_path / "run"), "--epochs", "2", "--n-edits", "4", "--num-seq",
+                  "2", "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"]
+    main(train_args)
     assert (tmp_path / "run" / "editor" / "editor.json").is_file()
+    # A rerun into the finished folder that differs in anything is refused, naming what,
+    # before the model loads.
+    editor_json = (tmp_path / "run" / "editor" / "editor.json").read_text()
+    for extra, diff in ((["--dtype", "bfloat16"], "dtype"), (["--split-seed", "3"], "split.split_seed")):
+        with pytest.raises(UserError, match=rf"run holds another training run \(it differs in {diff}\); use"):
+            main(train_args + extra)
+    assert (tmp_path / "run" / "editor" / "editor.json").read_text() == editor_json
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     out = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
@@ -41,13 +49,13 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "per_request.jsonl").read_text().splitlines()]
     assert [(x["batch"], x["position"]) for x in lines] == [(i // 4, i % 4) for i in range(8)]
     assert sum(x["edited"]["ES"] for x in lines) / 8 == pytest.approx(saved["metrics"]["ES"])
-    assert saved["config"]["chat_template"] is False
+    assert saved["chat_template"] is False and saved["config"]["model"]["chat_template"] is False
     assert set(saved) >= {"metrics", "baseline", "timing", "config", "n_requests"}
     assert set(saved["metrics"]) == set(saved["baseline"]) == {"ES", "GS", "LS"}
-    assert saved["n_requests"] == 8 and saved["config"]["data"] == str(data)  # split taken from the editor
+    assert saved["n_requests"] == 8 and saved["config"]["data"]["data"] == str(data)  # split taken from the editor
     # Without split flags evaluate uses the requests the editor was not trained on.
-    assert saved["config"]["split_seed"] == 0 and saved["config"]["same_file_as_training"]
-    assert saved["config"]["train_overlap"] == 0 and saved["config"]["left_out_as_trained"] == 0
+    assert saved["config"]["data"]["split_seed"] == 0 and saved["same_file_as_training"]
+    assert saved["train_overlap"] == 0 and saved["left_out_as_trained"] == 0
     assert saved["data_files"]["data"]["sha256"] == json.loads(
         (tmp_path / "run" / "editor" / "editor.json").read_text())["data_sha256"]
     # Scoring requests the editor was trained on is refused (before any editing).
@@ -61,16 +69,16 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert "| unedited |" in printed and "configuration:" in printed
     # The key memory and the locality prior are test-time choices: the same editor
     # evaluated with them, recorded; C0 comes from the 24 training requests.
-    with pytest.raises(SystemExit, match="needs --key-memory"):
+    with pytest.raises(ConfigError, match="needs --key-memory"):
         main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--loc-prior", "3", "--quiet"])
     km = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
                "--key-memory", "1", "--loc-prior", "3", "--quiet"])
-    assert saved["config"]["editor"]["key_memory"] == 0 and km["config"]["editor"]["key_memory"] == 1.0
-    assert saved["config"]["editor"]["loc_prior"] == 0 and km["config"]["editor"]["loc_prior"] == 3.0
-    assert km["config"]["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
+    assert saved["editor"]["key_memory"] == 0 and km["editor"]["key_memory"] == 1.0
+    assert saved["editor"]["loc_prior"] == 0 and km["editor"]["loc_prior"] == 3.0
+    assert km["config"]["evaluate"]["key_memory"] == 1.0 and km["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
     assert km["baseline"] == out["baseline"] and km["n_requests"] == 8
 
-    res = main(["edit", "--model", str(tiny_model_dir), "--editor", str(tmp_path / "run" / "editor"),
+    res = main(["edit", "--editor", str(tmp_path / "run" / "editor"),     # --model: the editor's
                 "--fact", "w1 w2 w3", "w4", "--save", str(tmp_path / "edited")])
     assert len(res["before"]) == 1
     edited = load_model(tmp_path / "edited", tokenizer=False)
@@ -124,6 +132,7 @@ def test_two_processes_train_bit_identical_editors(tiny_model_dir, tmp_path):
     import sys
     from pathlib import Path
 
+    import chex
     import jax
     import numpy as np
 
@@ -147,6 +156,27 @@ def test_two_processes_train_bit_identical_editors(tiny_model_dir, tmp_path):
     assert records[0]["data"] == str((tmp_path / "edits.jsonl").resolve())
     model = load_model(tiny_model_dir, tokenizer=False)
     (_, a, _), (_, b, _) = (load_editor(tmp_path / n / "run" / "editor", model.config) for n in "ab")
-    jax.tree.map(np.testing.assert_array_equal, (a.nets, a.stats), (b.nets, b.stats))
+    chex.assert_trees_all_equal((a.nets, a.stats), (b.nets, b.stats))
     moved = [float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(a.nets)]
     assert max(moved) > 0
+
+
+def test_split_defaults_and_mquake_cases_stay_whole():
+    """The split seed is 0 unless given; an MQuAKE case's rewrites land on one side."""
+    import argparse
+    from pathlib import Path
+
+    from emsedit_jax.cli import _load_data
+    mquake = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mquake" / "MQuAKE-hard.json"
+    if not mquake.is_file():
+        pytest.skip("../shared/data is absent")
+    args = argparse.Namespace(dataset="mquake", data=str(mquake), test_data=None, n_train=100, n_test=50,
+                              split_seed=None, skip_invalid=False)
+    train, test, record = _load_data(args)
+    assert record["split"] == {"n_train": 100, "n_test": 50, "split_seed": 0, "by_case": True}
+    assert len({r.case_id for r in train}) == 100 and len({r.case_id for r in test}) == 50
+    assert not {r.case_id for r in train} & {r.case_id for r in test}
+    assert record["train_test_overlap"] == 0 and record["data"]["path"] == str(mquake.resolve())
+    args.n_train = 400
+    with pytest.raises(UserError, match=r"not enough cases: n_train \+ n_test \(--n-train, --n-test\) = 450 > 429"):
+        _load_data(args)

@@ -160,7 +160,7 @@ def test_cli_passes_mesh_remat_and_chunk(tiny_model_dir, tmp_path, monkeypatch):
                 "--mesh", "1x1", "--capture-chunk", "2"])
     kw = seen["evaluate"]
     assert dict(kw["mesh"].shape) == {"data": 1, "model": 1} and kw["remat"] is False and kw["capture_chunk"] == 2
-    assert out["config"]["mesh"] == "1x1" and out["config"]["capture_chunk"] == 2
+    assert out["config"]["scale"]["mesh"] == "1x1" and out["config"]["evaluate"]["capture_chunk"] == 2
     main(["train", *common, "--out", str(tmp_path / "run2")])
     assert seen["train"]["mesh"] is None and seen["train"]["remat"] is False
     with pytest.raises(ValueError, match="needs 4 devices"):

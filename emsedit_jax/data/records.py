@@ -687,11 +687,11 @@ def resolve_data_path(path_or_id: str | os.PathLike) -> Path | None:
     """The absolute, resolved path of a local data file, or None for a hub data set id.
 
     A hub id is only what looks like ``org/name`` (one slash, no JSON suffix) and is not
-    a local path; anything else must be an existing file, so a typo in a path is a
+    a local path (nor a path into an existing local folder ``org``); anything else must be an existing file, so a typo in a path is a
     DataError rather than a network request."""
     s = os.path.expanduser(os.fspath(path_or_id))
     if not isinstance(path_or_id, Path) and not os.path.exists(s) and _HUB_ID.fullmatch(s) \
-            and not s.lower().endswith(_LOCAL_SUFFIXES):
+            and not s.lower().endswith(_LOCAL_SUFFIXES) and not os.path.isdir(s.split("/")[0]):
         return None
     path = Path(s)
     if path.is_dir():
@@ -777,6 +777,8 @@ def read_records(path: Path) -> tuple[list, list[int] | None]:
     if not text.strip():
         raise DataError("the file is empty", file=str(path))
     jsonl = path.name.lower().endswith((".jsonl", ".jsonl.gz"))
+    if jsonl and text.lstrip().startswith("["):  # a JSON array in a file named .jsonl
+        jsonl = False
     if not jsonl:
         try:
             data = json.loads(text)
@@ -819,7 +821,11 @@ def read_records(path: Path) -> tuple[list, list[int] | None]:
 def _read_hub(hub_id: str, split: str) -> list:
     import datasets
 
-    ds = datasets.load_dataset(hub_id, split=split)
+    try:
+        ds = datasets.load_dataset(hub_id, split=split)
+    except Exception as e:  # offline, unknown id, no such split: one message
+        raise DataError(f"no such local file, and loading it as a Hugging Face Hub data set (split {split!r}) "
+                        f"failed: {type(e).__name__}: {str(e)[:200]}", file=hub_id) from None
     return ds.to_list()
 
 
@@ -920,7 +926,9 @@ def load_requests(
             if isinstance(row, _BadLine):
                 raise ctx.error(None, row.reason)
             if not isinstance(row, dict):
-                raise ctx.error(None, f"the record is {_json_type(row)}; expected a JSON object")
+                kind_of = _json_type(row)
+                article = "" if kind_of == "null" else ("an " if kind_of[0] in "aeiou" else "a ")
+                raise ctx.error(None, f"the record is {article}{kind_of}; expected a JSON object")
             ctx.case_id = _case_id_of(row, ctx)
             if kind == "zsre":
                 reqs = _parse_zsre(row, ctx, source, require_true)
@@ -954,6 +962,20 @@ def load_requests(
 # --------------------------------------------------------------------------- #
 
 
+def split_units(requests: Sequence[EditRequest], by_case: bool = False) -> list[list[EditRequest]]:
+    """What a split moves as one: each request, or with ``by_case`` each run of
+    consecutive requests sharing a non-None ``case_id`` (the rewrites of an MQuAKE case)."""
+    if not by_case:
+        return [[r] for r in requests]
+    groups: list[list[EditRequest]] = []
+    for r in requests:
+        if groups and r.case_id is not None and groups[-1][0].case_id == r.case_id:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 def split_requests(
     requests: Sequence[EditRequest],
     n_train: int,
@@ -970,20 +992,13 @@ def split_requests(
     cases instead of requests.
     """
     if n_train < 0 or n_test < 0:
-        raise ValueError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
-    if by_case:
-        groups: list[list[EditRequest]] = []
-        for r in requests:
-            if groups and r.case_id is not None and groups[-1][0].case_id == r.case_id:
-                groups[-1].append(r)
-            else:
-                groups.append([r])
-    else:
-        groups = [[r] for r in requests]
+        raise UserError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
+    groups = split_units(requests, by_case)
     unit = "cases" if by_case else "requests"
     if n_train + n_test > len(groups):
-        raise ValueError(
-            f"not enough {unit}: n_train + n_test = {n_train + n_test} > {len(groups)} available"
+        raise UserError(
+            f"not enough {unit}: n_train + n_test (--n-train, --n-test) = {n_train + n_test} > "
+            f"{len(groups)} available"
         )
     perm = np.random.default_rng(seed).permutation(len(groups))
     train = [r for g in perm[:n_train] for r in groups[g]]

@@ -14,7 +14,9 @@ jitted function). Each forward pass merges graph and parameters into a fresh mod
 - keys and value gradients: each edited linear module of the merged copy is replaced
   by an interceptor that records its input at the answer positions with `Module.sow`
   (collected by `nnx.capture`) and adds the editor's zero probe to its output there;
-  the gradient with respect to that probe is the value gradient.
+  the gradient with respect to that probe is the value gradient. (`Module.perturb`
+  would give the same gradients, but with a zero array of the module's whole output,
+  (B, S, d_out), per edited module, where the probe holds only the answer slots.)
 
 Module paths name attributes and list items of the module tree: `layers[18].mlp.up_proj`
 or `layers.18.mlp.up_proj` (the canonical spelling). An edited module must hold a 2-D
@@ -100,10 +102,31 @@ def _low_precision(dtype) -> bool:
     return jnp.finfo(dtype).bits < 32
 
 
+def edited_output(name: str, shape: tuple[int, int], edit: ModuleEdit, delta_apart: bool, x: Array, y: Array
+                  ) -> tuple[Array, Array | None]:
+    """What an interceptor does around one call y = module(x) of an edited linear
+    module: adds x dW when the delta is not in the kernel, adds the probe to the output
+    at the answer positions, and returns (new output, key = x at those positions or None)."""
+    d_in, d_out = shape
+    if x.shape[-1] != d_in:
+        raise UserError(f"module {name}: called on inputs of width {x.shape[-1]}, but its kernel "
+                        f"is ({d_in}, {d_out}); an edited module must be a linear map of its last axis")
+    chex.assert_shape(y, (*x.shape[:-1], d_out))
+    if delta_apart and edit.delta is not None:
+        y = y + jnp.einsum("...i,io->...o", x.astype(edit.delta.dtype), edit.delta).astype(y.dtype)
+    if edit.positions is None:
+        return y, None
+    chex.assert_rank(x, 3)
+    key = jnp.take_along_axis(x, edit.positions[..., None], axis=1)
+    if edit.probe is not None:
+        rows = jnp.arange(y.shape[0])[:, None]
+        y = y.at[rows, edit.positions].add(edit.probe.astype(y.dtype))
+    return y, key
+
+
 class _Intercept(nnx.Module):
-    """Stands in for one edited linear module of a merged copy: records the module's
-    input at the answer positions (`sow`), adds x dW when the delta is not in the
-    kernel, and adds the probe to the output at the answer positions."""
+    """Stands in for one edited linear module of a merged copy: `edited_output` around
+    the module's call, the key recorded with `sow` (collected by `nnx.capture`)."""
 
     def __init__(self, inner: nnx.Module, name: str, shape: tuple[int, int], edit: ModuleEdit, delta_apart: bool):
         self.inner = inner
@@ -113,40 +136,26 @@ class _Intercept(nnx.Module):
         self.delta_apart = delta_apart
 
     def __call__(self, x, *args, **kwargs):
-        d_in, d_out = self.shape
-        if x.shape[-1] != d_in:
-            raise UserError(f"module {self.name}: called on inputs of width {x.shape[-1]}, but its kernel "
-                            f"is ({d_in}, {d_out}); an edited module must be a linear map of its last axis")
-        y = self.inner(x, *args, **kwargs)
-        chex.assert_shape(y, (*x.shape[:-1], d_out))
-        edit = self.edit
-        if self.delta_apart and edit.delta is not None:
-            y = y + jnp.einsum("...i,io->...o", x.astype(edit.delta.dtype), edit.delta).astype(y.dtype)
-        if edit.positions is not None:
-            chex.assert_rank(x, 3)
-            self.sow(nnx.Intermediate, "key", jnp.take_along_axis(x, edit.positions[..., None], axis=1))
-            if edit.probe is not None:
-                rows = jnp.arange(y.shape[0])[:, None]
-                y = y.at[rows, edit.positions].add(edit.probe.astype(y.dtype))
+        y, key = edited_output(self.name, self.shape, self.edit, self.delta_apart, x, self.inner(x, *args, **kwargs))
+        if key is not None:
+            self.sow(nnx.Intermediate, "key", key)
         return y
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class NNXModel:
-    """The static description of an NNX model for the editor core (in place of a
-    `ModelConfig`): graph definition, parameter template, the editable modules and the
-    forward function. Compared and hashed by identity, so jitted functions compile once
-    per `from_nnx` call. Build it with `from_nnx`."""
-    graphdef: Any                                # nnx.GraphDef
-    template: Any                                # nnx.State of the Params, ShapeDtypeStruct leaves
-    rest: Any                                    # nnx.State of every other variable
-    shapes: Mapping[str, tuple[int, int]]        # editable module (canonical name) -> (d_in, d_out)
+class FlaxModel:
+    """What the editor core needs of a Flax model, in place of a `ModelConfig`: the
+    editable modules and their shapes, the parameter template, the forward function.
+    Compared and hashed by identity, so jitted functions compile once per model.
+    Subclasses (NNXModel here, flax_linen.LinenModel) add `run`."""
+    template: Any                                # the Params' tree, ShapeDtypeStruct leaves
+    shapes: Mapping[str, tuple[int, int]]        # every module with a 2-D kernel (canonical name) -> (d_in, d_out)
     kernel_dtypes: Mapping[str, Any]
-    modules: tuple[str, ...]                     # the default modules to edit
-    apply: ApplyFn = default_apply
-    name: str = "nnx"
+    modules: tuple[str, ...]                     # the default modules to edit (the edit paths)
+    apply: Callable
+    name: str
     residual_dtype: None = None
-    family: str = "nnx"
+    family = "flax"
 
     def architecture(self) -> dict:
         """A JSON description (for the editor's model check): the name, and every
@@ -161,12 +170,13 @@ class NNXModel:
         ones if `name` is not one of them."""
         canon = path_name(module_path(name))
         if canon not in self.shapes:
-            raise UserError(f"module {name!r} is not an editable linear module of the {self.name} model "
-                            f"(editable: {', '.join(self.shapes)}; pass others to from_nnx's edit_paths)")
+            some = ", ".join(list(self.shapes)[:6]) + (", ..." if len(self.shapes) > 6 else "")
+            raise UserError(f"module {name!r} is not a linear module of the {self.name} model (no 2-D kernel "
+                            f"there; its {len(self.shapes)} linear modules: {some})")
         return canon
 
     def parse_module(self, name: str) -> tuple[int, str]:
-        """(0, canonical name): an NNX model is one unit, with no layer split."""
+        """(0, canonical name): a Flax model is one unit, with no layer split."""
         return 0, self.canonical(name)
 
     def module_shape(self, name: str) -> tuple[int, int]:
@@ -188,6 +198,31 @@ class NNXModel:
             params = _replace(params, path, kernel + delta.astype(kernel.dtype))
         return params
 
+    def _split_edits(self, params: Params, edits: Mapping[str, ModuleEdit]):
+        """(params with the deltas that go into kernels, {name: canonical}, names whose
+        delta is applied apart: kernels narrower than float32)."""
+        names = {name: self.canonical(name) for name in edits}
+        apart = {n for n in edits if _low_precision(self.kernel_dtypes[names[n]])}
+        params = self.apply_deltas(params, {n: e.delta for n, e in edits.items()
+                                            if e.delta is not None and n not in apart})
+        return params, names, apart
+
+
+def _finish(logits: Array, input_ids: Array, logit_positions: Array | None) -> Array:
+    chex.assert_shape(logits, (*input_ids.shape, None))
+    if logit_positions is not None:
+        logits = jnp.take_along_axis(logits, logit_positions[..., None], axis=1)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NNXModel(FlaxModel):
+    """An NNX model: graph definition and non-Param state (`nnx.split`); `template`
+    is an nnx.State of the Params. Build it with `from_nnx`."""
+    graphdef: Any = None                         # nnx.GraphDef
+    rest: Any = None                             # nnx.State of every other variable
+    family = "nnx"
+
     def merge(self, params: Params) -> nnx.Module:
         """A fresh module holding `params` (works on traced arrays)."""
         state = jax.tree.map(lambda x: x, self.template)
@@ -200,10 +235,8 @@ class NNXModel:
             ) -> tuple[Array, dict[str, Array]]:
         """Logits of params + edits (float32 or wider; at `logit_positions` (B, A) if
         given) and the keys {module: (B, A, d_in)} of the edits that have positions."""
-        names = {name: self.canonical(name) for name in edits}
-        apart = {n for n in edits if _low_precision(self.kernel_dtypes[names[n]])}
-        module = self.merge(self.apply_deltas(params, {n: e.delta for n, e in edits.items()
-                                                       if e.delta is not None and n not in apart}))
+        params, names, apart = self._split_edits(params, edits)
+        module = self.merge(params)
         for n, edit in edits.items():
             if edit.positions is None and n not in apart:
                 continue
@@ -216,20 +249,30 @@ class NNXModel:
             else:
                 setattr(parent, path[-1], wrapper)
         logits, sown = nnx.capture(self.apply, nnx.Intermediate)(module, input_ids, attention_mask, positions)
-        chex.assert_shape(logits, (*input_ids.shape, None))
         sown = nnx.to_pure_dict(sown)
         keys = {}
         for n, edit in edits.items():
             if edit.positions is None:
                 continue
-            found = _get(sown, module_path(names[n])).get("key", ()) if _has(sown, module_path(names[n])) else ()
+            path = module_path(names[n])
+            found = _get(sown, path).get("key", ()) if _has(sown, path) else ()
             if len(found) != 1:
                 raise UserError(f"module {n}: called {len(found)} times in one forward pass of the {self.name} "
                                 "model; an edited module must be called exactly once")
             keys[n] = found[0]
-        if logit_positions is not None:
-            logits = jnp.take_along_axis(logits, logit_positions[..., None], axis=1)
-        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), keys
+        return _finish(logits, input_ids, logit_positions), keys
+
+
+def linear_kernels(params: Params) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
+    """({canonical name: (d_in, d_out)}, {name: dtype}) of every 2-D "kernel" leaf of a
+    nested dict of parameters (arrays or ShapeDtypeStructs)."""
+    shapes, dtypes = {}, {}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        parts = [getattr(k, "key", getattr(k, "idx", None)) for k in keys]
+        if parts and parts[-1] == "kernel" and len(leaf.shape) == 2:
+            shapes[path_name(parts[:-1])] = tuple(leaf.shape)
+            dtypes[path_name(parts[:-1])] = leaf.dtype
+    return shapes, dtypes
 
 
 def _has(tree, path) -> bool:
@@ -257,8 +300,9 @@ def from_nnx(module: nnx.Module, tokenizer: Any, edit_paths: Sequence[str], *, a
 
     module:     the nnx.Module (not modified; its Params are copied into Model.params).
     tokenizer:  a Hugging Face tokenizer (used to encode the edit requests).
-    edit_paths: the linear modules that may be edited, e.g. ['layers[18].mlp.up_proj'];
-                also the default modules of the CLI and of `emsedit_jax` when none are given.
+    edit_paths: the linear modules to edit when none are named (the CLI's and the
+                API's default modules), e.g. ['layers[18].mlp.up_proj']; any module
+                with a 2-D kernel can be named instead (--modules, EditorConfig.modules).
     apply:      (module, input_ids, attention_mask, positions) -> logits (B, S, V); see
                 the module docstring for the packed-batch conventions.
     """
@@ -267,47 +311,14 @@ def from_nnx(module: nnx.Module, tokenizer: Any, edit_paths: Sequence[str], *, a
         raise UserError(f"from_nnx expects a flax.nnx.Module, got {type(module).__name__}")
     if isinstance(edit_paths, str) or not edit_paths:
         raise UserError("from_nnx: edit_paths must be a non-empty list of module paths, e.g. ['layers[18].mlp.up_proj']")
-    shapes, dtypes = {}, {}
     for spelled in edit_paths:
-        path = module_path(spelled)
-        kernel = _kernel_of(module, path, spelled)
-        shapes[path_name(path)] = tuple(kernel.shape)
-        dtypes[path_name(path)] = kernel.dtype
+        _kernel_of(module, module_path(spelled), spelled)
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    pure = nnx.to_pure_dict(params)
+    shapes, dtypes = linear_kernels(pure)
     label = name or type(module).__name__
-    cfg = NNXModel(graphdef, template, rest, shapes, dtypes, tuple(shapes), apply, label)
-    return Model(cfg, nnx.to_pure_dict(params), tokenizer, Path(f"nnx:{label}"), {})
+    modules = tuple(path_name(module_path(p)) for p in edit_paths)
+    cfg = NNXModel(template, shapes, dtypes, modules, apply, label, graphdef=graphdef, rest=rest)
+    return Model(cfg, pure, tokenizer, Path(f"<nnx model {label}>"), {})
 
-
-FACTORY = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
-
-
-def is_factory(spec: str) -> bool:
-    """True for 'package.module:function' (and not an existing path)."""
-    import os
-    return bool(FACTORY.fullmatch(str(spec))) and not os.path.exists(spec)
-
-
-def from_factory(spec: str):
-    """Imports `package.module` and returns `function()`, which must return a `Model`
-    (for a Flax NNX model: `from_nnx(...)`). The module must be importable (installed,
-    or its folder on PYTHONPATH)."""
-    import importlib
-
-    from .hf_io import Model
-    m = FACTORY.fullmatch(str(spec))
-    if not m:
-        raise UserError(f"--model {spec!r}: a model factory is written 'package.module:function'")
-    try:
-        module = importlib.import_module(m.group(1))
-    except ImportError as e:
-        raise UserError(f"--model {spec!r}: cannot import {m.group(1)!r} ({e}); is its folder on PYTHONPATH?") from e
-    fn = getattr(module, m.group(2), None)
-    if not callable(fn):
-        raise UserError(f"--model {spec!r}: {m.group(1)} has no function {m.group(2)!r}")
-    model = fn()
-    if not isinstance(model, Model):
-        raise UserError(f"--model {spec!r}: {m.group(2)}() returned {type(model).__name__}, expected a Model "
-                        "(build it with emsedit_jax.models.flax_nnx.from_nnx)")
-    return model

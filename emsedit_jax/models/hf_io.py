@@ -29,6 +29,7 @@ from . import safetensors_io as st
 from .config import ConfigError, ModelConfig
 from .layers import Params, get_path, set_path
 from .safetensors_io import CheckpointError
+from ..errors import UserError
 from .transformer import abstract_params, layer_params, tensor_specs
 
 
@@ -42,7 +43,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # ---------------------------------------------------------------- the model bundle
 @dataclasses.dataclass
 class Model:
-    """A loaded model: its config, parameters, tokenizer, and where it came from."""
+    """A loaded model: its config, parameters, tokenizer, and where it came from. For a
+    Flax model (flax_nnx.from_nnx, flax_linen.from_linen) `config` is a FlaxModel and
+    `params` its parameters as a nested dict."""
     config: ModelConfig
     params: Params
     tokenizer: Any
@@ -239,7 +242,14 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bo
     per-layer tensors on a leading layer axis (unedited layers run as a `lax.scan`,
     faster to compile) instead of the default list layout (faster to run on CPU).
     `mesh` (a `sharding.make_mesh` mesh): every parameter is read straight into its
-    shards on the mesh (see `load_params`), placed as `sharding.param_shardings` says."""
+    shards on the mesh (see `load_params`), placed as `sharding.param_shardings` says.
+    'package.module:function' (not a path) calls that function for the Model (a Flax
+    model: `flax_nnx.from_nnx`); the options above are then the function's business."""
+    if is_factory(name_or_path):
+        if jnp.dtype(dtype) != jnp.float32 or residual is not None or stacked or mesh is not None:
+            raise UserError(f"model {name_or_path}: a model factory sets its own dtypes and layout "
+                            "(dtype/residual/stacked/mesh apply to checkpoints)")
+        return from_factory(name_or_path)
     folder = resolve(name_or_path)
     cfg, raw = read_config(folder, strict=strict)
     if residual is not None:
@@ -251,6 +261,36 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bo
     params = load_params(folder, cfg, dtype, stacked=stacked, shardings=shardings)
     tok = load_tokenizer(folder) if tokenizer else None
     return Model(cfg, params, tok, folder, raw)
+
+
+FACTORY = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
+
+
+def is_factory(spec: str) -> bool:
+    """True for 'package.module:function' (and not an existing path)."""
+    return bool(FACTORY.fullmatch(str(spec))) and not os.path.exists(spec)
+
+
+def from_factory(spec: str):
+    """Imports `package.module` and returns `function()`, which must return a `Model`
+    (for a Flax NNX model: `from_nnx(...)`). The module must be importable (installed,
+    or its folder on PYTHONPATH)."""
+    import importlib
+    m = FACTORY.fullmatch(str(spec))
+    if not m:
+        raise UserError(f"model {spec!r}: a model factory is written 'package.module:function'")
+    try:
+        module = importlib.import_module(m.group(1))
+    except ImportError as e:
+        raise UserError(f"model {spec!r}: cannot import {m.group(1)!r} ({e}); is its folder on PYTHONPATH?") from e
+    fn = getattr(module, m.group(2), None)
+    if not callable(fn):
+        raise UserError(f"model {spec!r}: {m.group(1)} has no function {m.group(2)!r}")
+    model = fn()
+    if not isinstance(model, Model):
+        raise UserError(f"model {spec!r}: {m.group(2)}() returned {type(model).__name__}, expected a Model "
+                        "(build it with emsedit_jax.models.flax_nnx.from_nnx)")
+    return dataclasses.replace(model, path=Path(spec))      # runs record the spec, to load it again
 
 
 # ---------------------------------------------------------------- export
@@ -287,6 +327,11 @@ def save_hf(model: Model, out_dir: str | os.PathLike, params: Params | None = No
             dtype=None, max_shard_bytes: int | None = None) -> Path:
     """Writes `params` (default: model.params) as a Hugging Face checkpoint folder with
     the original config and tokenizer files. Shards above `max_shard_bytes`."""
+    from .transformer import builtin
+    if not builtin(model.config):
+        raise UserError(f"{model.config.name}: a Flax model is not saved as a Hugging Face checkpoint; its edited "
+                        "parameters are apply_deltas(model.config, model.params, deltas), a pytree to save "
+                        "as that model is saved")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = hf_state_dict(model.config, model.params if params is None else params, dtype)
