@@ -71,21 +71,34 @@ class CheckpointStore:
         self.manager.close()
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: dict[str, Any]) -> Path:
+    """Writes the editor folder. In a multi-process run every process calls it (the
+    arrays may be split over all of them); process 0 writes editor.json."""
     directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        target = directory / "state"
+    target = directory / "state"
+    if jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target)
+    _barrier(f"emsedit_jax save_editor {directory}")
+    with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target, {"nets": state.nets, "stats": state.stats})
-    record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"}}
-    (directory / "editor.json").write_text(json.dumps(record, indent=1, default=str))
+    if jax.process_index() == 0:
+        record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"}}
+        (directory / "editor.json").write_text(json.dumps(record, indent=1, default=str))
+    _barrier(f"emsedit_jax save_editor {directory} done")
     return directory
 
 
-def load_editor(directory: str | Path, lcfg) -> tuple[EditorConfig, EditorState, dict[str, Any]]:
-    """Reads an editor folder written by `save_editor` (for the model config `lcfg`)."""
+def load_editor(directory: str | Path, lcfg, mesh=None) -> tuple[EditorConfig, EditorState, dict[str, Any]]:
+    """Reads an editor folder written by `save_editor` (for the model config `lcfg`);
+    with a `mesh` (`sharding.make_mesh`), the arrays are restored straight onto it."""
     from .editor.steps import init_editor
     directory = Path(directory).absolute()
     record_file = directory / "editor.json"
@@ -95,12 +108,21 @@ def load_editor(directory: str | Path, lcfg) -> tuple[EditorConfig, EditorState,
     record = json.loads(record_file.read_text())
     fields = dict(record["editor"])
     fields["modules"] = tuple(fields["modules"])
+    for speed_only in ("solve", "hypernet"):        # chosen by the backend that loads it
+        fields.pop(speed_only, None)
     ecfg = EditorConfig(**fields)
-    template = init_editor(ecfg, lcfg, jax.random.key(0))
+    template = jax.eval_shape(lambda: init_editor(ecfg, lcfg, jax.random.key(0)))
     target = {"nets": template.nets, "stats": template.stats}
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
+    else:
+        from .sharding import editor_shardings
+        abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), target,
+                                editor_shardings(target, mesh))
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            restored = ckptr.restore(directory / "state", _abstract(target))
+            restored = ckptr.restore(directory / "state", abstract)
         except ValueError as e:
             raise ValueError(f"{directory / 'state'}: the saved arrays do not fit the editor described in "
                              f"{record_file}; for example an editor saved by an emsedit-jax whose hypernetworks were "
@@ -108,4 +130,5 @@ def load_editor(directory: str | Path, lcfg) -> tuple[EditorConfig, EditorState,
                              f"retrained: {e}") from e
     restored = _restore_like(target, restored)
     stats = {k: Stats(*v) for k, v in restored["stats"].items()}
-    return ecfg, EditorState(restored["nets"], stats, template.key_gram), record
+    from .editor.steps import empty_key_gram
+    return ecfg, EditorState(restored["nets"], stats, empty_key_gram(ecfg, lcfg)), record

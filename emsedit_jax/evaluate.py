@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .editor.capture import Batch, answer_slots, capture, edited_logits, first_layer, prefix_hidden
+from .editor.capture import IGNORE, Batch, answer_slots, capture, edited_logits, first_layer, prefix_hidden
 from .editor.config import EditorConfig
 from .editor.steps import Deltas, EditorState, masked_keys, multi_step_edit, new_stream, zero_deltas
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .pipeline import VIEWS, EncodedSplit, Layout
-from .sharding import commit
+from .sharding import (constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params, place_rows,
+                       to_host, use_mesh)
 
 Metric = Literal["zsre", "counterfact"]
 SCORE_CHUNK = 25
@@ -43,11 +44,15 @@ def edit_batch(state: EditorState, params, batch: Batch, deltas: Deltas, *, ecfg
                ) -> tuple[Deltas, EditorState]:
     """Applies the T-step edit of one batch (its edit view) to params + deltas.
     `remat` recomputes the LLM layers' activations in the backward pass; `chunk` runs
-    the capture in microbatches of that many rows (both save memory, same result)."""
+    the capture in microbatches of that many rows (both save memory, same result).
+    One device or a mesh: the inputs' placement decides (sharding.place_*), and under
+    `sharding.use_mesh(mesh)` the new deltas are split like their kernels and the editor
+    state by `partition.editor_spec`. With `chunk`
+    on a mesh, a multiple of the row axes keeps every microbatch spread over them."""
     prefix = prefix_hidden(lcfg, params, batch, first_layer(lcfg, ecfg.modules), remat)
     deltas, state, _ = multi_step_edit(ecfg, lcfg, params, state, batch, deltas, n_answer=n_answer, prefix=prefix,
                                        remat=remat, chunk=chunk)
-    return deltas, state
+    return constrain_deltas(lcfg, deltas), constrain_editor(state)
 
 
 @functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "n_answer"))
@@ -102,9 +107,12 @@ def _per_request(values: np.ndarray, valid: np.ndarray, segment: np.ndarray, n: 
 
 
 def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], deltas: Deltas, metric: Metric,
-                   chunk: int = SCORE_CHUNK) -> dict[str, np.ndarray]:
-    """Per-request ES / GS / LS (fractions) of params + deltas on requests `rows`."""
+                   chunk: int = SCORE_CHUNK, mesh=None) -> dict[str, np.ndarray]:
+    """Per-request ES / GS / LS (fractions) of params + deltas on requests `rows`. With a
+    `mesh` (model.params placed on it, as run_protocol does) the scored rows are split
+    over it too, and every process gets the scores."""
     rows = np.asarray(rows)
+    deltas = place_deltas(model.config, deltas, mesh)
     chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
     layout = split.layout(chunks)
     out = {METRIC_NAMES[v]: [] for v in VIEWS}
@@ -112,9 +120,9 @@ def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], delta
         for view in VIEWS:
             vl = getattr(layout, view)
             batch, alt = split.pack(view, c, vl)
-            batch = Batch(*(jnp.asarray(a) for a in batch))
-            correct, beats, has_alt, mask, seg = jax.device_get(
-                slot_scores(model.params, deltas, batch, jnp.asarray(alt), lcfg=model.config, n_answer=vl.n_answer))
+            batch, alt = place_batch(batch, mesh), place_rows(alt, mesh, IGNORE)
+            correct, beats, has_alt, mask, seg = to_host(
+                slot_scores(model.params, deltas, batch, alt, lcfg=model.config, n_answer=vl.n_answer))
             if metric == "zsre":
                 vals = _per_request(correct, mask, seg, len(c))
             else:
@@ -146,16 +154,12 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
                  key_prior: dict[str, jax.Array] | None = None) -> EvalResult:
     """Edits the first num_seq * n_edits requests of `split` (sequential) or the first
     n_edits at once (batch), then scores every edited request, and the unedited model.
-    `mesh` (a `sharding.make_mesh` mesh; None: one device) shards the LLM parameters
-    and the edit batches; `remat` and `capture_chunk` trade compute for memory;
+    `mesh` (a `sharding.make_mesh` mesh; None: one device) places the LLM parameters,
+    the deltas and the batches on it (the same jitted steps run either way); `remat`
+    and `capture_chunk` trade compute for memory;
     `buckets` > 1 packs the batches in that many layouts (less padding, more compiles);
     `key_prior`: C0 of the locality prior (locality_gram), needed with ecfg.loc_prior.
     The first batch of each layout compiles it: its time is reported apart."""
-    edit = edit_batch
-    if mesh is not None:
-        from .sharding import place_params, sharded_edit_batch
-        model = dataclasses.replace(model, params=place_params(model.params, mesh))
-        edit = functools.partial(sharded_edit_batch, mesh=mesh)
     if protocol == "batch":
         num_seq = 1
     need = num_seq * n_edits
@@ -163,30 +167,34 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
         raise ValueError(f"the protocol needs {need} test requests, the data has {len(split)}")
     batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(num_seq)]
     layouts: list[Layout] = split.layouts(batches, buckets=buckets)
-    deltas, state = zero_deltas(ecfg, model.config), new_stream(ecfg, model.config, state, key_prior)
-    if mesh is None:         # committed like edit_batch's outputs: one compile per layout
-        deltas, state = commit((deltas, state))
-    from tqdm.auto import tqdm
-    times, compile_s, curve, compiled = [], 0.0, [], set()
-    for i, rows in enumerate(tqdm(batches, desc=f"{protocol} editing", disable=not progress, unit="batch")):
-        layout = layouts[i]
-        batch = split.batch(rows, layout)
-        t0 = time.perf_counter()
-        deltas, state = edit(state, model.params, batch.edit, deltas, ecfg=ecfg, lcfg=model.config,
-                             n_answer=layout.edit.n_answer, remat=remat, chunk=capture_chunk)
-        jax.block_until_ready(deltas)
-        dt = time.perf_counter() - t0
-        if layout not in compiled:
-            compile_s += dt
-            compiled.add(layout)
-        else:
-            times.append(dt)
-        if full_curve and i < num_seq - 1:
-            curve.append({"batches": i + 1, **summarise(score_requests(model, split, np.arange((i + 1) * n_edits),
-                                                                         deltas, metric))})
-    edited = np.arange(need)
-    metrics = summarise(score_requests(model, split, edited, deltas, metric))
-    baseline = summarise(score_requests(model, split, edited, zero_deltas(ecfg, model.config), metric))
+    lcfg = model.config
+    with use_mesh(mesh):
+        model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
+        deltas = place_deltas(lcfg, zero_deltas(ecfg, lcfg), mesh)
+        state = new_stream(ecfg, lcfg, state, key_prior)
+        from tqdm.auto import tqdm
+        times, compile_s, curve, compiled = [], 0.0, [], set()
+        for i, rows in enumerate(tqdm(batches, desc=f"{protocol} editing", disable=not progress, unit="batch")):
+            layout = layouts[i]
+            # Placed like the step's outputs (a no-op for those): one compile per layout.
+            state = place_editor(state, mesh)
+            batch = place_batch(split.batch(rows, layout).edit, mesh)
+            t0 = time.perf_counter()
+            deltas, state = edit_batch(state, model.params, batch, deltas, ecfg=ecfg, lcfg=lcfg,
+                                       n_answer=layout.edit.n_answer, remat=remat, chunk=capture_chunk)
+            jax.block_until_ready(deltas)
+            dt = time.perf_counter() - t0
+            if layout not in compiled:
+                compile_s += dt
+                compiled.add(layout)
+            else:
+                times.append(dt)
+            if full_curve and i < num_seq - 1:
+                curve.append({"batches": i + 1, **summarise(score_requests(
+                    model, split, np.arange((i + 1) * n_edits), deltas, metric, mesh=mesh))})
+        edited = np.arange(need)
+        metrics = summarise(score_requests(model, split, edited, deltas, metric, mesh=mesh))
+        baseline = summarise(score_requests(model, split, edited, zero_deltas(ecfg, lcfg), metric, mesh=mesh))
     if full_curve:
         curve.append({"batches": num_seq, **metrics})
     per_edit = float(np.mean(times) / n_edits) if times else float(compile_s / n_edits)

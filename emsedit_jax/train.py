@@ -38,7 +38,7 @@ from .editor.steps import EditorState, init_editor, new_stream, zero_deltas
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .pipeline import EncodedSplit, Layout
-from .sharding import commit
+from .sharding import constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params, to_host, use_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,10 @@ def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory:
                only_step: int | None = None, remat: bool = False):
     """One meta-training update. Returns (nets, stats, opt_state, deltas, metrics, key_gram).
     `memory`: RLEdit's buffer of the stream's earlier batches (None: no backtracking);
-    `key_gram`: the key memory of the stream so far (None or {}: none)."""
+    `key_gram`: the key memory of the stream so far (None or {}: none). One device or a
+    mesh: the inputs' placement decides (sharding.place_*), and under
+    `sharding.use_mesh(mesh)` the new deltas are split like their kernels and the editor
+    state by `partition.editor_spec`."""
     (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
         nets, stats, ecfg, lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
         only_step=only_step, memory=memory, key_gram=key_gram, remat=remat)
@@ -114,7 +117,8 @@ def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory:
                "grad_norm": optax.tree.norm(grads), "step_norms": aux.step_norms}
     if memory is not None:
         metrics["memory_loss"] = aux.memory_loss
-    return nets, aux.stats, opt_state, aux.deltas, metrics, aux.key_gram
+    nets, stats, opt_state, key_gram = constrain_editor((nets, aux.stats, opt_state, aux.key_gram))
+    return nets, stats, opt_state, constrain_deltas(lcfg, aux.deltas), metrics, key_gram
 
 
 @dataclasses.dataclass
@@ -132,15 +136,16 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     """Meta-trains an editor on `split`, checkpointing to `out_dir/checkpoints` and
     writing the final editor to `out_dir/editor`. Resumes if a checkpoint exists.
     `stop_after` (batches) simulates an interruption, for tests. `mesh` (a
-    `sharding.make_mesh` mesh; None: one device) shards the LLM parameters and the
-    batches; `remat` recomputes the LLM layers' activations in the backward pass."""
-    out = Path(out_dir)
+    `sharding.make_mesh` mesh; None: one device) places the LLM parameters, the
+    batches, deltas and editor state on it (the same jitted step runs either way);
+    `remat` recomputes the LLM layers' activations in the backward pass."""
+    with use_mesh(mesh):
+        return _train(model, ecfg, tcfg, split, Path(out_dir), run_meta, progress, stop_after, remat, mesh)
+
+
+def _train(model, ecfg, tcfg, split, out, run_meta, progress, stop_after, remat, mesh) -> TrainResult:
     lcfg = model.config
-    step = train_step
-    if mesh is not None:
-        from .sharding import place_params, sharded_train_step
-        model = dataclasses.replace(model, params=place_params(model.params, mesh))
-        step = functools.partial(sharded_train_step, mesh=mesh)
+    model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
     plan = batch_plan(len(split), tcfg)
     # A stream of num_seq batches has at most num_seq - 1 earlier batches to remember.
     slots = min(ecfg.memory_slots, tcfg.num_seq - 1) if tcfg.protocol == "sequential" else 0
@@ -174,15 +179,19 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
                 deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state)
-            if mesh is None:     # committed like the step's outputs: one compile per layout
-                state, opt_state, deltas = commit((state, opt_state, deltas))
+            # Placed like the step's outputs (a no-op for those): one compile per layout.
+            state, opt_state = place_editor((state, opt_state), mesh)
+            deltas = place_deltas(lcfg, deltas, mesh)
             layout = layouts[epoch * len(plan[0]) + b]
-            batch = split.batch(plan[epoch][b], layout)
+            raw = split.batch(plan[epoch][b], layout)
             if slots and (b % tcfg.num_seq == 0 or memory is None):
-                memory = _stream_memory(split, layout, plan[epoch], b, tcfg.num_seq, slots, ecfg.time_decay, batch)
+                memory = _stream_memory(split, layout, plan[epoch], b, tcfg.num_seq, slots, ecfg.time_decay, raw)
+            batch = place_batch(raw, mesh)
+            if memory is not None:
+                memory = place_batch(memory, mesh)
             t0 = time.perf_counter()
             for only in only_steps:
-                nets, stats, opt_state, new_deltas, metrics, key_gram = step(
+                nets, stats, opt_state, new_deltas, metrics, key_gram = train_step(
                     state.nets, state.stats, opt_state, model.params, batch, deltas, memory, state.key_gram,
                     ecfg=ecfg, lcfg=lcfg, tx=tx, n_answer=layout.n_answer, beta_power=tcfg.beta_power,
                     only_step=only, remat=remat)
@@ -190,7 +199,7 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
             deltas = new_deltas
             if slots:
                 memory = mem.push(memory, batch, b % tcfg.num_seq, ecfg.time_decay)
-            metrics = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
+            metrics = {k: v.tolist() for k, v in to_host(metrics).items()}
             dt = time.perf_counter() - t0
             if layout not in compiled:
                 compile_s += dt     # the first batch of each layout in a process compiles it
