@@ -57,7 +57,9 @@ def _load_model(args):
     from .models import load_model
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else None)
-    return load_model(args.model, dtype=dtype, residual=residual)
+    layout = getattr(args, "layer_layout", None)
+    stacked = None if layout is None else layout == "stacked"
+    return load_model(args.model, dtype=dtype, residual=residual, stacked=stacked)
 
 
 def _load_data(args):
@@ -125,7 +127,8 @@ def train_editor_config(args, model_cfg):
     from .editor.config import method_config
     options = {"step_specific": args.protocol == "sequential", "rank": args.rank, "n_blocks": args.blocks,
                "lr_init": args.lr_init, "msbp": args.msbp, "log_step_size": args.schedule == "default",
-               "beta": args.beta, "back_depth": args.back_depth, "key_memory": args.key_memory}
+               "beta": args.beta, "back_depth": args.back_depth, "key_memory": args.key_memory,
+               "solve": args.solve, "hypernet": args.hypernet}
     return method_config(args.method, parse_modules(args.modules, args.layers, args.module, model_cfg),
                          steps=args.steps, **{k: v for k, v in options.items() if v is not None})
 
@@ -158,7 +161,8 @@ def cmd_train(args) -> dict:
     run_meta = {"model_name": args.model, "dataset": args.dataset, "data": args.data, "test_data": args.test_data,
                 "n_train": args.n_train, "n_test": args.n_test, "split_seed": args.split_seed, "dtype": args.dtype,
                 "residual_dtype": model.config.residual_dtype or args.dtype,
-                "skip_invalid": args.skip_invalid, "mesh": args.mesh, "remat": args.remat}
+                "skip_invalid": args.skip_invalid, "mesh": args.mesh, "sharding": args.sharding,
+                "remat": args.remat}
     print("configuration:", json.dumps({"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
                                          **run_meta}, indent=1))
     t0 = time.perf_counter()
@@ -194,6 +198,7 @@ def cmd_evaluate(args) -> dict:
     ecfg, state, record = load_editor(args.editor, model.config)
     if args.key_memory is not None:     # the solve's key memory is a test-time choice too
         ecfg = dataclasses.replace(ecfg, key_memory=args.key_memory)
+    ecfg = dataclasses.replace(ecfg, **{k: getattr(args, k) for k in ("solve", "hypernet") if getattr(args, k)})
     if args.loc_prior is not None:
         if args.loc_prior and not ecfg.key_memory:
             raise SystemExit("--loc-prior NU starts the key memory at NU C0: it needs --key-memory MU > 0")
@@ -206,7 +211,7 @@ def cmd_evaluate(args) -> dict:
               "test_data": args.test_data, "n_train": args.n_train, "n_test": args.n_test,
               "split_seed": args.split_seed, "dtype": args.dtype,
               "residual_dtype": model.config.residual_dtype or args.dtype, "editor_dir": str(args.editor),
-              "train": record.get("train"), "mesh": args.mesh, "remat": args.remat,
+              "train": record.get("train"), "mesh": args.mesh, "sharding": args.sharding, "remat": args.remat,
               "capture_chunk": args.capture_chunk, "buckets": args.buckets,
               "loc_prior_requests": len(train_reqs) if ecfg.loc_prior else None}
     print("configuration:", json.dumps(config, indent=1))
@@ -347,16 +352,31 @@ def _add_model(p):
                    help="dtype of the residual stream (default: float32; with --dtype bfloat16 every matmul still "
                         "runs in bfloat16); bfloat16 = transformers' all-bfloat16 numerics")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--layer-layout", default=None, choices=["list", "stacked"],
+                   help="LLM layers as one tree each (unrolled) or stacked (scanned); default by backend: list on "
+                        "CPU, stacked on GPU / TPU")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="folder of JAX's persistent compilation cache (default: $EMSEDIT_JAX_COMPILE_CACHE, else "
+                        "~/.cache/emsedit_jax/xla): a later run with the same shapes loads its compiled steps")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything in this process, cache nothing")
 
 
 def _add_scale(p, capture_chunk: bool = False):
     p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
-                   help="device mesh, e.g. 1,4: batch rows split over DATA devices, LLM parameters fully sharded "
-                        "over MODEL devices (default: one device)")
+                   help="device mesh, e.g. 1,4: batch rows split over DATA devices, LLM parameters split over MODEL "
+                        "devices as --sharding says (default: one device)")
+    p.add_argument("--sharding", default="fsdp", choices=["fsdp", "tp"],
+                   help="use of the mesh's MODEL devices: fsdp = fully sharded data parallel (every parameter split "
+                        "along the hidden size, batch rows split too; default), tp = tensor parallel (attention heads "
+                        "and MLP units split, rows not)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host run: call jax.distributed.initialize first (TPU pods, SLURM, Open MPI)")
     p.add_argument("--remat", action="store_true", help="recompute LLM layer activations in the backward pass "
                    "(less memory, more compute)")
+    p.add_argument("--solve", default=None, choices=["looped", "batched"],
+                   help="ridge solves one module at a time or batched (default by backend: looped on CPU)")
+    p.add_argument("--hypernet", default=None, choices=["unrolled", "scanned"],
+                   help="hypernetwork blocks one after the other or as a scan (default by backend: unrolled on CPU)")
     if capture_chunk:
         p.add_argument("--capture-chunk", type=int, default=None, metavar="ROWS",
                        help="capture keys and value gradients in microbatches of ROWS packed rows (less memory; "
@@ -368,7 +388,7 @@ def _scale_setup(args):
     the --mesh mesh (None without one)."""
     from .sharding import maybe_initialize_distributed, mesh_from_spec
     maybe_initialize_distributed(args.distributed)
-    return mesh_from_spec(args.mesh)
+    return mesh_from_spec(args.mesh, args.sharding)
 
 
 def _add_data(p):
@@ -473,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
+    if hasattr(args, "compile_cache") and not args.no_compile_cache:
+        from .compile_cache import enable
+        enable(args.compile_cache)
     if getattr(args, "plot", None):
         args.full_curve = True
     if args.command != "evaluate" and getattr(args, "model", "x") is None:

@@ -44,6 +44,12 @@ class EditorConfig:
                    stream's last back_depth - 1 earlier batches, weighted time_decay **
                    age, join each batch's loss (RLEdit's; None = the method's default:
                    10 for RLEdit, 1 = none for the others).
+    solve:         "looped" (one ridge solve per module), "batched" (one vmapped solve)
+                   or "auto" (by backend: `backend.solve`). Speed only.
+    hypernet:      "unrolled" (each block's arrays used as stored), "scanned" (blocks
+                   stacked, one lax.scan) or "auto" (by backend: `backend.hypernet`).
+                   Speed only. Neither is saved with a trained editor (load_editor
+                   resets both to "auto").
     """
     modules: tuple[str, ...]
     method: Literal["emsedit", "mend", "malmen", "rledit"] = "emsedit"
@@ -64,6 +70,8 @@ class EditorConfig:
     back_depth: int | None = None
     time_decay: float = 0.95
     norm_eps: float = 1e-5
+    solve: Literal["auto", "looped", "batched"] = "auto"
+    hypernet: Literal["auto", "unrolled", "scanned"] = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -88,6 +96,20 @@ class EditorConfig:
             raise ValueError(f"msbp must be 'detached' or 'exact', not {self.msbp!r}")
         if self.regulariser not in ("norm", "kl"):
             raise ValueError(f"regulariser must be 'norm' or 'kl', not {self.regulariser!r}")
+        if self.solve not in ("auto", "looped", "batched"):
+            raise ValueError(f"solve must be 'auto', 'looped' or 'batched', not {self.solve!r}")
+        if self.hypernet not in ("auto", "unrolled", "scanned"):
+            raise ValueError(f"hypernet must be 'auto', 'unrolled' or 'scanned', not {self.hypernet!r}")
+
+    def solve_mode(self) -> str:
+        """"looped" or "batched": `solve`, or the backend's default for "auto"."""
+        from ..backend import solve
+        return solve() if self.solve == "auto" else self.solve
+
+    def hypernet_mode(self) -> str:
+        """"unrolled" or "scanned": `hypernet`, or the backend's default for "auto"."""
+        from ..backend import hypernet
+        return hypernet() if self.hypernet == "auto" else self.hypernet
 
     @property
     def n_param_sets(self) -> int:

@@ -239,12 +239,16 @@ def load_tokenizer(folder: Path):
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True,
-               tokenizer: bool = True, residual: str | None = None, stacked: bool = False) -> Model:
+               tokenizer: bool = True, residual: str | None = None, stacked: bool | None = None) -> Model:
     """`dtype`: the parameters' dtype. `residual`: the residual stream's dtype (None: the
     parameters'; "float32" with bfloat16 parameters: mixed precision with the running
     sum of the layers' outputs in float32 and every matmul in bfloat16). `stacked`: the
     per-layer tensors on a leading layer axis (unedited layers run as a `lax.scan`,
-    faster to compile) instead of the default list layout (faster to run on CPU)."""
+    faster to compile) instead of the list layout (faster to run on CPU); None: the
+    backend's default (`backend.layer_layout`: list on CPU, stacked on GPU / TPU)."""
+    if stacked is None:
+        from ..backend import layer_layout
+        stacked = layer_layout() == "stacked"
     folder = resolve(name_or_path)
     cfg, raw = read_config(folder, strict=strict)
     if residual is not None:
