@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import PartitionSpec as P
 
+from .errors import UserError
+
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 MESH_AXES = (DATA, FSDP, TENSOR)
 MIN_SHARD_SIZE = 2 ** 10     # tensors (one layer's slice) with fewer elements are replicated
@@ -62,7 +64,7 @@ def mesh_shape(data: int, model: int, strategy: str = "fsdp") -> dict[str, int]:
     """Axis sizes of a (data, model) mesh whose model axis is `strategy` ("fsdp": fully
     sharded data parallel, the default; "tp": tensor parallel)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"sharding strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+        raise UserError(f"sharding strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     return {DATA: data, FSDP: model if strategy == "fsdp" else 1, TENSOR: model if strategy == "tp" else 1}
 
 
