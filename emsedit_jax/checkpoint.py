@@ -6,7 +6,10 @@
   identity (configs, model, data size) is stored beside it; resuming a different run
   into the same folder is an error.
 - `save_editor` / `load_editor`: the final editor, one folder: `editor.json` (every
-  resolved setting of the run) and `state/` (parameters and statistics).
+  resolved setting of the run, the model it is made for, a checksum of its arrays),
+  `state/` (parameters and statistics) and `train_requests.json` (content hashes of the
+  requests it was trained on). `load_editor` refuses an editor whose arrays do not match
+  their checksum or that was made for a model of another architecture.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import orbax.checkpoint as ocp
 from .editor.config import EditorConfig
 from .editor.normalizer import Stats
 from .editor.steps import EditorState
+from .models.hf_io import CheckpointError
+from .runs import RunError, model_identity, tree_sha256
 
 
 def _abstract(tree):
@@ -44,8 +49,8 @@ class CheckpointStore:
             previous = json.loads(ident_file.read_text())
             if previous != identity:
                 diff = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-                raise ValueError(f"{self.directory} holds checkpoints of a different run (differs in {diff}); "
-                                 "use another --out folder or delete it")
+                raise RunError(f"{self.directory} holds checkpoints of a different run (differs in {diff}); "
+                               "use another --out folder or delete it")
         else:
             ident_file.write_text(json.dumps(identity, indent=1))
         self.manager = ocp.CheckpointManager(
@@ -71,64 +76,135 @@ class CheckpointStore:
         self.manager.close()
 
 
+TRAIN_REQUESTS = "train_requests.json"
+
+
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
-def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: dict[str, Any]) -> Path:
-    """Writes the editor folder. In a multi-process run every process calls it (the
-    arrays may be split over all of them); process 0 writes editor.json."""
+def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: dict[str, Any],
+                train_hashes: list[str] | None = None) -> Path:
+    """Writes the editor folder. `meta` should hold "model" (runs.model_identity); the
+    checksum of the arrays is added as "state_sha256", and `train_hashes` (content
+    hashes of the training requests, data.request_hash) go to train_requests.json. In a
+    multi-process run every process calls it (the arrays may be split over all of them)
+    and process 0 writes the files beside the arrays."""
+    from .sharding import to_host
     directory = Path(directory).absolute()
+    tree = {"nets": state.nets, "stats": state.stats}
     target = directory / "state"
-    if jax.process_index() == 0:
+    first = jax.process_index() == 0
+    if first:
         directory.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target)
     _barrier(f"emsedit_jax save_editor {directory}")
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, {"nets": state.nets, "stats": state.stats})
-    if jax.process_index() == 0:
-        record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"}}
-        (directory / "editor.json").write_text(json.dumps(record, indent=1, default=str))
+        ckptr.save(target, tree)
+        ckptr.wait_until_finished()
+    checksum = tree_sha256(to_host(tree))
+    if first:
+        if train_hashes is not None:
+            (directory / TRAIN_REQUESTS).write_text(json.dumps({"hashes": list(train_hashes)}))
+        record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"},
+                  "state_sha256": checksum}
+        tmp = directory / "editor.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        tmp.replace(directory / "editor.json")     # written last and whole: the folder is complete once it exists
     _barrier(f"emsedit_jax save_editor {directory} done")
     return directory
 
 
-def load_editor(directory: str | Path, lcfg, mesh=None) -> tuple[EditorConfig, EditorState, dict[str, Any]]:
-    """Reads an editor folder written by `save_editor` (for the model config `lcfg`);
-    with a `mesh` (`sharding.make_mesh`), the arrays are restored straight onto it."""
-    from .editor.steps import init_editor
+def read_editor_record(directory: str | Path) -> dict[str, Any]:
+    """The editor.json of an editor folder (CheckpointError if missing or unreadable)."""
     directory = Path(directory).absolute()
     record_file = directory / "editor.json"
     if not record_file.is_file():
-        raise FileNotFoundError(f"{record_file}: missing; is {directory} an editor folder written by "
-                                "'emsedit-jax train'?")
-    record = json.loads(record_file.read_text())
-    fields = dict(record["editor"])
-    fields["modules"] = tuple(fields["modules"])
-    for speed_only in ("solve", "hypernet"):        # chosen by the backend that loads it
-        fields.pop(speed_only, None)
-    ecfg = EditorConfig(**fields)
+        raise CheckpointError(f"{record_file}: missing; is {directory} an editor folder written by "
+                              "'emsedit-jax train'?")
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{record_file}: not a valid editor record ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("editor"), dict):
+        raise CheckpointError(f"{record_file}: not a valid editor record (no 'editor' settings)")
+    return record
+
+
+def trained_hashes(directory: str | Path) -> set[str] | None:
+    """Content hashes of the requests an editor was trained on (None for an editor
+    saved without them)."""
+    f = Path(directory) / TRAIN_REQUESTS
+    if not f.is_file():
+        return None
+    try:
+        return set(json.loads(f.read_text())["hashes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: unreadable list of training requests ({e})") from None
+
+
+def check_model(record: dict, directory, lcfg, model_name: str | None = None) -> None:
+    """Refuses an editor made for a model of another architecture (config hash or edited
+    layer shapes), naming both models."""
+    made_for = record.get("model")
+    if not isinstance(made_for, dict) or "config_sha256" not in made_for:
+        return
+    here = model_identity(model_name or "the given model", lcfg, made_for.get("layer_shapes") or ())
+    what = [k for k in ("config_sha256", "layer_shapes") if made_for.get(k) != here[k]]
+    if what:
+        raise RunError(f"{directory}: this editor was made for model {made_for.get('name')!r} (config sha256 "
+                       f"{str(made_for['config_sha256'])[:12]}), not for {here['name']!r} (config sha256 "
+                       f"{here['config_sha256'][:12]}): {' and '.join(w.replace('_', ' ') for w in what)} differ; "
+                       f"pass --model {made_for.get('name')}")
+
+
+def load_editor(directory: str | Path, lcfg, model_name: str | None = None, mesh=None
+                ) -> tuple[EditorConfig, EditorState, dict[str, Any]]:
+    """Reads an editor folder written by `save_editor` for the model config `lcfg`
+    (`model_name`: how the caller names that model, for messages). Refuses an editor
+    made for another architecture and one whose arrays fail their checksum. With a
+    `mesh` (`sharding.make_mesh`) the arrays are restored straight onto it
+    (`sharding.editor_shardings`); without, onto the default device."""
+    from .editor.steps import empty_key_gram, init_editor
+    from .sharding import editor_shardings, to_host
+    directory = Path(directory).absolute()
+    record = read_editor_record(directory)
+    record_file = directory / "editor.json"
+    check_model(record, directory, lcfg, model_name)
+    try:
+        fields = dict(record["editor"])
+        fields["modules"] = tuple(fields["modules"])
+        for speed_only in ("solve", "hypernet"):        # chosen by the backend that loads it
+            fields.pop(speed_only, None)
+        ecfg = EditorConfig(**fields)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{record_file}: invalid editor settings ({e})") from None
     template = jax.eval_shape(lambda: init_editor(ecfg, lcfg, jax.random.key(0)))
     target = {"nets": template.nets, "stats": template.stats}
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
     else:
-        from .sharding import editor_shardings
         abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), target,
                                 editor_shardings(target, mesh))
     with ocp.StandardCheckpointer() as ckptr:
         try:
             restored = ckptr.restore(directory / "state", abstract)
         except ValueError as e:
-            raise ValueError(f"{directory / 'state'}: the saved arrays do not fit the editor described in "
-                             f"{record_file}; for example an editor saved by an emsedit-jax whose hypernetworks were "
-                             "stacked arrays 'A', 'B', ... rather than one parameter set per step, which must be "
-                             f"retrained: {e}") from e
+            raise CheckpointError(f"{directory / 'state'}: the saved arrays do not fit the editor described in "
+                                  f"{record_file}; for example an editor saved by an emsedit-jax whose hypernetworks "
+                                  "were stacked arrays 'A', 'B', ... rather than one parameter set per step, which "
+                                  f"must be retrained: {e}") from None
+        except Exception as e:    # unreadable or corrupted array files
+            raise CheckpointError(f"{directory / 'state'}: cannot read the editor's arrays "
+                                  f"({type(e).__name__}: {str(e)[:200]}); the folder is damaged") from None
     restored = _restore_like(target, restored)
+    want = record.get("state_sha256")
+    if want is not None and tree_sha256(to_host(restored)) != want:
+        raise CheckpointError(f"{directory / 'state'}: the arrays do not match the checksum in {record_file} "
+                              "(the files were changed or damaged after training); retrain or restore a copy")
     stats = {k: Stats(*v) for k, v in restored["stats"].items()}
-    from .editor.steps import empty_key_gram
     return ecfg, EditorState(restored["nets"], stats, empty_key_gram(ecfg, lcfg)), record

@@ -10,7 +10,12 @@ Metrics, in % and averaged over requests:
 - "counterfact": ES / GS = fraction of answer positions where the new target's token
   has a higher logit than the true target's token at the same position; LS = fraction
   of the locality prompt's answer positions where the true token beats the new one.
-The unedited model is scored on the same requests with the same code.
+  Beside them ROME's probability scores (efficacy, paraphrase and neighbourhood score
+  and magnitude over all paraphrase and neighbourhood prompts; `metrics`).
+- PS (portability) when requests carry portability questions, per kind when there
+  are several; fluency (generation entropy before and after) when asked for.
+The unedited model is scored on the same requests with the same code. Every score is
+kept per request (`EvalResult.per_request`, `per_request_lines`).
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import metrics as M
+from .data import TeacherForced, encode_texts, prompt_ids
 from .editor.capture import IGNORE, Batch, answer_slots, capture, edited_logits, first_layer, prefix_hidden
 from .editor.config import EditorConfig
 from .editor.steps import Deltas, EditorState, masked_keys, multi_step_edit, new_stream, zero_deltas
 from .models.config import ModelConfig
 from .models.hf_io import Model
-from .pipeline import VIEWS, EncodedSplit, Layout
-from .sharding import (constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params, place_rows,
-                       to_host, use_mesh)
+from .pipeline import VIEWS, EncodedSplit, Layout, pack, view_layout
+from .sharding import (constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params,
+                       place_rows, to_host, use_mesh)
 
 Metric = Literal["zsre", "counterfact"]
 SCORE_CHUNK = 25
@@ -47,8 +54,8 @@ def edit_batch(state: EditorState, params, batch: Batch, deltas: Deltas, *, ecfg
     the capture in microbatches of that many rows (both save memory, same result).
     One device or a mesh: the inputs' placement decides (sharding.place_*), and under
     `sharding.use_mesh(mesh)` the new deltas are split like their kernels and the editor
-    state by `partition.editor_spec`. With `chunk`
-    on a mesh, a multiple of the row axes keeps every microbatch spread over them."""
+    state by `partition.editor_spec`. With `chunk` on a mesh, a multiple of the row axes
+    keeps every microbatch spread over them."""
     prefix = prefix_hidden(lcfg, params, batch, first_layer(lcfg, ecfg.modules), remat)
     deltas, state, _ = multi_step_edit(ecfg, lcfg, params, state, batch, deltas, n_answer=n_answer, prefix=prefix,
                                        remat=remat, chunk=chunk)
@@ -106,15 +113,173 @@ def _per_request(values: np.ndarray, valid: np.ndarray, segment: np.ndarray, n: 
     return np.where(den > 0, num / np.maximum(den, 1), np.nan)
 
 
+@dataclasses.dataclass
+class Probes:
+    """The extra teacher-forced sequences of the probability and portability scores:
+    sequence p belongs to request `request[p]`, metric group `group[p]` ("edit",
+    "para", "neigh" or "port/<kind>"), item `item[p]` of that group, and `role[p]`
+    ("new" / "true": which target follows the prompt; "answer": a portability answer)."""
+    request: np.ndarray
+    group: list[str]
+    item: list[int]
+    role: list[str]
+    tf: TeacherForced
+
+
+def build_probes(tokenizer, requests, *, prob_scores: bool, chat_template: bool = False) -> Probes | None:
+    """Probes of `requests`: with `prob_scores`, the new and the true target after the
+    edit prompt, every paraphrase and every neighbourhood prompt (of requests with a
+    true target); the portability items of every request that has them. None if
+    there is nothing to score (so data without these fields cost nothing)."""
+    rows: list[tuple[int, str, int, str, str, str]] = []
+    for i, r in enumerate(requests):
+        if prob_scores and r.target_true is not None:
+            groups = (("edit", (r.prompt,)), ("para", r.paraphrases or (r.rephrase,)),
+                      ("neigh", r.neighbours or (r.loc_prompt,)))
+            for group, prompts in groups:
+                for j, prompt in enumerate(prompts):
+                    rows += [(i, group, j, "new", prompt, r.target_new), (i, group, j, "true", prompt, r.target_true)]
+        for j, (kind, question, answer) in enumerate(r.portability):
+            rows.append((i, f"port/{kind}", j, "answer", question, answer))
+    if not rows:
+        return None
+    request, group, item, role, prompts, targets = zip(*rows)
+    return Probes(np.asarray(request), list(group), list(item), list(role),
+                  encode_texts(tokenizer, list(prompts), list(targets), chat_template=chat_template))
+
+
+@functools.partial(jax.jit, static_argnames=("lcfg", "n_answer"))
+def slot_logprobs(params, deltas: Deltas, batch: Batch, *, lcfg: ModelConfig, n_answer: int):
+    """Per answer slot: log P(label), argmax == label, the slot mask and segment id (R, A)."""
+    logits, targets, mask = edited_logits(lcfg, params, batch, deltas, n_answer=n_answer)
+    positions, _, _ = answer_slots(batch.labels, n_answer)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    lt = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    segment = jnp.take_along_axis(batch.attention_mask, positions, axis=1)
+    return lt, jnp.argmax(logits, -1) == targets, mask, segment
+
+
+def _probe_values(model: Model, probes: Probes, chunks: list[np.ndarray], layout_chunks: list[np.ndarray],
+                  deltas: Deltas, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-target log-probability and token accuracy of the probes in `chunks` (lists
+    of probe indices; NaN for the others). The layout holds every chunk of `layout_chunks`."""
+    vl = view_layout(probes.tf, layout_chunks)
+    logp = np.full(len(probes.request), np.nan)
+    acc = np.full(len(probes.request), np.nan)
+    for c in chunks:
+        batch, _ = pack(probes.tf, c, vl, "probes")
+        lt, correct, mask, seg = to_host(slot_logprobs(
+            model.params, deltas, place_batch(Batch(*batch), mesh), lcfg=model.config, n_answer=vl.n_answer))
+        seg = seg[mask] - 1
+        n = np.bincount(seg, minlength=len(c))
+        lp = np.bincount(seg, weights=lt[mask].astype(np.float64), minlength=len(c))
+        ok = np.bincount(seg, weights=correct[mask].astype(np.float64), minlength=len(c))
+        logp[c] = np.where(n > 0, lp, np.nan)
+        acc[c] = np.where(n > 0, ok / np.maximum(n, 1), np.nan)
+    return logp, acc
+
+
+def probe_metrics(probes: Probes, rows: np.ndarray, logp: np.ndarray, acc: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-request probability and portability scores (fractions; see `metrics`) of
+    requests `rows` from their probes' values."""
+    by_request: dict[int, dict[str, dict[int, dict[str, float]]]] = {}
+    for p in range(len(probes.request)):
+        if not np.isnan(logp[p]):
+            value = acc[p] if probes.role[p] == "answer" else logp[p]
+            groups = by_request.setdefault(int(probes.request[p]), {})
+            groups.setdefault(probes.group[p], {}).setdefault(probes.item[p], {})[probes.role[p]] = value
+    kinds = sorted({g for g in probes.group if g.startswith("port/")})
+    names = {"edit": ("efficacy_score", "efficacy_magnitude"), "para": ("paraphrase_score", "paraphrase_magnitude"),
+             "neigh": ("neighborhood_score", "neighborhood_magnitude")}
+    out: dict[str, np.ndarray] = {}
+    if any(g in names for g in probes.group):
+        out |= {name: np.full(len(rows), np.nan) for pair in names.values() for name in pair}
+    if kinds:
+        out["PS"] = np.full(len(rows), np.nan)
+        if len(kinds) > 1:
+            out |= {f"PS/{k[5:]}": np.full(len(rows), np.nan) for k in kinds}
+    for k, r in enumerate(rows):
+        groups = by_request.get(int(r), {})
+        for group, (score, magnitude) in names.items():
+            items = [v for v in groups.get(group, {}).values() if "new" in v and "true" in v]
+            if items:
+                new, true = [v["new"] for v in items], [v["true"] for v in items]
+                a, b = (true, new) if group == "neigh" else (new, true)
+                out[score][k], out[magnitude][k] = M.prob_score(a, b)
+        port = {g: [v["answer"] for v in items.values()] for g, items in groups.items() if g.startswith("port/")}
+        if port:
+            out["PS"][k] = float(np.mean([a for accs in port.values() for a in accs]))
+            if len(kinds) > 1:
+                for g, accs in port.items():
+                    out[f"PS/{g[5:]}"][k] = float(np.mean(accs))
+    return out
+
+
+GEN_CHUNK = 25
+
+
+def generate(model: Model, params, prompts: Sequence[str], max_new_tokens: int, *, chat_template: bool = False,
+             chunk: int = GEN_CHUNK) -> list[str]:
+    """Greedy continuations (text, up to the first eos) of `prompts` under `params`, in
+    chunks of one shape (one compile)."""
+    from .data import pad_id_of
+    from .models import greedy_generate
+    ids = prompt_ids(model.tokenizer, prompts, chat_template=chat_template)
+    width = -(-max(map(len, ids)) // 16) * 16
+    pad, eos = pad_id_of(model.tokenizer), getattr(model.tokenizer, "eos_token_id", None)
+    texts = []
+    for c in range(0, len(ids), chunk):
+        rows = ids[c:c + chunk]
+        buf = np.full((chunk, width), pad, np.int32)
+        mask = np.zeros_like(buf)
+        for i, e in enumerate(rows + [[pad]] * (chunk - len(rows))):
+            buf[i, :len(e)], mask[i, :len(e)] = e, 1
+        out = greedy_generate(model.config, params, buf, mask, max_new_tokens, pad)
+        for row in out[:len(rows)]:
+            row = list(row)
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            texts.append(model.tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def fluency_scores(model: Model, requests, rows: np.ndarray, deltas: Deltas, max_new_tokens: int, *,
+                   chat_template: bool = False) -> np.ndarray:
+    """Per request, the mean generation entropy (metrics.generation_entropy) of prompt +
+    greedy continuation over its generation prompts (the edit prompt when it has none),
+    under params + deltas."""
+    from .models import apply_deltas
+    params = apply_deltas(model.config, model.params, deltas)
+    owner, prompts = [], []
+    for k, r in enumerate(rows):
+        ps = requests[r].generation_prompts or (requests[r].prompt,)
+        owner += [k] * len(ps)
+        prompts += list(ps)
+    texts = generate(model, params, prompts, max_new_tokens, chat_template=chat_template)
+    ent = np.asarray([M.generation_entropy(p + t) for p, t in zip(prompts, texts)])
+    owner = np.asarray(owner)
+    return np.bincount(owner, weights=ent, minlength=len(rows)) / np.bincount(owner, minlength=len(rows))
+
+
+def _chunks(rows: np.ndarray, chunk: int) -> list[np.ndarray]:
+    return [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+
+
 def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], deltas: Deltas, metric: Metric,
-                   chunk: int = SCORE_CHUNK, mesh=None) -> dict[str, np.ndarray]:
-    """Per-request ES / GS / LS (fractions) of params + deltas on requests `rows`. With a
-    `mesh` (model.params placed on it, as run_protocol does) the scored rows are split
-    over it too, and every process gets the scores."""
+                   chunk: int = SCORE_CHUNK, *, probes: Probes | None = None, fluency_tokens: int = 0,
+                   layout_rows: Sequence[int] | None = None, mesh=None) -> dict[str, np.ndarray]:
+    """Per-request scores (fractions; fluency in bits) of params + deltas on requests
+    `rows`: ES / GS / LS, the probes' scores (build_probes) and with `fluency_tokens` > 0
+    the fluency of that many generated tokens. Shapes are laid out for the chunks of
+    `layout_rows` (default `rows`; pass a superset to reuse one compile). With a `mesh`
+    (model.params placed on it, as run_protocol does) the scored rows are split over it
+    too, built on every process from the rows it holds, and every process gets the
+    scores."""
     rows = np.asarray(rows)
     deltas = place_deltas(model.config, deltas, mesh)
-    chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
-    layout = split.layout(chunks)
+    chunks = _chunks(rows, chunk)
+    layout_chunks = _chunks(np.asarray(rows if layout_rows is None else layout_rows), chunk)
+    layout = split.layout(layout_chunks)
     out = {METRIC_NAMES[v]: [] for v in VIEWS}
     for c in chunks:
         for view in VIEWS:
@@ -128,11 +293,22 @@ def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], delta
             else:
                 vals = _per_request(beats, has_alt, seg, len(c))
             out[METRIC_NAMES[view]].append(vals)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    scores = {k: np.concatenate(v) for k, v in out.items()}
+    if probes is not None:
+        def probe_chunks(rs):
+            return [p for p in (np.flatnonzero(np.isin(probes.request, c)) for c in rs) if len(p)]
+        mine = probe_chunks(chunks)
+        if mine:
+            logp, acc = _probe_values(model, probes, mine, probe_chunks(layout_chunks) or mine, deltas, mesh)
+            scores |= probe_metrics(probes, rows, logp, acc)
+    if fluency_tokens > 0:
+        scores["fluency"] = fluency_scores(model, split.requests, rows, deltas, fluency_tokens,
+                                           chat_template=split.chat_template)
+    return scores
 
 
 def summarise(per_request: dict[str, np.ndarray]) -> dict[str, float]:
-    return {k: float(100 * np.nanmean(v)) for k, v in per_request.items()}
+    return M.summarise(per_request)
 
 
 @dataclasses.dataclass
@@ -145,64 +321,104 @@ class EvalResult:
     curve: list[dict[str, Any]]
     deltas: Deltas
     state: EditorState
+    per_request: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)           # edited
+    per_request_baseline: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # unedited
+    n_edits: int = 0
+
+
+def per_request_lines(result: EvalResult, requests) -> list[dict[str, Any]]:
+    """One record per edited request, in stream order: its id (case_id, else its
+    source), source, batch and position in the batch, and every score edited and
+    unedited, in the units of the aggregates (None where it has none). The mean of a
+    metric over the lines that have it is the aggregate in `result.metrics`."""
+    scale = {k: 1 if k in M.NOT_PERCENT else 100 for k in result.per_request}
+
+    def values(per_request, i):
+        return {k: None if np.isnan(v[i]) else float(v[i]) * scale[k] for k, v in per_request.items()}
+
+    out = []
+    for i in range(result.n_requests):
+        r = requests[i]
+        out.append({"id": r.case_id if r.case_id is not None else r.source, "source": r.source,
+                    "batch": i // result.n_edits, "position": i % result.n_edits,
+                    "edited": values(result.per_request, i), "unedited": values(result.per_request_baseline, i)})
+    return out
 
 
 def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: EncodedSplit, *,
                  protocol: Literal["sequential", "batch"], num_seq: int, n_edits: int, metric: Metric,
                  full_curve: bool = False, progress: bool = True, mesh=None, remat: bool = False,
                  capture_chunk: int | None = None, buckets: int = 1,
-                 key_prior: dict[str, jax.Array] | None = None) -> EvalResult:
+                 key_prior: dict[str, jax.Array] | None = None, prob_scores: bool | None = None,
+                 fluency_tokens: int = 0) -> EvalResult:
     """Edits the first num_seq * n_edits requests of `split` (sequential) or the first
     n_edits at once (batch), then scores every edited request, and the unedited model.
+    `prob_scores` (default: for the "counterfact" metric) adds ROME's probability
+    scores; portability is scored when requests have it; `fluency_tokens` > 0 adds the
+    fluency of that many greedily generated tokens (not in the curve: it is slow).
     `mesh` (a `sharding.make_mesh` mesh; None: one device) places the LLM parameters,
     the deltas and the batches on it (the same jitted steps run either way); `remat`
     and `capture_chunk` trade compute for memory;
     `buckets` > 1 packs the batches in that many layouts (less padding, more compiles);
     `key_prior`: C0 of the locality prior (locality_gram), needed with ecfg.loc_prior.
     The first batch of each layout compiles it: its time is reported apart."""
+    with use_mesh(mesh):
+        return _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, progress,
+                             mesh, remat, capture_chunk, buckets, key_prior, prob_scores, fluency_tokens)
+
+
+def _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, progress, mesh, remat,
+                  capture_chunk, buckets, key_prior, prob_scores, fluency_tokens) -> EvalResult:
+    lcfg = model.config
+    model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
     if protocol == "batch":
         num_seq = 1
     need = num_seq * n_edits
     if len(split) < need:
         raise ValueError(f"the protocol needs {need} test requests, the data has {len(split)}")
     batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(num_seq)]
+    edited = np.arange(need)
+    if prob_scores is None:
+        prob_scores = metric == "counterfact"
+    probes = build_probes(model.tokenizer, split.requests[:need], prob_scores=prob_scores,
+                          chat_template=split.chat_template)
+    score = functools.partial(score_requests, model, split, metric=metric, probes=probes, layout_rows=edited,
+                              mesh=mesh)
     layouts: list[Layout] = split.layouts(batches, buckets=buckets)
-    lcfg = model.config
-    with use_mesh(mesh):
-        model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
-        deltas = place_deltas(lcfg, zero_deltas(ecfg, lcfg), mesh)
-        state = new_stream(ecfg, lcfg, state, key_prior)
-        from tqdm.auto import tqdm
-        times, compile_s, curve, compiled = [], 0.0, [], set()
-        for i, rows in enumerate(tqdm(batches, desc=f"{protocol} editing", disable=not progress, unit="batch")):
-            layout = layouts[i]
-            # Placed like the step's outputs (a no-op for those): one compile per layout.
-            state = place_editor(state, mesh)
-            batch = place_batch(split.batch(rows, layout).edit, mesh)
-            t0 = time.perf_counter()
-            deltas, state = edit_batch(state, model.params, batch, deltas, ecfg=ecfg, lcfg=lcfg,
-                                       n_answer=layout.edit.n_answer, remat=remat, chunk=capture_chunk)
-            jax.block_until_ready(deltas)
-            dt = time.perf_counter() - t0
-            if layout not in compiled:
-                compile_s += dt
-                compiled.add(layout)
-            else:
-                times.append(dt)
-            if full_curve and i < num_seq - 1:
-                curve.append({"batches": i + 1, **summarise(score_requests(
-                    model, split, np.arange((i + 1) * n_edits), deltas, metric, mesh=mesh))})
-        edited = np.arange(need)
-        metrics = summarise(score_requests(model, split, edited, deltas, metric, mesh=mesh))
-        baseline = summarise(score_requests(model, split, edited, zero_deltas(ecfg, lcfg), metric, mesh=mesh))
+    deltas = place_deltas(lcfg, zero_deltas(ecfg, lcfg), mesh)
+    state = new_stream(ecfg, lcfg, state, key_prior)
+    from tqdm.auto import tqdm
+    times, compile_s, curve, compiled = [], 0.0, [], set()
+    for i, rows in enumerate(tqdm(batches, desc=f"{protocol} editing", disable=not progress, unit="batch")):
+        layout = layouts[i]
+        # Placed like the step's outputs (a no-op for those): one compile per layout.
+        state = place_editor(state, mesh)
+        batch = place_batch(split.batch(rows, layout).edit, mesh)
+        t0 = time.perf_counter()
+        deltas, state = edit_batch(state, model.params, batch, deltas, ecfg=ecfg, lcfg=lcfg,
+                                   n_answer=layout.edit.n_answer, remat=remat, chunk=capture_chunk)
+        jax.block_until_ready(deltas)
+        dt = time.perf_counter() - t0
+        if layout not in compiled:
+            compile_s += dt
+            compiled.add(layout)
+        else:
+            times.append(dt)
+        if full_curve and i < num_seq - 1:
+            curve.append({"batches": i + 1, **summarise(score(np.arange((i + 1) * n_edits), deltas))})
+    per_request = score(edited, deltas, fluency_tokens=fluency_tokens)
+    per_request_baseline = score(edited, zero_deltas(ecfg, model.config), fluency_tokens=fluency_tokens)
+    metrics, baseline = summarise(per_request), summarise(per_request_baseline)
     if full_curve:
-        curve.append({"batches": num_seq, **metrics})
+        curve.append({"batches": num_seq, **{k: v for k, v in metrics.items() if k != "fluency"}})
     per_edit = float(np.mean(times) / n_edits) if times else float(compile_s / n_edits)
-    return EvalResult(metrics, baseline, need, per_edit, compile_s, curve, deltas, state)
+    return EvalResult(metrics, baseline, need, per_edit, compile_s, curve, deltas, state, per_request,
+                      per_request_baseline, n_edits)
 
 
 def mquake_accuracy(model: Model, ecfg: EditorConfig, state: EditorState, requests, *, n_cases: int,
-                    progress: bool = True, key_prior: dict[str, jax.Array] | None = None) -> dict[str, float]:
+                    progress: bool = True, key_prior: dict[str, jax.Array] | None = None,
+                    chat_template: bool = False) -> dict[str, float]:
     """Multi-hop accuracy on MQuAKE: the rewrites of each case are batch-edited together
     (from the unedited model), then each of the case's multi-hop questions is answered
     teacher-forced; a case counts as solved if any question's new answer is predicted
@@ -222,7 +438,8 @@ def mquake_accuracy(model: Model, ecfg: EditorConfig, state: EditorState, reques
     questions = [EditRequest(prompt=q, target_new=case[0].hop_answer, rephrase=q, loc_prompt=q,
                              loc_answer=case[0].hop_answer, source=f"case {case[0].case_id} question {i}")
                  for case in chosen for i, q in enumerate(case[0].hop_questions)]
-    rsplit, qsplit = encode_split(model.tokenizer, rewrites), encode_split(model.tokenizer, questions)
+    rsplit = encode_split(model.tokenizer, rewrites, chat_template=chat_template)
+    qsplit = encode_split(model.tokenizer, questions, chat_template=chat_template)
     r_groups, q_groups, r0, q0 = [], [], 0, 0
     for case in chosen:
         r_groups.append(np.arange(r0, r0 + len(case)))

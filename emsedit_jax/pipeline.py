@@ -58,37 +58,70 @@ def _assign_rows(lengths: Sequence[int], row_len: int) -> list[int]:
     return rows
 
 
+def _lengths(tf: TeacherForced) -> np.ndarray:
+    return tf.attention_mask.sum(axis=1)
+
+
+def _answers(tf: TeacherForced) -> np.ndarray:
+    return (tf.labels != IGNORE).sum(axis=1)
+
+
+def view_layout(tf: TeacherForced, batches: Sequence[Sequence[int]], max_row_len: int = MAX_ROW_LEN) -> ViewLayout:
+    """The smallest ViewLayout that holds the sequences of every batch in `batches`."""
+    lengths, answers = _lengths(tf), _answers(tf)
+    longest_total = max(int(lengths[list(b)].sum()) for b in batches)
+    row_len = min(_round_up(longest_total, 16), _round_up(max_row_len, 16))
+    row_len = max(row_len, max(_round_up(int(lengths[list(b)].max()), 16) for b in batches))
+    n_rows, n_answer = 1, 1
+    for b in batches:
+        assign = _assign_rows(lengths[list(b)], row_len)
+        n_rows = max(n_rows, assign[-1] + 1)
+        per_row = np.bincount(assign, weights=answers[list(b)])
+        n_answer = max(n_answer, int(per_row.max()))
+    return ViewLayout(n_rows, row_len, _round_up(n_answer, 8))
+
+
+def pack(tf: TeacherForced, rows: Sequence[int], vl: ViewLayout, name: str = "") -> tuple[Batch, np.ndarray]:
+    """Packs sequences `rows` of `tf` (segment k + 1 = the k-th of `rows`). Returns the
+    numpy Batch and alt_labels laid out the same way."""
+    ids = np.zeros((vl.n_rows, vl.row_len), np.int32)
+    seg = np.zeros_like(ids)
+    pos = np.zeros_like(ids)
+    labels = np.full_like(ids, IGNORE)
+    alt = np.full_like(ids, IGNORE)
+    lengths = _lengths(tf)[list(rows)]
+    assign = _assign_rows(lengths, vl.row_len)
+    if assign and assign[-1] >= vl.n_rows:
+        raise ValueError(f"batch does not fit the layout {vl} of view {name!r}")
+    fill = np.zeros(vl.n_rows, np.int64)
+    for k, (r, n, row) in enumerate(zip(rows, lengths, assign)):
+        sl = slice(fill[row], fill[row] + n)
+        ids[row, sl] = tf.input_ids[r, :n]
+        labels[row, sl] = tf.labels[r, :n]
+        alt[row, sl] = tf.alt_labels[r, :n]
+        seg[row, sl] = k + 1
+        pos[row, sl] = np.arange(n)
+        fill[row] += n
+    return Batch(ids, seg, labels, pos), alt
+
+
 @dataclasses.dataclass
 class EncodedSplit:
-    """Teacher-forced arrays of every view of a list of requests."""
+    """Teacher-forced arrays of every view of a list of requests; `chat_template`
+    records whether the prompts were wrapped in the tokenizer's chat template."""
     requests: list[EditRequest]
     views: dict[str, TeacherForced]    # "edit" | "rephrase" | "loc"
+    chat_template: bool = False
 
     def __len__(self) -> int:
         return len(self.requests)
 
     def _lengths(self, view: str) -> np.ndarray:
-        return self.views[view].attention_mask.sum(axis=1)
-
-    def _answers(self, view: str) -> np.ndarray:
-        return (self.views[view].labels != IGNORE).sum(axis=1)
+        return _lengths(self.views[view])
 
     def layout(self, batches: Sequence[Sequence[int]], max_row_len: int = MAX_ROW_LEN) -> Layout:
         """The smallest layout that holds every batch in `batches` (lists of indices)."""
-        views = {}
-        for view in VIEWS:
-            lengths, answers = self._lengths(view), self._answers(view)
-            longest_total = max(int(lengths[list(b)].sum()) for b in batches)
-            row_len = min(_round_up(longest_total, 16), _round_up(max_row_len, 16))
-            row_len = max(row_len, max(_round_up(int(lengths[list(b)].max()), 16) for b in batches))
-            n_rows, n_answer = 1, 1
-            for b in batches:
-                assign = _assign_rows(lengths[list(b)], row_len)
-                n_rows = max(n_rows, assign[-1] + 1)
-                per_row = np.bincount(assign, weights=answers[list(b)])
-                n_answer = max(n_answer, int(per_row.max()))
-            views[view] = ViewLayout(n_rows, row_len, _round_up(n_answer, 8))
-        return Layout(**views)
+        return Layout(**{view: view_layout(self.views[view], batches, max_row_len) for view in VIEWS})
 
     def layouts(self, batches: Sequence[Sequence[int]], max_row_len: int = MAX_ROW_LEN,
                 buckets: int = 1) -> list[Layout]:
@@ -114,26 +147,7 @@ class EncodedSplit:
     def pack(self, view: str, rows: Sequence[int], vl: ViewLayout) -> tuple[Batch, np.ndarray]:
         """Packs requests `rows` of one view. Returns the numpy Batch and alt_labels
         laid out the same way."""
-        tf = self.views[view]
-        ids = np.zeros((vl.n_rows, vl.row_len), np.int32)
-        seg = np.zeros_like(ids)
-        pos = np.zeros_like(ids)
-        labels = np.full_like(ids, IGNORE)
-        alt = np.full_like(ids, IGNORE)
-        lengths = self._lengths(view)[list(rows)]
-        assign = _assign_rows(lengths, vl.row_len)
-        if assign and assign[-1] >= vl.n_rows:
-            raise ValueError(f"batch does not fit the layout {vl} of view {view!r}")
-        fill = np.zeros(vl.n_rows, np.int64)
-        for k, (r, n, row) in enumerate(zip(rows, lengths, assign)):
-            sl = slice(fill[row], fill[row] + n)
-            ids[row, sl] = tf.input_ids[r, :n]
-            labels[row, sl] = tf.labels[r, :n]
-            alt[row, sl] = tf.alt_labels[r, :n]
-            seg[row, sl] = k + 1
-            pos[row, sl] = np.arange(n)
-            fill[row] += n
-        return Batch(ids, seg, labels, pos), alt
+        return pack(self.views[view], rows, vl, view)
 
     def batch(self, rows: Sequence[int], layout: Layout) -> EditBatch:
         """Device arrays of the three packed views of requests `rows`."""
@@ -141,7 +155,9 @@ class EncodedSplit:
         return EditBatch(*(Batch(*(jnp.asarray(a) for a in b)) for b in views))
 
 
-def encode_split(tokenizer, requests: Sequence[EditRequest]) -> EncodedSplit:
-    """Tokenises all three views of every request (each padded to one length)."""
+def encode_split(tokenizer, requests: Sequence[EditRequest], *, chat_template: bool = False) -> EncodedSplit:
+    """Tokenises all three views of every request (each padded to one length), with the
+    prompts raw or wrapped in the tokenizer's chat template."""
     requests = list(requests)
-    return EncodedSplit(requests, {v: encode(tokenizer, requests, v) for v in VIEWS})
+    return EncodedSplit(requests, {v: encode(tokenizer, requests, v, chat_template=chat_template) for v in VIEWS},
+                        chat_template)

@@ -15,13 +15,19 @@ rebuilt from the batch plan.
 
 A run is fully determined by (model, editor config, train config, data): the batch plan
 is derived from the seed up front, so a killed run restarted with the same command
-resumes from its last checkpoint and ends with the same parameters.
+resumes from its last checkpoint and ends with the same parameters. The folder's
+`run.json` holds the run's identity (runs.claim_run): the model's name, architecture
+hash and edited layer shapes, the editor and train configs, the content hash of the
+training requests, and whatever the caller adds (data file hash, split, dtypes); a run
+that differs in anything is refused, finished or not. `.lock` keeps a second process
+out while one trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,14 +37,18 @@ import numpy as np
 import optax
 
 from .checkpoint import CheckpointStore, save_editor
+from .data.records import request_hash
 from .editor import memory as mem
 from .editor.config import EditorConfig
 from .editor.objective import EditBatch, NAnswer, meta_loss
 from .editor.steps import EditorState, init_editor, new_stream, zero_deltas
+from .errors import UserError
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .pipeline import EncodedSplit, Layout
-from .sharding import constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params, to_host, use_mesh
+from .runs import RunLock, claim_run, model_identity
+from .sharding import (constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params,
+                       to_host, use_mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +81,8 @@ class TrainConfig:
 def batch_plan(n_requests: int, tcfg: TrainConfig) -> list[list[np.ndarray]]:
     """Per epoch, the index arrays of its batches (seeded; incomplete batches dropped)."""
     if n_requests < tcfg.n_edits:
-        raise ValueError(f"{n_requests} training requests cannot fill one batch of {tcfg.n_edits}")
+        raise UserError(f"{n_requests} training requests cannot fill one batch of {tcfg.n_edits} (--n-edits); "
+                        "give more training requests (--n-train) or a smaller --n-edits")
     rng = np.random.default_rng(tcfg.seed)
     plan = []
     for _ in range(tcfg.epochs):
@@ -131,19 +142,31 @@ class TrainResult:
 
 
 def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out_dir: str | Path, *,
-          run_meta: dict | None = None, progress: bool = True, stop_after: int | None = None,
-          remat: bool = False, mesh=None) -> TrainResult:
+          run_meta: dict | None = None, identity: dict | None = None, model_name: str | None = None,
+          progress: bool = True, stop_after: int | None = None, remat: bool = False, mesh=None) -> TrainResult:
     """Meta-trains an editor on `split`, checkpointing to `out_dir/checkpoints` and
     writing the final editor to `out_dir/editor`. Resumes if a checkpoint exists.
-    `stop_after` (batches) simulates an interruption, for tests. `mesh` (a
-    `sharding.make_mesh` mesh; None: one device) places the LLM parameters, the
-    batches, deltas and editor state on it (the same jitted step runs either way);
-    `remat` recomputes the LLM layers' activations in the backward pass."""
-    with use_mesh(mesh):
-        return _train(model, ecfg, tcfg, split, Path(out_dir), run_meta, progress, stop_after, remat, mesh)
+    `identity`: what else identifies the run (data file hash, split, dtypes, ...), added
+    to the model, configs and training requests; `model_name` names the model in it
+    (default: its folder). `run_meta` is only recorded in editor.json. `stop_after`
+    (batches) simulates an interruption, for tests. `mesh` (a `sharding.make_mesh`
+    mesh; None: one device) places the LLM parameters, the batches, deltas and editor
+    state on it (the same jitted step runs either way); `remat` recomputes the LLM
+    layers' activations in the backward pass."""
+    out = Path(out_dir)
+    with RunLock(out), use_mesh(mesh):
+        return _train(model, ecfg, tcfg, split, out, run_meta=run_meta, identity=identity,
+                      model_name=model_name, progress=progress, stop_after=stop_after, remat=remat, mesh=mesh)
 
 
-def _train(model, ecfg, tcfg, split, out, run_meta, progress, stop_after, remat, mesh) -> TrainResult:
+def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out: Path, *,
+           run_meta, identity, model_name, progress, stop_after, remat, mesh) -> TrainResult:
+    hashes = [request_hash(r) for r in split.requests]
+    identity = {**(identity or {}), "editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
+                "model": model_identity(model_name or model.path, model.config, ecfg.modules),
+                "n_train": len(split),
+                "train_requests_sha256": hashlib.sha256(" ".join(hashes).encode()).hexdigest()}
+    identity = claim_run(out, identity)
     lcfg = model.config
     model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
     plan = batch_plan(len(split), tcfg)
@@ -157,8 +180,6 @@ def _train(model, ecfg, tcfg, split, out, run_meta, progress, stop_after, remat,
     state = init_editor(ecfg, lcfg, key)
     opt_state = tx.init(state.nets)
     deltas = zero_deltas(ecfg, lcfg)
-    identity = {"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
-                "model": str(model.path), "n_train": len(split)}
     store = CheckpointStore(out / "checkpoints", identity)
     position, history = (0, 0), []
     restored = store.restore_latest(_checkpoint_tree(state, opt_state, deltas))
@@ -221,8 +242,9 @@ def _train(model, ecfg, tcfg, split, out, run_meta, progress, stop_after, remat,
                 return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
     bar.close()
     store.close()
-    save_editor(out / "editor", ecfg, state, {**identity, **(run_meta or {}),
-                                              "train_seconds_per_edit": _per_edit(times, tcfg)})
+    if n_batches_run or not (out / "editor" / "editor.json").is_file():    # else: finished before, same run
+        save_editor(out / "editor", ecfg, state, {**(run_meta or {}), **identity,
+                                                  "train_seconds_per_edit": _per_edit(times, tcfg)}, hashes)
     return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
 
 

@@ -24,6 +24,22 @@ if os.environ.get("EMSEDIT_TEST_XLA_OPT") != "1":
 WORDS = [f"w{i}" for i in range(150)]
 
 
+def run_on_host_devices(script, *args: str, n_devices: int = 4, timeout: int = 900):
+    """Runs `python script args...` in a subprocess with `n_devices` host (CPU) devices,
+    a number JAX fixes when it starts, and the suite's XLA flags. Fails the test with
+    the script's stderr if it exits non-zero."""
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n_devices} --xla_backend_optimization_level=0 "
+                        "--xla_llvm_disable_expensive_passes=true")
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, check=False,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-4000:]}"
+    return proc
+
+
 def make_word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

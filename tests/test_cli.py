@@ -11,6 +11,7 @@ import pytest
 from conftest import synthetic_requests
 from emsedit_jax.cli import default_modules, main, parse_modules
 from emsedit_jax.data import DataError
+from emsedit_jax.errors import UserError
 from emsedit_jax.models import ModelConfig, get_kernel, load_model
 
 
@@ -23,19 +24,45 @@ def write_user_file(path, requests):
     return path
 
 
-def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys):
+def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     data = write_user_file(tmp_path / "edits.jsonl", synthetic_requests(40, seed=5))
-    common = ["--model", str(tiny_model_dir), "--dataset", "user", "--data", str(data), "--n-train", "24",
-              "--n-test", "16", "--split-seed", "1", "--quiet"]
-    main(["train", *common, "--out", str(tmp_path / "run"), "--epochs", "2", "--n-edits", "4", "--num-seq", "2",
-          "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"])
+    common = ["--model", str(tiny_model_dir), "--dataset", "user", "--data", "edits.jsonl", "--n-train", "24",
+              "--n-test", "16", "--quiet"]
+    monkeypatch.chdir(tmp_path)         # the data path is relative to the training's directory
+    train_args = ["train", *common, "--out", str(tmp_path / "run"), "--epochs", "2", "--n-edits", "4", "--num-seq",
+                  "2", "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"]
+    main(train_args)
     assert (tmp_path / "run" / "editor" / "editor.json").is_file()
+    # A rerun into the finished folder that differs in anything is refused, naming what.
+    editor_json = (tmp_path / "run" / "editor" / "editor.json").read_text()
+    for extra, diff in ((["--dtype", "bfloat16"], "dtype"),
+                        (["--split-seed", "3"], "split.split_seed, train_requests_sha256")):
+        with pytest.raises(UserError, match=rf"run holds another training run \(it differs in {diff}\); use"):
+            main(train_args + extra)
+    assert (tmp_path / "run" / "editor" / "editor.json").read_text() == editor_json
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     out = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
-                "--out", str(tmp_path / "results.json"), "--plot", str(tmp_path / "curve.png"), "--quiet"])
+                "--out", str(tmp_path / "results.json"), "--plot", str(tmp_path / "curve.png"), "--quiet",
+                "--per-request", str(tmp_path / "per_request.jsonl")])
     saved = json.loads((tmp_path / "results.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / "per_request.jsonl").read_text().splitlines()]
+    assert [(x["batch"], x["position"]) for x in lines] == [(i // 4, i % 4) for i in range(8)]
+    assert sum(x["edited"]["ES"] for x in lines) / 8 == pytest.approx(saved["metrics"]["ES"])
+    assert saved["config"]["chat_template"] is False
     assert set(saved) >= {"metrics", "baseline", "timing", "config", "n_requests"}
     assert set(saved["metrics"]) == set(saved["baseline"]) == {"ES", "GS", "LS"}
     assert saved["n_requests"] == 8 and saved["config"]["data"] == str(data)  # split taken from the editor
+    # Without split flags evaluate uses the requests the editor was not trained on.
+    assert saved["config"]["split_seed"] == 0 and saved["config"]["same_file_as_training"]
+    assert saved["config"]["train_overlap"] == 0 and saved["config"]["left_out_as_trained"] == 0
+    assert saved["data_files"]["data"]["sha256"] == json.loads(
+        (tmp_path / "run" / "editor" / "editor.json").read_text())["data_sha256"]
+    # Scoring requests the editor was trained on is refused (before any editing).
+    with pytest.raises(UserError, match=r"^24 of the 40 test requests were used to train the editor .*run/editor "
+                       r"\(first: edits\.jsonl#\d+\); evaluate on other requests, or pass --allow-train-overlap"):
+        main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--dataset", "user", "--data", str(data),
+              "--test-data", str(data), "--quiet"])
     assert saved["timing"]["train_seconds_per_edit"] > 0 and saved["timing"]["edit_seconds_per_edit"] > 0
     assert (tmp_path / "curve.png").stat().st_size > 0 and len(out["curve"]) == 2
     printed = capsys.readouterr().out
@@ -94,3 +121,61 @@ def test_console_entry_exits_zero(tiny_model_dir, monkeypatch, capsys):
                                      "--max-new-tokens", "2"])
     assert console() == 0
     assert "'w1 w2' ->" in capsys.readouterr().out
+
+
+def test_two_processes_train_bit_identical_editors(tiny_model_dir, tmp_path):
+    """The same training command, run by two processes at once from different working
+    directories (the data given by a relative path), writes the same editor bit for
+    bit; the recorded data path is absolute."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import jax
+    import numpy as np
+
+    from emsedit_jax.checkpoint import load_editor
+    write_user_file(tmp_path / "edits.jsonl", synthetic_requests(12, seed=3))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "emsedit_jax.cli", "train", "--model", str(tiny_model_dir), "--dataset", "user",
+           "--data", "../edits.jsonl", "--n-train", "8", "--n-test", "4", "--out", "run", "--n-edits", "4",
+           "--num-seq", "2", "--layers", "3", "--rank", "4", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-2",
+           "--quiet"]
+    procs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path / name, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    records = [json.loads((tmp_path / n / "run" / "editor" / "editor.json").read_text()) for n in "ab"]
+    assert records[0]["state_sha256"] == records[1]["state_sha256"]
+    assert records[0]["data"] == str((tmp_path / "edits.jsonl").resolve())
+    model = load_model(tiny_model_dir, tokenizer=False)
+    (_, a, _), (_, b, _) = (load_editor(tmp_path / n / "run" / "editor", model.config) for n in "ab")
+    jax.tree.map(np.testing.assert_array_equal, (a.nets, a.stats), (b.nets, b.stats))
+    moved = [float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(a.nets)]
+    assert max(moved) > 0
+
+
+def test_split_defaults_and_mquake_cases_stay_whole():
+    """The split seed is 0 unless given; an MQuAKE case's rewrites land on one side."""
+    import argparse
+    from pathlib import Path
+
+    from emsedit_jax.cli import _load_data
+    mquake = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mquake" / "MQuAKE-hard.json"
+    if not mquake.is_file():
+        pytest.skip("../shared/data is absent")
+    args = argparse.Namespace(dataset="mquake", data=str(mquake), test_data=None, n_train=100, n_test=50,
+                              split_seed=None, skip_invalid=False)
+    train, test, record = _load_data(args)
+    assert record["split"] == {"n_train": 100, "n_test": 50, "split_seed": 0, "by_case": True}
+    assert len({r.case_id for r in train}) == 100 and len({r.case_id for r in test}) == 50
+    assert not {r.case_id for r in train} & {r.case_id for r in test}
+    assert record["train_test_overlap"] == 0 and record["data"]["path"] == str(mquake.resolve())
+    args.n_train = 400
+    with pytest.raises(UserError, match=r"not enough cases: n_train \+ n_test \(--n-train, --n-test\) = 450 > 429"):
+        _load_data(args)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from emsedit_jax.errors import UserError
 from emsedit_jax.data import (
     IGNORE,
     DataError,
@@ -396,10 +397,113 @@ def test_invalid_json_and_bad_format(tmp_path):
         load_requests(odd)
     with pytest.raises(DataError, match=r"empty\.json: no records"):
         load_requests(write_json(tmp_path / "empty.json", []))
-    with pytest.raises(FileNotFoundError):
-        load_requests(tmp_path / "nope.json")
-    with pytest.raises(ValueError, match="unknown format"):
+    with pytest.raises(UserError, match="unknown data format 'nonsense'"):
         load_requests(odd, "nonsense")
+
+
+def _message(path, **kw) -> str:
+    with pytest.raises(DataError) as e:
+        load_requests(path, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_bad_files_each_get_their_message(tmp_path):
+    """Non-UTF-8 bytes, a top-level object or scalar, a truncated file, a directory, a
+    missing path: each a one-line DataError naming the file."""
+    latin = tmp_path / "latin1.json"
+    latin.write_bytes(json.dumps([FLAT_OK]).replace("paris", "Par\u00eds").encode("latin-1"))
+    assert _message(latin) == f"{latin}: not UTF-8 text: byte 0xed at line 1 (byte offset {json.dumps([FLAT_OK]).index('paris') + 3}); save the file as UTF-8"
+    obj = write_json(tmp_path / "obj.json", FLAT_OK)
+    assert _message(obj) == (f"{obj}: the top level is a JSON object; expected a list of records: a JSON array "
+                             "[{...}, {...}] or one object per line (JSON Lines, .jsonl)")
+    assert _message(write_json(tmp_path / "num.json", 5)).endswith(
+        "num.json: the top level is a JSON number; expected a JSON array of records")
+    trunc = tmp_path / "trunc.json"
+    trunc.write_text(json.dumps([FLAT_OK, FLAT_OK], indent=1)[:-40], encoding="utf-8")
+    assert "trunc.json: truncated: the file ends at line" in _message(trunc)
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"prompt": "x",, }]', encoding="utf-8")
+    assert _message(bad) == f"{bad}: invalid JSON at line 1 column 17: Expecting property name enclosed in double quotes"
+    assert _message(tmp_path) == f"{tmp_path}: is a directory; expected a JSON or JSONL file of records"
+    missing = tmp_path / "nope"  # no suffix, not org/name: never sent to the Hub
+    assert _message(missing) == f"{missing}: no such file (a data set on the Hugging Face Hub is given as 'org/name')"
+    assert _message("no/such/dir/file.json").startswith("no/such/dir/file.json: no such file")
+    # Wrapped records and a byte-order mark are accepted.
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text("\ufeff" + json.dumps({"data": [FLAT_OK]}), encoding="utf-8")
+    assert len(load_requests(wrapped).requests) == 1
+
+
+def test_hub_ids_only_for_org_name(tmp_path, monkeypatch):
+    from emsedit_jax.data.records import resolve_data_path
+    assert resolve_data_path("org/name") is None  # the only shape sent to the Hub
+    with pytest.raises(DataError, match="no such file"):
+        resolve_data_path("org/name.json")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    write_json(tmp_path / "org" / "name", [FLAT_OK])  # a local path wins over a hub id
+    assert resolve_data_path("org/name") == (tmp_path / "org" / "name").resolve()
+    assert len(load_requests("org/name").requests) == 1
+
+
+def test_null_and_non_object_records(tmp_path):
+    """A JSON array with null records (pyarrow used to segfault on it) and a list as
+    record 0: each is its own record's error; the other records are read as usual."""
+    path = write_json(tmp_path / "nulls.json", [FLAT_OK, None, dict(FLAT_OK, case_id=8), None])
+    assert _message(path) == (f"{path}, record 1: the record is null; expected a JSON object "
+                              "(and 1 more invalid record(s); --skip-invalid (skip_invalid=True) skips them)")
+    res = load_requests(path, skip_invalid=True)
+    assert [r.case_id for r in res.requests] == [7, 8]
+    assert res.skipped == [f"{path}, record 1: the record is null; expected a JSON object",
+                           f"{path}, record 3: the record is null; expected a JSON object"]
+    first_list = write_json(tmp_path / "list0.json", [["a", "b"], FLAT_OK, FLAT_OK])
+    assert _message(first_list) == f"{first_list}, record 0: the record is array; expected a JSON object"
+    assert len(load_requests(first_list, skip_invalid=True).requests) == 2
+    only_null = write_json(tmp_path / "only_null.json", [None])
+    assert _message(only_null) == f"{only_null}, record 0: no record is a JSON object (record 0 is null)"
+
+
+def test_one_wrong_type_changes_no_other_record(tmp_path):
+    """One integer `alt` (Arrow once turned the column into ints, so string targets like
+    "1997" arrived as ints and 89 valid records were dropped): only that record fails."""
+    raw = json.loads(data_path(ZSRE).read_text(encoding="utf-8"))
+    raw[5]["alt"] = 1997
+    raw[6]["alt"] = "1997"
+    raw[7]["loc_ans"] = 12
+    path = write_json(tmp_path / "zsre_int_alt.json", raw)
+    assert _message(path).startswith(f"{path}, record 5, field 'alt': expected a string, got number 1997 "
+                                     "(and 3 more invalid record(s)")
+    res = load_requests(path, skip_invalid=True)
+    assert len(res.requests) == 996 and len(res.skipped) == 4  # records 5, 7 and the two empty alts
+    assert "record 7, field 'loc_ans': expected a string, got number 12" in res.skipped[1]
+    assert next(r for r in res.requests if r.source.endswith("#6")).target_new == "1997"
+    assert res.requests[0].target_new == "unmanned aircraft"
+
+
+def test_jsonl_bad_lines(tmp_path):
+    path = tmp_path / "lines.jsonl"
+    path.write_text(json.dumps(FLAT_OK) + "\n\n" + '{"prompt": "x",,}\n' + json.dumps(dict(FLAT_OK, case_id=9))
+                    + "\n" + '{"prompt": "the capital', encoding="utf-8")
+    msg = _message(path)
+    assert msg.startswith(f"{path}, record 1 (line 3): invalid JSON at column 16: Expecting property name")
+    assert "1 more invalid record(s)" in msg
+    res = load_requests(path, skip_invalid=True)
+    assert [r.case_id for r in res.requests] == [7, 9]
+    assert res.skipped[1] == f"{path}, record 3 (line 5): truncated: the file ends inside this record"
+    # A wrong field on a JSONL line names the line too.
+    typed = write_jsonl(tmp_path / "typed.jsonl", [FLAT_OK, dict(FLAT_OK, target_new=["x"])])
+    assert _message(typed) == f"{typed}, record 1 (line 2), case_id=7, field 'target_new': expected a string, got array [\"x\"]"
+
+
+def test_duplicates_and_file_identity(tmp_path):
+    from emsedit_jax.data.records import file_sha256, request_hash
+    path = write_json(tmp_path / "dups.json", [FLAT_OK, dict(FLAT_OK, case_id=8), FLAT_OK])
+    res = load_requests(path)
+    assert len(res.requests) == 3 and res.duplicates == ["dups.json#2 repeats dups.json#0"]
+    assert res.path == str(path.resolve()) and res.sha256 == file_sha256(path) and res.n_records == 3
+    assert request_hash(res.requests[0]) == request_hash(res.requests[2]) != request_hash(res.requests[1])
 
 
 def test_over_long_prompt(tmp_path, wtok):

@@ -10,15 +10,12 @@ run_protocol()."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import synthetic_requests
+from conftest import run_on_host_devices, synthetic_requests
 from jax.sharding import PartitionSpec as P
 
 from emsedit_jax import sharding
@@ -33,15 +30,7 @@ MESHES = ["4x1 fsdp", "2x2 fsdp", "1x4 fsdp", "1x4 tp"]
 @pytest.fixture(scope="module")
 def check(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding") / "out.json"
-    env = dict(os.environ)
-    # 4 host devices; no slow LLVM optimisation of the many small test programs.
-    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-                        "--xla_llvm_disable_expensive_passes=true")
-    env["JAX_PLATFORMS"] = "cpu"
-    script = Path(__file__).with_name("sharding_check.py")
-    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(out)], env=env,
-                          check=False, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"sharding_check.py failed:\n{proc.stderr[-4000:]}"
+    run_on_host_devices(Path(__file__).with_name("sharding_check.py"), tiny_model_dir, out)
     return json.loads(out.read_text())
 
 

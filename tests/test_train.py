@@ -7,7 +7,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -70,14 +74,82 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path):
     (bad / "editor.json").write_text(json.dumps(rec))
     with pytest.raises(ValueError, match="bad_editor.*saved arrays do not fit"):
         load_editor(bad, model.config)
+    check_editor_integrity(model, tmp_path / "full" / "editor", tmp_path)
+
+
+def check_editor_integrity(model, editor, tmp_path):
+    """A saved editor records its model and a checksum of its arrays: two flipped bytes
+    in its state, or another model's architecture, are refused with a one-line message."""
+    from emsedit_jax.checkpoint import CheckpointError
+    from emsedit_jax.runs import RunError, config_sha256, tree_sha256
+    record = json.loads((editor / "editor.json").read_text())
+    assert record["model"]["config_sha256"] == config_sha256(model.config)
+    assert record["model"]["layer_shapes"] == {m: [32, 64] for m in MODULES}
+    _, state, _ = load_editor(editor, model.config)
+    assert record["state_sha256"] == tree_sha256({"nets": state.nets, "stats": state.stats})
+    # Two flipped bytes in the largest array file.
+    flipped = tmp_path / "flipped_editor"
+    shutil.copytree(editor, flipped)
+    biggest = max((f for f in (flipped / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(biggest.read_bytes())
+    for k in (len(raw) // 2, len(raw) // 2 + 1):
+        raw[k] ^= 0xFF
+    biggest.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"flipped_editor/state: (the arrays do not match the checksum|cannot "
+                       r"read the editor's arrays)") as e:
+        load_editor(flipped, model.config)
+    assert "\n" not in str(e.value)
+    # Another model: one layer more changes the architecture hash.
+    other = dataclasses.replace(model.config, num_layers=5)
+    with pytest.raises(RunError) as e:
+        load_editor(editor, other, model_name="other-model")
+    msg = str(e.value)
+    assert f"this editor was made for model {record['model']['name']!r}" in msg and "not for 'other-model'" in msg
+    assert "config sha256 differ" in msg
+    wider = dataclasses.replace(model.config, intermediate_size=model.config.intermediate_size * 2)
+    with pytest.raises(RunError, match="config sha256 and layer shapes differ"):
+        load_editor(editor, wider)
+    garbage = tmp_path / "garbage_editor"
+    shutil.copytree(editor, garbage)
+    (garbage / "editor.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"garbage_editor/editor\.json: not a valid editor record"):
+        load_editor(garbage, model.config)
 
 
 def test_other_run_in_same_folder_is_refused(tiny, tmp_path):
+    from emsedit_jax.runs import RunError
     model, split = tiny
     tcfg = TrainConfig(n_edits=4, num_seq=2, epochs=1, meta_lr=1e-3)
-    train(model, ecfg(), tcfg, split, tmp_path / "run", progress=False, stop_after=1)
-    with pytest.raises(ValueError, match="different run"):
-        train(model, ecfg(), dataclasses.replace(tcfg, seed=9), split, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    train(model, ecfg(), tcfg, split, run, progress=False, stop_after=1)
+    with pytest.raises(RunError, match=r"run holds another training run \(it differs in train\.seed\); use another"):
+        train(model, ecfg(), dataclasses.replace(tcfg, seed=9), split, run, progress=False)
+    train(model, ecfg(), tcfg, split, run, progress=False)       # the same run resumes and finishes
+    editor_json = (run / "editor" / "editor.json").read_text()
+    # A finished folder: other data of the same size, another dtype label, another
+    # seed are all refused; the same run again leaves the editor as it was.
+    other_data = encode_split(model.tokenizer, synthetic_requests(40, seed=2))
+    with pytest.raises(RunError, match=r"differs in train_requests_sha256\)"):
+        train(model, ecfg(), tcfg, other_data, run, progress=False)
+    with pytest.raises(RunError, match=r"differs in dtype, split\)"):
+        train(model, ecfg(), tcfg, split, run, progress=False, identity={"dtype": "bfloat16", "split": {"split_seed": 1}})
+    train(model, ecfg(), tcfg, split, run, progress=False)
+    assert (run / "editor" / "editor.json").read_text() == editor_json
+    # The lock: one held by a live process (here the parent of this one) stops a
+    # second writer; one left by a process that is gone is taken over.
+    host = socket.gethostname()
+    (run / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))
+    with pytest.raises(RunError, match=rf"run is being written by another process \(pid {os.getppid()}\)"):
+        train(model, ecfg(), tcfg, split, run, progress=False)
+    (run / ".lock").write_text(json.dumps({"pid": _dead_pid(), "host": host}))
+    train(model, ecfg(), tcfg, split, run, progress=False)
+    assert not (run / ".lock").exists()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
 
 
 @contextlib.contextmanager

@@ -8,7 +8,11 @@ from .records import (
     EditRequest,
     LoadResult,
     detect_format,
+    file_sha256,
+    find_duplicates,
     load_requests,
+    request_hash,
+    resolve_data_path,
     split_requests,
 )
 from .tokenize import (
@@ -19,7 +23,10 @@ from .tokenize import (
     TeacherForced,
     check_lengths,
     encode,
+    encode_texts,
     pad_id_of,
+    prompt_ids,
+    target_ids,
 )
 
 __all__ = [
@@ -30,6 +37,10 @@ __all__ = [
     "detect_format",
     "load_requests",
     "split_requests",
+    "request_hash",
+    "find_duplicates",
+    "file_sha256",
+    "resolve_data_path",
     "ANSWER_BUCKETS",
     "FIELDS",
     "IGNORE",
@@ -37,5 +48,8 @@ __all__ = [
     "TeacherForced",
     "check_lengths",
     "encode",
+    "encode_texts",
     "pad_id_of",
+    "prompt_ids",
+    "target_ids",
 ]

@@ -2,23 +2,36 @@
 
 Every supported data set is turned into a flat list of :class:`EditRequest`. All
 records are validated before :func:`load_requests` returns, so a long training run
-never starts on a file that would fail half-way through.
+never starts on a file that would fail half-way through.  Local files are read with
+the standard library's ``json`` (JSON Lines line by line): values keep their JSON
+types, so a bad field is only its own record's error.  ``datasets`` is used for hub
+ids (``org/name``) only.
 
 Supported formats (``fmt``):
 
 ``"zsre"``
     ZsRE in the MEND format: ``src`` (prompt), ``alt`` (new target), ``rephrase``,
     ``loc`` (locality prompt, kept as is with its ``"nq question: "`` prefix),
-    ``loc_ans``, ``answers`` (``answers[0]`` is the true answer), ``subject``.
+    ``loc_ans``, ``answers`` (``answers[0]`` is the true answer), ``subject``;
+    optionally EasyEdit's ``portability`` (below).
 ``"counterfact"``
     CounterFact, flat EasyEdit/MEND format: ``prompt``, ``target_new``,
     ``ground_truth``, ``subject``, ``rephrase_prompt``, ``locality_prompt``,
-    ``locality_ground_truth``, ``case_id``.
+    ``locality_ground_truth``, ``case_id``; optionally ``portability``.
 ``"counterfact_rome"`` (alias ``"rome"``)
     CounterFact, ROME/MEMIT format: ``requested_rewrite{prompt, subject,
     target_new{str}, target_true{str}}``, ``paraphrase_prompts[]``,
-    ``neighborhood_prompts[]``.  The first paraphrase is the rephrase, the first
-    neighbourhood prompt the locality prompt, whose answer is the true target.
+    ``neighborhood_prompts[]``, optionally ``generation_prompts[]``.  The first
+    paraphrase is the rephrase, the first neighbourhood prompt the locality prompt,
+    whose answer is the true target; all of them are kept (``paraphrases``,
+    ``neighbours``) for the probability scores.
+``"knowedit"``
+    EasyEdit's KnowEdit records: ``prompt``, ``target_new``, ``subject``,
+    ``ground_truth`` (optional: a string, a list of aliases or a list of alias
+    lists; the first string is the true target), ``rephrase_prompt`` /
+    ``paraphrase_prompt`` / ``rephrase`` (optional: the prompt itself when absent),
+    the locality probe as ``locality_prompt`` + ``locality_ground_truth`` or a
+    ``locality`` object of kinds (its first item), and ``portability``.
 ``"mquake"``
     MQuAKE: one request per entry of ``requested_rewrite[]``, all with the case's
     ``case_id``; the case's multi-hop ``questions`` and ``new_answer`` go on its
@@ -29,7 +42,14 @@ Supported formats (``fmt``):
     field names (detected from the first record).  Unlike the standard formats the
     true target (``ground_truth`` / ``answers``) may be left out.
 ``"auto"``
-    Detect one of the four standard formats from the first record's keys.
+    Detect one of the standard formats from the first record's keys.
+
+``portability`` (ZsRE, flat CounterFact, KnowEdit) comes in two shapes: one object
+``{"New Question": ..., "New Answer": ...}`` (EasyEdit's ZsRE; kind
+``"portability"``), or KnowEdit's object of kinds, ``{"Reasoning": [{"prompt": ...,
+"ground_truth": ...}, ...], "Subject_Aliasing": [...], ...}`` (an item's
+``ground_truth`` in any of the forms above).  Each item becomes a (kind, question,
+answer) triple of ``EditRequest.portability``.
 
 Surrounding whitespace is stripped from every text field: the tokenisation adds
 exactly one space between a prompt and its target (some ZsRE ``alt`` targets and the
@@ -39,8 +59,10 @@ ROME-format targets start with a space).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -54,6 +76,11 @@ __all__ = [
     "LoadResult",
     "FORMATS",
     "load_requests",
+    "read_records",
+    "resolve_data_path",
+    "file_sha256",
+    "request_hash",
+    "find_duplicates",
     "detect_format",
     "split_requests",
 ]
@@ -67,6 +94,12 @@ class EditRequest:
     of each case: the multi-hop questions and the answer expected once all the
     case's edits are applied.  ``source`` says where the request came from
     (``"file.json#12"``) and is used in error messages.
+
+    Optional extras, read when a file has them: ``paraphrases`` / ``neighbours``, all
+    the paraphrase / neighbourhood prompts of a ROME-format record (``rephrase`` and
+    ``loc_prompt`` are the first ones; a neighbour's answer is ``target_true``);
+    ``generation_prompts`` for the fluency measure; ``portability``, (kind, question,
+    answer) triples whose answers should follow from the edit.
     """
 
     prompt: str
@@ -80,14 +113,18 @@ class EditRequest:
     hop_questions: tuple[str, ...] = ()
     hop_answer: str | None = None
     source: str = ""
+    paraphrases: tuple[str, ...] = ()
+    neighbours: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    portability: tuple[tuple[str, str, str], ...] = ()
 
 
 class DataError(UserError):
     """Invalid input data.
 
-    The message always names the file (or request source), the record index, the
-    case id when there is one, and the offending field.  The parts are also kept as
-    attributes.
+    The message always names the file (or request source), the record index (and
+    line, for JSON Lines), the case id when there is one, and the offending field.
+    The parts are also kept as attributes.
     """
 
     def __init__(
@@ -98,17 +135,19 @@ class DataError(UserError):
         index: int | None = None,
         case_id: Any = None,
         field: str | None = None,
+        line: int | None = None,
     ):
         self.reason = reason
         self.file = file
         self.index = index
         self.case_id = case_id
         self.field = field
+        self.line = line
         where = []
         if file is not None:
             where.append(str(file))
         if index is not None:
-            where.append(f"record {index}")
+            where.append(f"record {index}" + (f" (line {line})" if line is not None else ""))
         if case_id is not None:
             where.append(f"case_id={case_id!r}")
         if field is not None:
@@ -125,15 +164,21 @@ def raise_first(errors: Sequence["DataError"], what: str, hint: str) -> None:
     if len(errors) == 1:
         raise first
     raise DataError(f"{first.reason} (and {len(errors) - 1} more {what}; {hint})", file=first.file,
-                    index=first.index, case_id=first.case_id, field=first.field)
+                    index=first.index, case_id=first.case_id, field=first.field, line=first.line)
 
 
 @dataclasses.dataclass
 class LoadResult:
-    """Requests that passed validation and the reasons for those that were skipped."""
+    """Requests that passed validation, the reasons for those that were skipped, the
+    requests that repeat an earlier one, and the file read: its absolute resolved path
+    (or the hub id) and SHA-256 (None for a hub data set)."""
 
     requests: list[EditRequest]
     skipped: list[str] = dataclasses.field(default_factory=list)
+    duplicates: list[str] = dataclasses.field(default_factory=list)
+    path: str | None = None
+    sha256: str | None = None
+    n_records: int | None = None
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -142,12 +187,21 @@ class LoadResult:
         return iter(self.requests)
 
 
-FORMATS = ("auto", "zsre", "counterfact", "counterfact_rome", "mquake", "user")
+FORMATS = ("auto", "zsre", "counterfact", "counterfact_rome", "mquake", "knowedit", "user")
 _ALIASES = {
     "rome": "counterfact_rome",
     "cf": "counterfact",
     "counterfact_flat": "counterfact",
     "zsre_mend": "zsre",
+    "easyedit": "knowedit",
+}
+# What detection looks for, per format (for the message when nothing matches).
+_EXPECTED = {
+    "zsre": "src, alt, rephrase, loc, loc_ans, answers",
+    "counterfact": "prompt, target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth",
+    "counterfact_rome": "requested_rewrite{...}, paraphrase_prompts, neighborhood_prompts",
+    "mquake": "requested_rewrite[...], questions, new_answer",
+    "knowedit": "prompt, target_new, and a locality or portability object",
 }
 _ZSRE_KEYS = frozenset({"src", "alt", "rephrase", "loc", "loc_ans", "answers"})
 _FLAT_KEYS = frozenset(
@@ -173,14 +227,15 @@ _MISSING = object()
 class _Ctx:
     """Where a record comes from; builds DataErrors and reads typed fields."""
 
-    def __init__(self, file: str, index: int, case_id: Any = None):
+    def __init__(self, file: str, index: int, case_id: Any = None, line: int | None = None):
         self.file = file
         self.index = index
         self.case_id = case_id
+        self.line = line
 
     def error(self, field: str | None, reason: str) -> DataError:
         return DataError(
-            reason, file=self.file, index=self.index, case_id=self.case_id, field=field
+            reason, file=self.file, index=self.index, case_id=self.case_id, field=field, line=self.line
         )
 
     def get(self, obj: Any, key: str | int, path: str, *, required: bool = True) -> Any:
@@ -200,7 +255,7 @@ class _Ctx:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise self.error(path, f"expected a string, got {type(value).__name__} {value!r:.60}")
+            raise self.error(path, f"expected a string, got {_json_type(value)} {json.dumps(value)[:60]}")
         value = value.strip()
         if not value:
             if not required:  # an empty optional field (e.g. subject) counts as absent
@@ -213,7 +268,7 @@ class _Ctx:
         if value is None:
             return None
         if not isinstance(value, dict):
-            raise self.error(path, f"expected an object, got {type(value).__name__}")
+            raise self.error(path, f"expected an object, got {_json_type(value)}")
         return value
 
     def array(
@@ -223,7 +278,7 @@ class _Ctx:
         if value is None:
             return None
         if not isinstance(value, list):
-            raise self.error(path, f"expected a list, got {type(value).__name__}")
+            raise self.error(path, f"expected a list, got {_json_type(value)}")
         if len(value) < min_len:
             raise self.error(path, f"expected at least {min_len} element(s), got {len(value)}")
         return value
@@ -239,18 +294,95 @@ def _case_id_of(row: dict, ctx: _Ctx) -> str | int | None:
     value = row.get("case_id") if isinstance(row, dict) else None
     if value is None:
         return None
-    # `datasets` turns a column mixing ints and floats into floats: take integral
-    # floats back as ints.  bool is an int subclass but never a sensible id.
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    # bool is an int subclass but never a sensible id.
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ctx.error("case_id", f"expected an int or a string, got {type(value).__name__}")
+        raise ctx.error("case_id", f"expected an integer or a string, got {_json_type(value)} {json.dumps(value)[:60]}")
     return value
 
 
 # --------------------------------------------------------------------------- #
 # Per-format record parsers
 # --------------------------------------------------------------------------- #
+
+
+def _first_answer(value: Any, ctx: _Ctx, path: str) -> str:
+    """A KnowEdit answer: a string, a list of aliases or a list of alias lists -> the
+    first string."""
+    while isinstance(value, list) and value:
+        value, path = value[0], f"{path}[0]"
+    if not isinstance(value, str) or not value.strip():
+        raise ctx.error(path, f"expected a non-empty string or a list of them, got {_json_type(value)} "
+                              f"{json.dumps(value)[:60]}")
+    return value.strip()
+
+
+def _kind_items(obj: dict, ctx: _Ctx, path: str) -> list[tuple[str, str, str]]:
+    """KnowEdit's {kind: [{prompt, ground_truth}, ...]} -> (kind, prompt, answer) triples
+    (a kind may also hold a single item object)."""
+    out = []
+    for kind, items in obj.items():
+        if items is None:
+            continue
+        items = [items] if isinstance(items, dict) else items
+        if not isinstance(items, list):
+            raise ctx.error(f"{path}.{kind}", f"expected a list of {{prompt, ground_truth}} objects, got "
+                                              f"{_json_type(items)}")
+        for j, item in enumerate(items):
+            where = f"{path}.{kind}[{j}]"
+            if not isinstance(item, dict):
+                raise ctx.error(where, f"expected a {{prompt, ground_truth}} object, got {_json_type(item)}")
+            prompt = ctx.text(item, "prompt", f"{where}.prompt")
+            out.append((str(kind), prompt, _first_answer(ctx.get(item, "ground_truth", f"{where}.ground_truth"),
+                                                         ctx, f"{where}.ground_truth")))
+    return out
+
+
+def _portability(row: dict, ctx: _Ctx) -> tuple[tuple[str, str, str], ...]:
+    """The record's optional ``portability`` in either shape (module docstring)."""
+    port = ctx.mapping(row, "portability", "portability", required=False)
+    if not port:
+        return ()
+    if "New Question" in port or "New Answer" in port:
+        return (("portability", ctx.text(port, "New Question", "portability.New Question"),
+                 _first_answer(ctx.get(port, "New Answer", "portability.New Answer"), ctx,
+                               "portability.New Answer")),)
+    return tuple(_kind_items(port, ctx, "portability"))
+
+
+def _parse_knowedit(row: dict, ctx: _Ctx, source: str) -> list[EditRequest]:
+    prompt = ctx.text(row, "prompt", "prompt")
+    rephrase = None
+    for key in ("rephrase_prompt", "paraphrase_prompt", "rephrase"):
+        rephrase = rephrase or ctx.text(row, key, key, required=False)
+    truth = ctx.get(row, "ground_truth", "ground_truth", required=False)
+    loc = ctx.mapping(row, "locality", "locality", required=False)
+    if loc and row.get("locality_prompt") is None:
+        items = _kind_items(loc, ctx, "locality")
+        if not items:
+            raise ctx.error("locality", "no {prompt, ground_truth} item in any kind")
+        _, loc_prompt, loc_answer = items[0]
+    else:
+        if row.get("locality_prompt") is None:
+            raise ctx.error("locality", "missing: a locality probe is needed, as a 'locality' object of kinds "
+                                        "({'Relation_Specificity': [{prompt, ground_truth}]}) or "
+                                        "'locality_prompt' + 'locality_ground_truth'")
+        loc_prompt = ctx.text(row, "locality_prompt", "locality_prompt")
+        loc_answer = _first_answer(ctx.get(row, "locality_ground_truth", "locality_ground_truth"), ctx,
+                                   "locality_ground_truth")
+    return [
+        EditRequest(
+            prompt=prompt,
+            target_new=_first_answer(ctx.get(row, "target_new", "target_new"), ctx, "target_new"),
+            rephrase=rephrase or prompt,
+            loc_prompt=loc_prompt,
+            loc_answer=loc_answer,
+            target_true=None if truth is None else _first_answer(truth, ctx, "ground_truth"),
+            subject=ctx.text(row, "subject", "subject", required=False),
+            case_id=ctx.case_id,
+            source=source,
+            portability=_portability(row, ctx),
+        )
+    ]
 
 
 def _parse_zsre(row: dict, ctx: _Ctx, source: str, require_true: bool = True) -> list[EditRequest]:
@@ -275,6 +407,7 @@ def _parse_zsre(row: dict, ctx: _Ctx, source: str, require_true: bool = True) ->
             subject=subject,
             case_id=ctx.case_id,
             source=source,
+            portability=_portability(row, ctx),
         )
     ]
 
@@ -291,6 +424,7 @@ def _parse_flat(row: dict, ctx: _Ctx, source: str, require_true: bool = True) ->
             subject=ctx.text(row, "subject", "subject", required=False),
             case_id=ctx.case_id,
             source=source,
+            portability=_portability(row, ctx),
         )
     ]
 
@@ -298,7 +432,7 @@ def _parse_flat(row: dict, ctx: _Ctx, source: str, require_true: bool = True) ->
 def _parse_rewrite(rw: Any, ctx: _Ctx, path: str) -> dict[str, str | None]:
     """One ROME/MQuAKE ``requested_rewrite`` entry -> formatted prompt and targets."""
     if not isinstance(rw, dict):
-        raise ctx.error(path, f"expected an object, got {type(rw).__name__}")
+        raise ctx.error(path, f"expected an object, got {_json_type(rw)}")
     template = ctx.text(rw, "prompt", f"{path}.prompt")
     if "{}" not in template:
         raise ctx.error(f"{path}.prompt", f"no '{{}}' placeholder for the subject in {template!r}")
@@ -320,6 +454,7 @@ def _parse_rome(row: dict, ctx: _Ctx, source: str) -> list[EditRequest]:
     rw = _parse_rewrite(ctx.get(row, "requested_rewrite", "requested_rewrite"), ctx, "requested_rewrite")
     paraphrases = ctx.text_list(row, "paraphrase_prompts", "paraphrase_prompts")
     neighbours = ctx.text_list(row, "neighborhood_prompts", "neighborhood_prompts")
+    generation = ctx.text_list(row, "generation_prompts", "generation_prompts", required=False) or []
     return [
         EditRequest(
             prompt=rw["prompt"],
@@ -332,6 +467,9 @@ def _parse_rome(row: dict, ctx: _Ctx, source: str) -> list[EditRequest]:
             subject=rw["subject"],
             case_id=ctx.case_id,
             source=source,
+            paraphrases=tuple(paraphrases),
+            neighbours=tuple(neighbours),
+            generation_prompts=tuple(generation),
         )
     ]
 
@@ -505,10 +643,11 @@ def _parse_mquake(row: dict, ctx: _Ctx, source: str, tables: _MquakeFacts) -> li
 def detect_format(record: dict, *, allowed: Iterable[str] | None = None) -> str:
     """Guess the format from one record's keys (keys whose value is null are ignored)."""
     if not isinstance(record, dict):
-        raise DataError(f"records must be JSON objects, got {type(record).__name__}")
+        raise DataError(f"records must be JSON objects, got {_json_type(record)}")
     keys = {k for k, v in record.items() if v is not None}
-    allowed = set(allowed) if allowed is not None else {"zsre", "counterfact", "counterfact_rome", "mquake"}
+    allowed = set(allowed) if allowed is not None else set(_EXPECTED)
     found = None
+    nested = isinstance(record.get("locality"), dict) or isinstance(record.get("portability"), dict)
     if "requested_rewrite" in keys:
         rw = record["requested_rewrite"]
         if isinstance(rw, list) or "new_answer" in keys or "questions" in keys:
@@ -519,13 +658,18 @@ def detect_format(record: dict, *, allowed: Iterable[str] | None = None) -> str:
         z, f = len(keys & _ZSRE_KEYS), len(keys & _FLAT_KEYS)
         if z > f:
             found = "zsre"
+        elif "knowedit" in allowed and {"prompt", "target_new"} <= keys and (
+                nested or not keys >= _FLAT_KEYS - {"ground_truth"}):
+            found = "knowedit"      # KnowEdit's nested locality/portability, or flat fields left out
         elif f > z:
             found = "counterfact"
     if found is None or found not in allowed:
         hint = " (are the records JSON objects?)" if keys == {"text"} else ""
+        expected = "; ".join(f"{k}: {_EXPECTED[k]}" for k in _EXPECTED if k in allowed)
         raise DataError(
-            f"cannot detect the data format from the first record's keys {sorted(keys)}{hint}; "
-            f"expected one of {sorted(allowed)} (pass fmt=... explicitly)",
+            f"cannot detect the data format: the first record has the fields {sorted(keys)}{hint}; "
+            f"expected the fields of one of the formats ({expected}); pass the format explicitly "
+            "(--dataset / fmt=...)",
             field="<format>",
         )
     return found
@@ -536,74 +680,140 @@ def detect_format(record: dict, *, allowed: Iterable[str] | None = None) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _is_local(path_or_id: str | os.PathLike) -> bool:
-    if isinstance(path_or_id, Path):
-        return True
-    s = os.fspath(path_or_id)
-    # A hub id looks like "owner/name"; anything that exists, has a JSON suffix or
-    # starts like a filesystem path is a local file (a typo then gives
-    # FileNotFoundError rather than a network request).
-    return os.path.exists(s) or s.lower().endswith(_LOCAL_SUFFIXES) or s.startswith((".", "/", "~"))
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def _read_json_stdlib(path: Path) -> list:
-    """Parse a JSON array or a JSONL file; parse errors name the file and line."""
-    opener = open
-    if path.suffix == ".gz":
-        import gzip
+def resolve_data_path(path_or_id: str | os.PathLike) -> Path | None:
+    """The absolute, resolved path of a local data file, or None for a hub data set id.
 
-        opener = gzip.open  # type: ignore[assignment]
-    with opener(path, "rt", encoding="utf-8") as fh:
-        text = fh.read()
-    stripped = text.lstrip()
-    if not stripped:
+    A hub id is only what looks like ``org/name`` (one slash, no JSON suffix) and is not
+    a local path; anything else must be an existing file, so a typo in a path is a
+    DataError rather than a network request."""
+    s = os.path.expanduser(os.fspath(path_or_id))
+    if not isinstance(path_or_id, Path) and not os.path.exists(s) and _HUB_ID.fullmatch(s) \
+            and not s.lower().endswith(_LOCAL_SUFFIXES):
+        return None
+    path = Path(s)
+    if path.is_dir():
+        raise DataError("is a directory; expected a JSON or JSONL file of records", file=str(path))
+    if not path.exists():
+        raise DataError("no such file (a data set on the Hugging Face Hub is given as 'org/name')",
+                        file=str(path))
+    return path.resolve()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (for messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BadLine:
+    """A JSONL line that is not valid JSON; it becomes its record's error."""
+
+    reason: str
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; errors for a non-UTF-8 file or a broken gzip file."""
+    try:
+        if path.name.lower().endswith(".gz"):
+            import gzip
+
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read the file: {e}", file=str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line} (byte offset {e.start}); "
+            "save the file as UTF-8",
+            file=str(path),
+        ) from None
+    return text[1:] if text.startswith("\ufeff") else text  # a byte-order mark
+
+
+def _runs_off_end(text: str, e: json.JSONDecodeError) -> bool:
+    """Whether the parser needed more text: the document is cut short."""
+    return e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+
+
+def _json_error(text: str, e: json.JSONDecodeError) -> str:
+    if _runs_off_end(text, e):
+        return (f"truncated: the file ends at line {e.lineno} before the JSON is complete "
+                "(an unclosed array, object or string)")
+    return f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+
+
+def read_records(path: Path) -> tuple[list, list[int] | None]:
+    """The raw records of a local file and, for JSON Lines, each record's line number.
+
+    A ``.json`` file holds a JSON array of records (or ``{"data": [...]}``); a
+    ``.jsonl`` file (or a ``.json`` file whose content is JSON Lines) one record per
+    line, blank lines ignored.  A JSONL line that is not valid JSON becomes a
+    :class:`_BadLine` in its place, so it is that record's error and the other lines
+    are read as usual.  Values keep their JSON types (nothing is coerced)."""
+    text = _read_text(path)
+    if not text.strip():
         raise DataError("the file is empty", file=str(path))
-    if stripped.startswith("["):
+    jsonl = path.name.lower().endswith((".jsonl", ".jsonl.gz"))
+    if not jsonl:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            reason = f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-            raise DataError(reason, file=str(path)) from e
+            if text.lstrip().startswith("{") and e.msg == "Extra data":
+                jsonl = True  # JSON Lines in a file named .json
+            else:
+                raise DataError(_json_error(text, e), file=str(path)) from None
+    if not jsonl:
+        if isinstance(data, dict) and set(data) == {"data"} and isinstance(data["data"], list):
+            data = data["data"]
+        if isinstance(data, dict):
+            raise DataError(
+                "the top level is a JSON object; expected a list of records: a JSON array "
+                "[{...}, {...}] or one object per line (JSON Lines, .jsonl)",
+                file=str(path),
+            )
         if not isinstance(data, list):
-            raise DataError("expected a JSON array of records", file=str(path))
-        return data
-    if stripped.startswith("{"):
-        # A single JSON object, or JSON Lines.
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = _MISSING
-        if data is not _MISSING:
-            return [data]
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+            raise DataError(f"the top level is a JSON {_json_type(data)}; expected a JSON array of records",
+                            file=str(path))
+        return data, None
+    rows, lines = [], []
+    physical = text.split("\n")
+    for lineno, line in enumerate(physical, start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON on line {lineno}: {e.msg}", file=str(path)) from e
-    return rows
-
-
-def _read_local(path: Path) -> list:
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        return ds.to_list()
-    except Exception:
-        # Fallback to the stdlib json module when `datasets` cannot build a table from
-        # the file: invalid JSON (the stdlib parser then names the line), an empty
-        # array, or heterogeneous nested fields for which no Arrow schema can be
-        # inferred.  `datasets` also fills keys absent from a record with None, which
-        # validation treats the same as a missing key.
-        return _read_json_stdlib(path)
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+            last = lineno == len(physical)  # no newline after it: the file ends inside it
+            if last and _runs_off_end(line, e):
+                reason = "truncated: the file ends inside this record"
+            else:
+                reason = f"invalid JSON at column {e.colno}: {e.msg}"
+            rows.append(_BadLine(reason))
+        lines.append(lineno)
+    return rows, lines
 
 
 def _read_hub(hub_id: str, split: str) -> list:
@@ -611,6 +821,28 @@ def _read_hub(hub_id: str, split: str) -> list:
 
     ds = datasets.load_dataset(hub_id, split=split)
     return ds.to_list()
+
+
+def request_hash(request: EditRequest) -> str:
+    """Content hash of a request: every field but ``source`` (where it was read from).
+    Two requests with equal hashes are the same edit with the same probes."""
+    fields = dataclasses.asdict(request)
+    del fields["source"]
+    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=list)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def find_duplicates(requests: Sequence[EditRequest]) -> list[str]:
+    """One line per request whose content repeats an earlier one of the list."""
+    first: dict[str, str] = {}
+    out = []
+    for r in requests:
+        h = request_hash(r)
+        if h in first:
+            out.append(f"{r.source} repeats {first[h]}")
+        else:
+            first[h] = r.source
+    return out
 
 
 def load_requests(
@@ -624,51 +856,54 @@ def load_requests(
     """Load and validate edit requests from a local JSON/JSONL file or a hub data set.
 
     Args:
-      path_or_id: a local ``.json``/``.jsonl`` file, read with
-        ``datasets.load_dataset("json", ...)``; anything that is not an existing path
-        (nor looks like one) is taken as a hub id for ``datasets.load_dataset(id,
-        split=split)``.
+      path_or_id: a local ``.json``/``.jsonl`` file (optionally ``.gz``), read with the
+        standard library's ``json`` (see :func:`read_records`); a hub id ``org/name``
+        that is not a local path is read with ``datasets.load_dataset(id,
+        split=split)``.  A missing path or a directory is a DataError.
       fmt: one of :data:`FORMATS` (``"rome"`` is accepted for ``"counterfact_rome"``).
       split: split of a hub data set (ignored for local files).
-      skip_invalid: skip invalid records and record why in ``LoadResult.skipped``
-        instead of raising :class:`DataError`.
+      skip_invalid: skip invalid records (and malformed JSONL lines) and list why in
+        ``LoadResult.skipped`` instead of raising :class:`DataError`.
       limit: read at most this many records (file entries; an MQuAKE case gives one
         request per rewrite).
 
     Every record is validated before returning; without ``skip_invalid`` the first
     invalid record raises a DataError (its message also says how many other
-    records are invalid).
+    records are invalid).  A bad field is only its own record's error.  Requests
+    whose content repeats an earlier one are kept and listed in
+    ``LoadResult.duplicates``.
     """
     fmt = _ALIASES.get(fmt, fmt)
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        raise UserError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise UserError(f"limit must be >= 0, got {limit}")
 
-    if _is_local(path_or_id):
-        path = Path(os.path.expanduser(os.fspath(path_or_id)))
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        rows = _read_local(path)
+    path = resolve_data_path(path_or_id)
+    lines = None
+    if path is not None:
+        rows, lines = read_records(path)
         file_label, name = str(path), path.name
     else:
         hub_id = os.fspath(path_or_id)
         rows = _read_hub(hub_id, split)
         file_label = name = f"{hub_id}[{split}]"
-
-    # {"data": [...]}: a single object wrapping the record list.
-    first = rows[0] if len(rows) == 1 else None
-    if isinstance(first, dict) and set(first) == {"data"} and isinstance(first["data"], list):
-        rows = first["data"]
     if not rows:
-        raise DataError("no records", file=file_label)
+        raise DataError("no records (an empty list)", file=file_label)
+
+    def ctx_of(i: int) -> _Ctx:
+        return _Ctx(file_label, i, line=lines[i] if lines is not None else None)
 
     if fmt in ("auto", "user"):
         allowed = ("zsre", "counterfact") if fmt == "user" else None
+        first = next((i for i, r in enumerate(rows) if isinstance(r, dict)), None)
+        if first is None:
+            raise ctx_of(0).error(None, f"no record is a JSON object (record 0 is "
+                                        f"{_json_type(rows[0]) if not isinstance(rows[0], _BadLine) else 'invalid JSON'})")
         try:
-            kind = detect_format(rows[0], allowed=allowed)
+            kind = detect_format(rows[first], allowed=allowed)
         except DataError as e:
-            raise DataError(e.reason, file=file_label, index=0, field=e.field) from None
+            raise ctx_of(first).error(e.field, e.reason) from None
     else:
         kind = fmt
     require_true = fmt != "user"
@@ -679,11 +914,13 @@ def load_requests(
     requests: list[EditRequest] = []
     errors: list[DataError] = []
     for i, row in enumerate(selected):
-        ctx = _Ctx(file_label, i)
+        ctx = ctx_of(i)
         source = f"{name}#{i}"
         try:
+            if isinstance(row, _BadLine):
+                raise ctx.error(None, row.reason)
             if not isinstance(row, dict):
-                raise ctx.error("<record>", f"expected a JSON object, got {type(row).__name__}")
+                raise ctx.error(None, f"the record is {_json_type(row)}; expected a JSON object")
             ctx.case_id = _case_id_of(row, ctx)
             if kind == "zsre":
                 reqs = _parse_zsre(row, ctx, source, require_true)
@@ -691,6 +928,8 @@ def load_requests(
                 reqs = _parse_flat(row, ctx, source, require_true)
             elif kind == "counterfact_rome":
                 reqs = _parse_rome(row, ctx, source)
+            elif kind == "knowedit":
+                reqs = _parse_knowedit(row, ctx, source)
             else:
                 reqs = _parse_mquake(row, ctx, source, tables)
         except DataError as e:
@@ -699,8 +938,15 @@ def load_requests(
         requests.extend(reqs)
 
     if not skip_invalid:
-        raise_first(errors, "invalid record(s)", "skip_invalid=True skips them")
-    return LoadResult(requests=requests, skipped=[str(e) for e in errors])
+        raise_first(errors, "invalid record(s)", "--skip-invalid (skip_invalid=True) skips them")
+    return LoadResult(
+        requests=requests,
+        skipped=[str(e) for e in errors],
+        duplicates=find_duplicates(requests),
+        path=str(path) if path is not None else file_label,
+        sha256=file_sha256(path) if path is not None else None,
+        n_records=len(selected),
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -708,11 +954,25 @@ def load_requests(
 # --------------------------------------------------------------------------- #
 
 
+def split_units(requests: Sequence[EditRequest], by_case: bool = False) -> list[list[EditRequest]]:
+    """What a split moves as one: each request, or with ``by_case`` each run of
+    consecutive requests sharing a non-None ``case_id`` (the rewrites of an MQuAKE case)."""
+    if not by_case:
+        return [[r] for r in requests]
+    groups: list[list[EditRequest]] = []
+    for r in requests:
+        if groups and r.case_id is not None and groups[-1][0].case_id == r.case_id:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 def split_requests(
     requests: Sequence[EditRequest],
     n_train: int,
     n_test: int,
-    seed: int,
+    seed: int = 0,
     *,
     by_case: bool = False,
 ) -> tuple[list[EditRequest], list[EditRequest]]:
@@ -724,20 +984,13 @@ def split_requests(
     cases instead of requests.
     """
     if n_train < 0 or n_test < 0:
-        raise ValueError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
-    if by_case:
-        groups: list[list[EditRequest]] = []
-        for r in requests:
-            if groups and r.case_id is not None and groups[-1][0].case_id == r.case_id:
-                groups[-1].append(r)
-            else:
-                groups.append([r])
-    else:
-        groups = [[r] for r in requests]
+        raise UserError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
+    groups = split_units(requests, by_case)
     unit = "cases" if by_case else "requests"
     if n_train + n_test > len(groups):
-        raise ValueError(
-            f"not enough {unit}: n_train + n_test = {n_train + n_test} > {len(groups)} available"
+        raise UserError(
+            f"not enough {unit}: n_train + n_test (--n-train, --n-test) = {n_train + n_test} > "
+            f"{len(groups)} available"
         )
     perm = np.random.default_rng(seed).permutation(len(groups))
     train = [r for g in perm[:n_train] for r in groups[g]]

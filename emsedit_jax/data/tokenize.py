@@ -18,6 +18,12 @@ target_new for the locality sequences.  Only the first ``min(len(T), len(T_alt))
 answer positions can hold alternative tokens, and since the input is teacher forced
 on the main target, alternative tokens after the first are conditioned on the main
 target's prefix; the first answer position is an exact comparison of both targets.
+
+With ``chat_template=True`` (for instruct models) every prompt is wrapped in the
+tokenizer's chat template as one user turn followed by the assistant header,
+``P = tokenizer(apply_chat_template([user: prompt], add_generation_prompt=True),
+add_special_tokens=False)`` (the template writes its own special tokens), and the
+target, which opens the assistant turn, is tokenised without the leading space.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from .records import DataError, EditRequest, LoadResult, raise_first
 
 __all__ = [
@@ -38,6 +45,9 @@ __all__ = [
     "encode",
     "check_lengths",
     "pad_id_of",
+    "prompt_ids",
+    "target_ids",
+    "encode_texts",
 ]
 
 IGNORE = -100
@@ -104,13 +114,36 @@ def _ids(tokenizer, texts: list[str], *, special: bool) -> list[list[int]]:
     return [list(map(int, ids)) for ids in out]
 
 
-def _tokenize_field(tokenizer, requests: Sequence[EditRequest], field: str):
+def prompt_ids(tokenizer, prompts: Sequence[str], *, chat_template: bool = False) -> list[list[int]]:
+    """Token ids of prompts: raw (with the tokenizer's default special tokens) or, with
+    ``chat_template``, wrapped in the tokenizer's chat template as one user turn
+    followed by the assistant header."""
+    prompts = list(prompts)
+    if not chat_template:
+        return _ids(tokenizer, prompts, special=True)
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise UserError(f"--chat-template: the tokenizer of {name} has no chat template (an instruct model's "
+                        "tokenizer_config.json carries one); drop the flag to use raw prompts")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    return _ids(tokenizer, texts, special=False)
+
+
+def target_ids(tokenizer, targets: Sequence[str], *, chat_template: bool = False) -> list[list[int]]:
+    """Token ids of answers that follow a prompt: ``" " + target`` without special
+    tokens; with ``chat_template`` the answer opens the assistant turn, so no space."""
+    prefix = "" if chat_template else " "
+    return _ids(tokenizer, [prefix + t for t in targets], special=False)
+
+
+def _tokenize_field(tokenizer, requests: Sequence[EditRequest], field: str, chat_template: bool = False):
     """Token lists (prompt, target, alt target or None) for every request."""
     p_attr, t_attr, a_attr = _check_field(field)
-    prompts = _ids(tokenizer, [getattr(r, p_attr) for r in requests], special=True)
-    targets = _ids(tokenizer, [" " + getattr(r, t_attr) for r in requests], special=False)
+    prompts = prompt_ids(tokenizer, [getattr(r, p_attr) for r in requests], chat_template=chat_template)
+    targets = target_ids(tokenizer, [getattr(r, t_attr) for r in requests], chat_template=chat_template)
     alt_idx = [i for i, r in enumerate(requests) if getattr(r, a_attr) is not None]
-    alt_tok = _ids(tokenizer, [" " + getattr(requests[i], a_attr) for i in alt_idx], special=False)
+    alt_tok = target_ids(tokenizer, [getattr(requests[i], a_attr) for i in alt_idx], chat_template=chat_template)
     alts: list[list[int] | None] = [None] * len(requests)
     for i, ids in zip(alt_idx, alt_tok):
         alts[i] = ids
@@ -155,6 +188,7 @@ def encode(
     *,
     length_buckets: Sequence[int] = LENGTH_BUCKETS,
     answer_buckets: Sequence[int] = ANSWER_BUCKETS,
+    chat_template: bool = False,
 ) -> TeacherForced:
     """Teacher-forced encoding of one field of ``requests`` (see the module docstring).
 
@@ -165,30 +199,53 @@ def encode(
     largest bucket raises :class:`DataError` (use :func:`check_lengths` first to
     validate or drop such requests).  ``n_answer`` is the smallest answer bucket >=
     the longest target; a longer target rounds up to a multiple of the largest
-    answer bucket instead of failing.
+    answer bucket instead of failing.  ``chat_template``: see the module docstring.
     """
     if not requests:
         raise ValueError("encode() needs at least one request")
     if not length_buckets or not answer_buckets:
         raise ValueError("length_buckets and answer_buckets must not be empty")
-    prompts, targets, alts = _tokenize_field(tokenizer, requests, field)
+    prompts, targets, alts = _tokenize_field(tokenizer, requests, field, chat_template)
     max_bucket = max(length_buckets)
     for req, p, t in zip(requests, prompts, targets):
         problem = _row_problem(len(p), len(t), max_bucket)
         if problem is not None:
             raise _error(req, field, problem + (" (largest length bucket)" if len(p) and len(t) else ""))
+    return _teacher_forced(prompts, targets, alts, pad_id_of(tokenizer), length_buckets, answer_buckets)
 
-    longest = max(len(p) + len(t) - 1 for p, t in zip(prompts, targets))
+
+def encode_texts(tokenizer, prompts: Sequence[str], targets: Sequence[str], *, chat_template: bool = False,
+                 answer_buckets: Sequence[int] = ANSWER_BUCKETS) -> TeacherForced:
+    """Teacher-forced encoding of (prompt, target) pairs without another target and
+    without a length limit (the padded length is the longest sequence rounded up to a
+    multiple of 16): the probes of the evaluation (every paraphrase, neighbour and
+    portability question). A prompt or target that tokenises to nothing gets a row
+    with no answer slot (it is not scored)."""
+    if not prompts or len(prompts) != len(targets):
+        raise ValueError("encode_texts() needs as many targets as prompts, at least one")
+    p_ids = prompt_ids(tokenizer, prompts, chat_template=chat_template)
+    t_ids = target_ids(tokenizer, targets, chat_template=chat_template)
+    keep = [bool(p and t) for p, t in zip(p_ids, t_ids)]
+    p_ids = [p if k else [pad_id_of(tokenizer)] for p, k in zip(p_ids, keep)]
+    t_ids = [t if k else [] for t, k in zip(t_ids, keep)]
+    longest = max(len(p) + max(len(t), 1) - 1 for p, t in zip(p_ids, t_ids))
+    return _teacher_forced(p_ids, t_ids, [None] * len(p_ids), pad_id_of(tokenizer), (-(-longest // 16) * 16,),
+                           answer_buckets)
+
+
+def _teacher_forced(prompts: list[list[int]], targets: list[list[int]], alts: list[list[int] | None], pad: int,
+                    length_buckets: Sequence[int], answer_buckets: Sequence[int]) -> TeacherForced:
+    """The padded arrays of token lists (every sequence fits the largest bucket)."""
+    longest = max(len(p) + max(len(t), 1) - 1 for p, t in zip(prompts, targets))
     seq_len = _bucket(longest, length_buckets)
     assert seq_len is not None
-    max_answer = max(len(t) for t in targets)
+    max_answer = max(1, max(len(t) for t in targets))
     n_answer = _bucket(max_answer, answer_buckets)
     if n_answer is None:
         top = max(answer_buckets)
         n_answer = -(-max_answer // top) * top
 
-    n = len(requests)
-    pad = pad_id_of(tokenizer)
+    n = len(prompts)
     input_ids = np.full((n, seq_len), pad, dtype=np.int32)
     attention_mask = np.zeros((n, seq_len), dtype=np.int32)
     labels = np.full((n, seq_len), IGNORE, dtype=np.int32)
@@ -196,7 +253,7 @@ def encode(
     answer_start = np.zeros((n,), dtype=np.int32)
     answer_len = np.zeros((n,), dtype=np.int32)
     for i, (p, t, a) in enumerate(zip(prompts, targets, alts)):
-        length = len(p) + len(t) - 1
+        length = len(p) + max(len(t), 1) - 1
         input_ids[i, :length] = p + t[:-1]
         attention_mask[i, :length] = 1
         start = len(p) - 1
@@ -222,6 +279,7 @@ def check_lengths(
     requests: Sequence[EditRequest],
     max_len: int = max(LENGTH_BUCKETS),
     skip_invalid: bool = False,
+    chat_template: bool = False,
 ) -> LoadResult:
     """Validate the edit, rephrase and loc sequences of every request up front.
 
@@ -233,7 +291,7 @@ def check_lengths(
     requests = list(requests)
     problems: dict[int, DataError] = {}
     for field in FIELDS:
-        prompts, targets, _ = _tokenize_field(tokenizer, requests, field)
+        prompts, targets, _ = _tokenize_field(tokenizer, requests, field, chat_template)
         for i, (req, p, t) in enumerate(zip(requests, prompts, targets)):
             if i in problems:
                 continue

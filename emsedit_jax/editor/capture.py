@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 
 from ..models.config import ModelConfig
 from ..models.layers import Array, ModuleEdit, Params, default_positions
-from ..models.transformer import context, embed, head, module_shape, parse_module, run_layers
+from ..models.transformer import builtin, context, embed, head, module_shape, parse_module, run_layers
 
 IGNORE = -100
 
@@ -61,6 +62,15 @@ def token_nll(logits: Array, targets: Array, mask: Array) -> Array:
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
+def check_inputs(cfg: ModelConfig, batch: Batch, deltas: Mapping[str, Array] | None) -> None:
+    """Trace-time shape checks of the editor's entry points (free under jit): the
+    batch's arrays are all (B, S), each delta is its module's (d_in, d_out)."""
+    chex.assert_rank(batch.input_ids, 2)
+    chex.assert_equal_shape([x for x in batch if x is not None])
+    for name, delta in (deltas or {}).items():
+        chex.assert_shape(delta, module_shape(cfg, name), custom_message=f"delta of {name}")
+
+
 def _positions(batch: Batch) -> Array:
     return default_positions(batch.attention_mask) if batch.positions is None else batch.positions
 
@@ -74,11 +84,17 @@ class Prefix(NamedTuple):
 
 def first_layer(cfg: ModelConfig, modules: Sequence[str]) -> int:
     """The lowest layer touched by `modules`: everything below it is edit-independent."""
+    if not builtin(cfg):
+        return 0
     return min(parse_module(cfg, m)[0] for m in modules)
 
 
-def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, remat: bool = False) -> Prefix:
-    """Runs the unedited layers [0, start) once (no gradient flows into them)."""
+def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, remat: bool = False
+                  ) -> Prefix | None:
+    """Runs the unedited layers [0, start) once (no gradient flows into them). None for
+    a model without a layer split (flax_nnx): every pass then runs the whole model."""
+    if not builtin(cfg):
+        return None
     pos = _positions(batch)
     ctx = context(cfg, batch.attention_mask, pos)
     h, _ = run_layers(cfg, params, embed(cfg, params, batch.input_ids, pos), ctx, stop=start, remat=remat)
@@ -86,6 +102,8 @@ def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, re
 
 
 def _run(cfg, params, batch, edits_by_name, positions, prefix: Prefix | None, remat):
+    if not builtin(cfg):
+        return cfg.run(params, batch.input_ids, batch.attention_mask, _positions(batch), edits_by_name, positions)
     edits: dict[int, dict[str, ModuleEdit]] = {}
     for name, edit in edits_by_name.items():
         layer, suffix = parse_module(cfg, name)
@@ -106,6 +124,7 @@ def edited_logits(cfg: ModelConfig, params: Params, batch: Batch, deltas: Mappin
                   ) -> tuple[Array, Array, Array]:
     """Logits of params + deltas at the answer slots: logits (B, A, V) in float32,
     targets (B, A), mask (B, A). `prefix` skips the unedited lower layers."""
+    check_inputs(cfg, batch, deltas)
     positions, targets, mask = answer_slots(batch.labels, n_answer)
     edits = {name: ModuleEdit(delta=d) for name, d in (deltas or {}).items()}
     logits, _ = _run(cfg, params, batch, edits, positions, prefix, remat)
@@ -131,6 +150,7 @@ def capture(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[st
                                 remat=remat, chunk=chunk)
     modules = tuple(modules)
     deltas = dict(deltas or {})
+    check_inputs(cfg, batch, deltas)
     positions, targets, mask = answer_slots(batch.labels, n_answer)
     b = batch.input_ids.shape[0]
 

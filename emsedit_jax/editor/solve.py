@@ -12,6 +12,7 @@ form dW = U^T (U U^T + e^lamda I)^-1 D, which is cheaper and has the same gradie
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -22,8 +23,12 @@ def ridge(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> Array
     """u (N, d_in), d (N, d_out), lamda (), prior (d_in, d_in) or None -> dW (d_in, d_out).
     The solves take min(N, d_out) right-hand sides: with N answer slots well below
     d_out, (G^-1 U^T) D is cheaper than G^-1 (U^T D) on CPU LAPACK (same gradient)."""
+    chex.assert_rank([u, d, lamda], [2, 2, 0])        # trace-time: free under jit
+    chex.assert_equal_shape_prefix([u, d], 1)
     n, d_in = u.shape
     d_out = d.shape[1]
+    if prior is not None:
+        chex.assert_shape(prior, (d_in, d_in))
     reg = jnp.exp(lamda)
     if prior is None and n < d_in:
         gram = u @ u.T + reg * jnp.eye(n, dtype=u.dtype)
@@ -45,6 +50,9 @@ def ridge_each(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> 
     a zero-padded (K, d_in, d_out) array per module, which XLA on CPU materialises
     (K x 21 MB per step for the embedded model's up_proj). The default on CPU;
     `ridge_batched` elsewhere (backend.solve)."""
+    chex.assert_rank([u, d, lamda], [3, 3, 1])
+    chex.assert_equal_shape_prefix([u, d], 2)
+    chex.assert_equal_shape_prefix([u, lamda], 1)
     return [ridge(u[k], d[k], lamda[k], None if prior is None else prior[k]) for k in range(u.shape[0])]
 
 
@@ -65,4 +73,6 @@ def ridge_primal(u: Array, d: Array, lamda: Array) -> Array:
 
 def rank1(u_tilde: Array, d: Array) -> Array:
     """u~ (N, d_in), d (N, d_out) -> sum of outer products (d_in, d_out)."""
+    chex.assert_rank([u_tilde, d], 2)
+    chex.assert_equal_shape_prefix([u_tilde, d], 1)
     return u_tilde.T @ d

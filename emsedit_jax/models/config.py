@@ -1,9 +1,12 @@
 """Model configuration: one frozen dataclass for every supported family.
 
-`ModelConfig.from_hf(dict)` reads a Hugging Face `config.json`. It is strict: a field
-that changes the computation and that this code does not implement is an error, and
-so is a field it has never heard of (pass `strict=False` to only warn about unknown
-fields). The config is hashable, so jitted functions take it as a static argument.
+`ModelConfig.from_hf(dict)` reads a Hugging Face `config.json` as it is on the Hub.
+Fields that do not change the forward computation (dropout probabilities, `use_cache`,
+`output_past`, `task_specific_params`, `summary_*`, GPT-J's `rotary: true`, generation
+and tokenizer hints, ...) are accepted. A field that would change the computation and
+that this code does not implement is an error naming it, and so is a field it has never
+heard of (`strict=False`, from Python, only warns about those). The config is
+hashable, so jitted functions take it as a static argument.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ _HARMLESS = {
     "begin_suppress_tokens", "typical_p", "diversity_penalty", "num_beam_groups",
     "encoder_no_repeat_ngram_size", "bad_word_ids", "gradient_checkpointing",
     "max_window_layers", "rope_scaling_ignored", "unk_token_id", "vocab_size",
+    # dropout (inference and editing run without it), caching and output switches
+    "output_past", "use_return_dict", "dropout", "hidden_dropout", "hidden_dropout_prob",
+    "attention_probs_dropout_prob", "classifier_dropout", "summary_proj_dropout", "mlp_dropout",
+    "keys_to_ignore_at_inference", "transformers.js_config",
 }
 
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -114,8 +121,8 @@ class ModelConfig:
         unknown = sorted(k for k in cfg if k not in used and k not in _HARMLESS)
         if unknown:
             msg = (f"{source}: unrecognised config field(s) {unknown} for model_type "
-                   f"{model_type!r}; emsedit-jax does not know whether they change the "
-                   "model (pass strict=False to load anyway)")
+                   f"{model_type!r}: emsedit-jax does not know whether they change the "
+                   "model; if they do not, delete them from config.json")
             if strict:
                 raise ConfigError(msg)
             warnings.warn(msg, stacklevel=2)
@@ -239,7 +246,13 @@ def _parse_gpt2(cfg, model_type, source):
 def _parse_gptj(cfg, model_type, source):
     used = {"n_embd", "n_head", "n_inner", "n_layer", "activation_function",
             "layer_norm_epsilon", "rotary_dim", "tie_word_embeddings", "n_positions",
-            "rope_theta"}
+            "rope_theta", "rotary", "scale_attn_weights"}
+    # transformers' GPT-J always applies rotary embeddings and scales the attention
+    # logits; these two fields only say so.
+    if not cfg.get("rotary", True):
+        raise ConfigError(f"{source}: rotary=false (GPT-J without rotary embeddings) is not implemented")
+    if not cfg.get("scale_attn_weights", True):
+        raise ConfigError(f"{source}: scale_attn_weights=false is not implemented")
     if cfg.get("tie_word_embeddings", False):
         raise ConfigError(f"{source}: tied GPT-J heads are not implemented")
     fields = _gpt_common(cfg, source)

@@ -1,8 +1,9 @@
 """Read a llama.cpp GGUF file and turn it into a Hugging Face checkpoint folder.
 
 No torch is needed: tensors are dequantized with ``gguf.quants.dequantize`` into numpy,
-written with ``safetensors.numpy``, and the tokenizer is rebuilt with the ``tokenizers``
-library from the vocabulary and merges stored in the GGUF metadata.
+written with the package's safetensors writer (``safetensors_io.write``), and the
+tokenizer is rebuilt with the ``tokenizers`` library from the vocabulary and merges
+stored in the GGUF metadata.
 
 Public API
 ----------
@@ -570,7 +571,7 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     cfg["dtype"] = dtype
     gen_cfg = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
 
-    from safetensors.numpy import save_file
+    from .safetensors_io import write as write_safetensors
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -578,13 +579,12 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         _write_json(tmp / "config.json", cfg)
         _write_json(tmp / "generation_config.json", gen_cfg)
         names = sorted(tensors)
-        save_file({n: _cast(tensors.pop(n), dtype) for n in names}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", {n: _cast(tensors.pop(n), dtype) for n in names})
         (tmp / "tokenizer.json").write_text(tok_files["tokenizer.json"], encoding="utf-8")
         _write_json(tmp / "tokenizer_config.json", tok_files["tokenizer_config.json"])
         _write_json(tmp / "special_tokens_map.json", tok_files["special_tokens_map.json"])
         _write_json(tmp / SOURCE_MARKER, source_marker(gguf_path, dtype))
-        # mkdtemp makes the folder 0700 (and safetensors its file 0600): use the usual modes
+        # mkdtemp makes the folder 0700: use the usual modes
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)

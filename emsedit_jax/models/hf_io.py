@@ -3,9 +3,11 @@
 `load_model(name_or_path)` accepts a local checkpoint folder, a hub id (resolved with
 `huggingface_hub.snapshot_download`; nothing is fetched when HF_HUB_OFFLINE=1), or the
 name of an embedded model (`smollm2`). `save_hf` writes parameters back as a folder that
-`transformers` loads. Safetensors files are read and written here directly (numpy
-memory maps + ml_dtypes), so bfloat16 needs no torch and a corrupt file is reported
-with its name and the tensor concerned.
+`transformers` loads. Safetensors files go through `safetensors_io` (the `safetensors`
+library, errors naming the file and tensor). With `mesh=` (or `load_params(...,
+shardings=)`), every array is assembled on its devices from the slices they hold, read
+from the files slice by slice: no device holds more than its shard, a process reads only
+its devices' slices, and the host holds about one tensor's slice at a time.
 """
 
 from __future__ import annotations
@@ -13,101 +15,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
-import struct
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from . import safetensors_io as st
 from .config import ConfigError, ModelConfig
 from .layers import Params, get_path, set_path
-from .transformer import layer_params, tensor_specs
+from .safetensors_io import CheckpointError
 from ..errors import UserError
+from .transformer import abstract_params, layer_params, tensor_specs
 
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read; the message names the file and tensor."""
-
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
                    "generation_config.json", "chat_template.jinja")
-
-
-# ---------------------------------------------------------------- safetensors
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Returns (header dict, offset of the data section)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8:
-                raise CheckpointError(f"{path}: corrupt safetensors header (length {n} exceeds the file)")
-            header = json.loads(f.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
-    header.pop("__metadata__", None)
-    data_start = 8 + n
-    for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-            count = int(np.prod(info["shape"], dtype=np.int64))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {info!r}") from e
-        if end - begin != count * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name!r}: byte range {begin}..{end} does not match "
-                                  f"shape {info['shape']} of {info['dtype']}")
-        if data_start + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r}: data is truncated "
-                                  f"(needs {data_start + end} bytes, file has {size})")
-    return header, data_start
-
-
-def read_tensor(path: Path, header: dict, data_start: int, name: str) -> np.ndarray:
-    info = header[name]
-    begin, end = info["data_offsets"]
-    dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start + begin, shape=(end - begin,))
-    return mm.view(dtype).reshape(info["shape"])
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    arrays = {}
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype not in _ST_NAMES:
-            raise CheckpointError(f"{path}: tensor {name!r}: dtype {arr.dtype} cannot be saved")
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays[name] = arr
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays.values():
-            f.write(arr.tobytes())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the model bundle
@@ -121,23 +51,33 @@ class Model:
     hf_config: dict
 
 
-def resolve(name_or_path: str | os.PathLike) -> Path:
-    """Local folder, embedded model name, or hub id -> local checkpoint folder."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve(name_or_path: str | os.PathLike, patterns: Sequence[str] | None = None) -> Path:
+    """Local folder, embedded model name, or hub id ('org/name' or a bare 'gpt2-xl')
+    -> local checkpoint folder. A hub id comes from the local Hugging Face cache
+    (HF_HOME / HF_HUB_CACHE) when HF_HUB_OFFLINE=1, else through `snapshot_download`,
+    which fetches only the files matching `patterns` (default: config, weights and
+    tokenizer files)."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
     from .embedded import EMBEDDED_MODELS, ensure_embedded
-    if str(name_or_path) in EMBEDDED_MODELS:
-        return ensure_embedded(str(name_or_path))
-    if p.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        return ensure_embedded(name)
+    if p.exists() or name.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(name):
         raise CheckpointError(f"{name_or_path}: no such checkpoint folder, embedded model "
-                              "(smollm2) or hub id of the form 'org/name'")
+                              "(smollm2) or hub id ('org/name' or 'name')")
     from huggingface_hub import snapshot_download
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES]
+    if patterns is None:
+        patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES]
     try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
+        return Path(snapshot_download(name, allow_patterns=list(patterns)))
     except Exception as e:  # noqa: BLE001 - re-raised with the id named
-        raise CheckpointError(f"{name_or_path}: could not resolve hub id: {e}") from e
+        raise CheckpointError(f"{name_or_path}: no such checkpoint folder, and the hub id could not "
+                              f"be resolved: {e}") from e
 
 
 def read_config(folder: Path, strict: bool = True) -> tuple[ModelConfig, dict]:
@@ -166,11 +106,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weights found (PyTorch .bin files are not supported)")
-    out = {}
-    for f in files:
-        header, _ = read_safetensors_header(f)
-        out.update({k: f for k in header})
-    return out
+    return {k: f for f in files for k in st.tensor_table(f)}
 
 
 def _canonical(cfg: ModelConfig, key: str) -> str:
@@ -180,29 +116,85 @@ def _canonical(cfg: ModelConfig, key: str) -> str:
     return key
 
 
-def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: bool = False) -> Params:
+def _full(ndim: int) -> tuple[slice, ...]:
+    return (slice(None),) * ndim
+
+
+def _assemble(shape: tuple[int, ...], sharding, dtype, block) -> jax.Array:
+    """The array of global `shape` on `sharding`, built from this process's devices'
+    slices: each distinct slice (a replicated one once) is read by `block(index)` and
+    sent to its devices before the next is read, so the host holds one slice at a time.
+    (`jax.make_array_from_callback` does the same but gathers every slice of the
+    process before sending any.)"""
+    groups: dict[tuple, tuple[tuple[slice, ...], list]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        index = tuple(index) + _full(len(shape) - len(index))
+        key = tuple(range(n)[i] for n, i in zip(shape, index))
+        groups.setdefault(key, (index, []))[1].append(device)
+    arrays = []
+    for index, devices in groups.values():
+        host = np.asarray(block(index), dtype)
+        arrays += [jax.device_put(host, d) for d in devices]
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: bool = False,
+                shardings: Params | None = None) -> Params:
     """Reads every tensor the config needs, checks shapes and finiteness, and builds the
     parameter tree in `dtype`: per-layer tensors in the list layout, or (`stacked`) on a
-    leading layer axis (see models/transformer.py)."""
-    files = {_canonical(cfg, k): (k, f) for k, f in _weight_files(folder).items()}
-    headers: dict[Path, tuple[dict, int]] = {}
+    leading layer axis (see models/transformer.py).
 
-    def fetch(hf_key: str, want_shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+    `shardings`: None (every array whole on the default device), or a tree of
+    `jax.sharding.Sharding`s shaped like the parameters (e.g. `sharding.param_shardings(
+    abstract_params(cfg, dtype, stacked), mesh)`); each array is then assembled from the
+    slices this process's devices hold, read from the files slice by slice (a transposed
+    tensor by reading the transposed slice), one slice in host memory at a time."""
+    files = {_canonical(cfg, k): (k, f) for k, f in _weight_files(folder).items()}
+    tables: dict[Path, dict[str, st.TensorInfo]] = {}
+    want = abstract_params(cfg, dtype, stacked=stacked)
+
+    def locate(hf_key: str, want_shape: tuple[int, ...], transpose: bool) -> tuple[Path, str]:
         if hf_key not in files:
             where = sorted({str(f.name) for _, f in files.values()})
             raise CheckpointError(f"{folder}: tensor {hf_key!r} is missing (looked in {where})")
         orig, f = files[hf_key]
-        if f not in headers:
-            headers[f] = read_safetensors_header(f)
-        arr = read_tensor(f, *headers[f], orig)
+        if f not in tables:
+            tables[f] = st.tensor_table(f)
+        if orig not in tables[f]:
+            raise CheckpointError(f"{f}: tensor {orig!r} (listed in the index) is not in the file")
         hf_shape = tuple(reversed(want_shape)) if transpose else tuple(want_shape)
-        if tuple(arr.shape) != hf_shape:
-            raise CheckpointError(f"{f}: tensor {orig!r} has shape {tuple(arr.shape)}, "
+        if tables[f][orig].shape != hf_shape:
+            raise CheckpointError(f"{f}: tensor {orig!r} has shape {tables[f][orig].shape}, "
                                   f"the config implies {hf_shape}")
-        arr = np.asarray(arr, np.float32)
+        return f, orig
+
+    def read(source: tuple[Path, str], index: tuple[slice, ...], transpose: bool) -> np.ndarray:
+        """index: a slice per dimension of our layout -> that slice, in the file's dtype."""
+        f, orig = source
+        arr = st.read(f, orig, tuple(reversed(index)) if transpose else index)
         if not np.isfinite(arr).all():
             raise CheckpointError(f"{f}: tensor {orig!r} contains NaN or infinite values")
         return arr.T if transpose else arr
+
+    def build(path: tuple, layers: list[tuple[Path, str]] | None, source, transpose: bool):
+        """One leaf: a tensor (`source`), or the stack of one tensor of every layer."""
+        shape = get_path(want, path).shape
+        if layers is None:
+            def block(index):
+                return read(source, index, transpose)
+        else:
+            def block(index):
+                index = tuple(index) + _full(len(shape) - len(index))
+                picked = range(len(layers))[index[0]]
+                out = np.empty((len(picked), *[len(range(n)[i]) for n, i in zip(shape[1:], index[1:])]),
+                               np.dtype(dtype))
+                for j, layer in enumerate(picked):      # one layer's slice at a time
+                    out[j] = read(layers[layer], index[1:], transpose)
+                return out
+        if shardings is None:
+            return jnp.asarray(block(_full(len(shape))), dtype)
+        return _assemble(shape, get_path(shardings, path), dtype, block)
 
     params: Params = {} if stacked else {"layers": tuple({} for _ in range(cfg.num_layers))}
     used = set()
@@ -210,15 +202,16 @@ def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: b
         if spec.stacked:
             keys = [f"{cfg.layer_prefix}.{i}.{spec.hf_name}" for i in range(cfg.num_layers)]
             used.update(keys)
-            if not stacked:
-                for layer, k in zip(params["layers"], keys):
-                    set_path(layer, path[1:], jnp.asarray(fetch(k, spec.shape, spec.transpose), dtype))
-                continue
-            value = np.stack([fetch(k, spec.shape, spec.transpose) for k in keys])
+            sources = [locate(k, spec.shape, spec.transpose) for k in keys]
+            if stacked:
+                set_path(params, path, build(path, sources, None, spec.transpose))
+            else:
+                for i, (layer, source) in enumerate(zip(params["layers"], sources)):
+                    set_path(layer, path[1:], build(("layers", i, *path[1:]), None, source, spec.transpose))
         else:
-            value = fetch(spec.hf_name, spec.shape, spec.transpose)
             used.add(spec.hf_name)
-        set_path(params, path, jnp.asarray(value, dtype))
+            set_path(params, path, build(path, None, locate(spec.hf_name, spec.shape, spec.transpose),
+                                         spec.transpose))
     extra = sorted(k for k in files if k not in used and not k.endswith(_IGNORED_SUFFIXES)
                    and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
     if extra:
@@ -239,13 +232,23 @@ def load_tokenizer(folder: Path):
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True,
-               tokenizer: bool = True, residual: str | None = None, stacked: bool | None = None) -> Model:
+               tokenizer: bool = True, residual: str | None = None, stacked: bool | None = None,
+               mesh=None) -> Model:
     """`dtype`: the parameters' dtype. `residual`: the residual stream's dtype (None: the
     parameters'; "float32" with bfloat16 parameters: mixed precision with the running
     sum of the layers' outputs in float32 and every matmul in bfloat16). `stacked`: the
     per-layer tensors on a leading layer axis (unedited layers run as a `lax.scan`,
     faster to compile) instead of the list layout (faster to run on CPU); None: the
-    backend's default (`backend.layer_layout`: list on CPU, stacked on GPU / TPU)."""
+    backend's default (`backend.layer_layout`: list on CPU, stacked on GPU / TPU).
+    `mesh` (a `sharding.make_mesh` mesh): every parameter is read straight into its
+    shards on the mesh (see `load_params`), placed as `sharding.param_shardings` says.
+    'package.module:function' (not a path) calls that function for the Model (a Flax
+    model: `flax_nnx.from_nnx`); the options above are then the function's business."""
+    if is_factory(name_or_path):
+        if jnp.dtype(dtype) != jnp.float32 or residual is not None or stacked or mesh is not None:
+            raise UserError(f"model {name_or_path}: a model factory sets its own dtypes and layout "
+                            "(dtype/residual/stacked/mesh apply to checkpoints)")
+        return from_factory(name_or_path)
     if stacked is None:
         from ..backend import layer_layout
         stacked = layer_layout() == "stacked"
@@ -253,12 +256,57 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bo
     cfg, raw = read_config(folder, strict=strict)
     if residual is not None:
         cfg = dataclasses.replace(cfg, residual_dtype=jnp.dtype(residual).name)
-    params = load_params(folder, cfg, dtype, stacked=stacked)
+    shardings = None
+    if mesh is not None:
+        from ..sharding import param_shardings
+        shardings = param_shardings(cfg, abstract_params(cfg, dtype, stacked=stacked), mesh)
+    params = load_params(folder, cfg, dtype, stacked=stacked, shardings=shardings)
     tok = load_tokenizer(folder) if tokenizer else None
     return Model(cfg, params, tok, folder, raw)
 
 
+FACTORY = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
+
+
+def is_factory(spec: str) -> bool:
+    """True for 'package.module:function' (and not an existing path)."""
+    return bool(FACTORY.fullmatch(str(spec))) and not os.path.exists(spec)
+
+
+def from_factory(spec: str):
+    """Imports `package.module` and returns `function()`, which must return a `Model`
+    (for a Flax NNX model: `from_nnx(...)`). The module must be importable (installed,
+    or its folder on PYTHONPATH)."""
+    import importlib
+    m = FACTORY.fullmatch(str(spec))
+    if not m:
+        raise UserError(f"model {spec!r}: a model factory is written 'package.module:function'")
+    try:
+        module = importlib.import_module(m.group(1))
+    except ImportError as e:
+        raise UserError(f"model {spec!r}: cannot import {m.group(1)!r} ({e}); is its folder on PYTHONPATH?") from e
+    fn = getattr(module, m.group(2), None)
+    if not callable(fn):
+        raise UserError(f"model {spec!r}: {m.group(1)} has no function {m.group(2)!r}")
+    model = fn()
+    if not isinstance(model, Model):
+        raise UserError(f"model {spec!r}: {m.group(2)}() returned {type(model).__name__}, expected a Model "
+                        "(build it with emsedit_jax.models.flax_nnx.from_nnx)")
+    return model
+
+
 # ---------------------------------------------------------------- export
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{HF tensor name: shape in the HF layout} of the model `cfg` describes (no weights)."""
+    out = {}
+    for spec in tensor_specs(cfg).values():
+        shape = tuple(reversed(spec.shape)) if spec.transpose else tuple(spec.shape)
+        names = ([f"{cfg.layer_prefix}.{i}.{spec.hf_name}" for i in range(cfg.num_layers)]
+                 if spec.stacked else [spec.hf_name])
+        out.update({n: shape for n in names})
+    return out
+
+
 def hf_state_dict(cfg: ModelConfig, params: Params, dtype=None) -> dict[str, np.ndarray]:
     """Our parameter tree (either layer layout) -> {HF name: array in HF layout}."""
     def host(x):
@@ -281,6 +329,11 @@ def save_hf(model: Model, out_dir: str | os.PathLike, params: Params | None = No
             dtype=None, max_shard_bytes: int | None = None) -> Path:
     """Writes `params` (default: model.params) as a Hugging Face checkpoint folder with
     the original config and tokenizer files. Shards above `max_shard_bytes`."""
+    from .transformer import builtin
+    if not builtin(model.config):
+        raise UserError(f"{model.config.name}: a Flax model is not saved as a Hugging Face checkpoint; its edited "
+                        "parameters are apply_deltas(model.config, model.params, deltas), a pytree to save "
+                        "as that model is saved")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = hf_state_dict(model.config, model.params if params is None else params, dtype)
@@ -295,7 +348,7 @@ def save_hf(model: Model, out_dir: str | os.PathLike, params: Params | None = No
         if src.is_file() and src.resolve() != (out / name).resolve():
             shutil.copy(src, out / name)
     if max_shard_bytes is None or sum(a.nbytes for a in state.values()) <= max_shard_bytes:
-        write_safetensors(out / "model.safetensors", state)
+        st.write(out / "model.safetensors", state)
         return out
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -308,7 +361,7 @@ def save_hf(model: Model, out_dir: str | os.PathLike, params: Params | None = No
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(out / fname, shard)
+        st.write(out / fname, shard)
         weight_map.update({k: fname for k in shard})
     index = {"metadata": {"total_size": sum(a.nbytes for a in state.values())}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -316,4 +369,4 @@ def save_hf(model: Model, out_dir: str | os.PathLike, params: Params | None = No
 
 
 __all__ = ["CheckpointError", "ConfigError", "Model", "load_model", "load_params", "read_config",
-           "resolve", "save_hf", "hf_state_dict", "write_safetensors", "read_safetensors_header"]
+           "resolve", "save_hf", "hf_shapes", "hf_state_dict"]

@@ -42,8 +42,17 @@ def tensor_specs(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
 
 
 # ---------------------------------------------------------------- module names
+def builtin(cfg) -> bool:
+    """True for the built-in families (a ModelConfig). Any other model description
+    (`flax_nnx.NNXModel`) brings its own parse_module, module_shape, get_kernel,
+    apply_deltas and run, to which the functions here and in editor.capture defer."""
+    return isinstance(cfg, ModelConfig)
+
+
 def parse_module(cfg: ModelConfig, name: str) -> tuple[int, str]:
     """'model.layers.18.mlp.up_proj' -> (18, 'mlp.up_proj'); checks it is a linear."""
+    if not builtin(cfg):
+        return cfg.parse_module(name)
     m = re.fullmatch(re.escape(cfg.layer_prefix) + r"\.(\d+)\.(.+)", name)
     if not m:
         raise ValueError(f"module {name!r} is not of the form '{cfg.layer_prefix}.<layer>.<module>'")
@@ -59,6 +68,8 @@ def parse_module(cfg: ModelConfig, name: str) -> tuple[int, str]:
 
 def module_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
     """(d_in, d_out) of an editable linear module."""
+    if not builtin(cfg):
+        return cfg.module_shape(name)
     _, suffix = parse_module(cfg, name)
     return tensor_specs(cfg)[("layers", *suffix.split("."), "kernel")].shape
 
@@ -92,12 +103,16 @@ def layer_params(params: Params, i: int) -> Params:
 
 
 def get_kernel(cfg: ModelConfig, params: Params, name: str) -> Array:
+    if not builtin(cfg):
+        return cfg.get_kernel(params, name)
     layer, suffix = parse_module(cfg, name)
     return get_path(layer_params(params, layer), (*suffix.split("."), "kernel"))
 
 
 def apply_deltas(cfg: ModelConfig, params: Params, deltas: Mapping[str, Array]) -> Params:
     """A new parameter tree with W + dW for each named module (params untouched)."""
+    if not builtin(cfg):
+        return cfg.apply_deltas(params, deltas)
     listed = is_layer_list(params)
     layers = list(params["layers"]) if listed else params["layers"]
     for name, delta in deltas.items():
@@ -208,6 +223,10 @@ def forward(cfg: ModelConfig, params: Params, input_ids: Array, attention_mask: 
     """Full model: (B, S) ids and mask -> (logits, captured keys). `positions`
     defaults to 0..S-1 (right padding); packed rows pass each token's position."""
     positions = default_positions(attention_mask) if positions is None else positions
+    if not builtin(cfg):
+        if edits:
+            raise ValueError("forward: edits by layer apply to the built-in families; pass deltas to apply_deltas")
+        return cfg.run(params, input_ids, attention_mask, positions, {}, logit_positions)[0], {}
     ctx = context(cfg, attention_mask, positions)
     h, keys = run_layers(cfg, params, embed(cfg, params, input_ids, positions), ctx, edits=edits, remat=remat)
     return head(cfg, params, h, logit_positions), keys
