@@ -77,7 +77,7 @@ def main(model_dir: str, out_dir: str, process_id: int, n_processes: int, port: 
         trained = EditorState(nets, stats)
         folder = Path(out_dir) / "editor"
         save_editor(folder, ecfg, trained, {"note": "multiprocess check"})
-        _, restored, _ = load_editor(folder, lcfg, mesh)
+        _, restored, _ = load_editor(folder, lcfg, mesh=mesh)
         same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), sharding.to_host((restored.nets, restored.stats)),
                             sharding.to_host((trained.nets, trained.stats)))
         out["restored_equal"] = all(jax.tree.leaves(same))
