@@ -153,12 +153,13 @@ def check_model(record: dict, directory, lcfg, model_name: str | None = None) ->
     if not isinstance(made_for, dict) or "config_sha256" not in made_for:
         return
     here = model_identity(model_name or "the given model", lcfg, made_for.get("layer_shapes") or ())
-    what = [k for k in ("config_sha256", "layer_shapes") if made_for.get(k) != here[k]]
+    names = {"config_sha256": "architecture (config hash)", "layer_shapes": "edited layer shapes"}
+    what = [names[k] for k in names if made_for.get(k) != here[k]]
     if what:
         raise RunError(f"{directory}: this editor was made for model {made_for.get('name')!r} (config sha256 "
                        f"{str(made_for['config_sha256'])[:12]}), not for {here['name']!r} (config sha256 "
-                       f"{here['config_sha256'][:12]}): {' and '.join(w.replace('_', ' ') for w in what)} differ; "
-                       f"pass --model {made_for.get('name')}")
+                       f"{here['config_sha256'][:12]}): the {' and the '.join(what)} "
+                       f"{'differ' if len(what) > 1 else 'differs'}; pass --model {made_for.get('name')}")
 
 
 def load_editor(directory: str | Path, lcfg, model_name: str | None = None, mesh=None

@@ -193,6 +193,7 @@ def train_editor_config(args, model_cfg):
     options = {"step_specific": args.protocol == "sequential", "rank": args.rank, "n_blocks": args.blocks,
                "lr_init": args.lr_init, "msbp": args.msbp, "log_step_size": args.schedule == "default",
                "beta": args.beta, "back_depth": args.back_depth, "key_memory": args.key_memory,
+               "loc_prior": args.loc_prior, "null_space": args.null_space, "key_positions": args.key_positions,
                "solve": args.solve, "hypernet": args.hypernet}
     return method_config(args.method, parse_modules(args.modules, args.layers, args.module, model_cfg),
                          steps=args.steps, **{k: v for k, v in options.items() if v is not None})
@@ -210,38 +211,61 @@ def train_config(args):
     """The TrainConfig of `train` (after resolve_schedule)."""
     from .train import TrainConfig
     return TrainConfig(protocol=args.protocol, schedule=args.schedule, n_edits=args.n_edits, num_seq=args.num_seq,
-                       epochs=args.epochs, meta_lr=args.meta_lr, seed=args.seed, buckets=args.buckets)
+                       epochs=args.epochs, meta_lr=args.meta_lr, seed=args.seed, buckets=args.buckets,
+                       select_every=args.select_every)
 
 
 def cmd_train(args) -> dict:
+    from .evaluate import preserved_gram
     from .pipeline import encode_split
+    from .runs import check_run
     from .train import train
     resolve_schedule(args)
     args.chat_template = bool(args.chat_template)
     mesh = _scale_setup(args)
-    model = _load_model(args, mesh)
-    train_reqs, test_reqs, data = _load_data(args)
-    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
-    ecfg = train_editor_config(args, model.config)
+    train_reqs, test_reqs, data = _load_data(args)        # data errors before the model loads
     tcfg = train_config(args)
-    residual = model.config.residual_dtype or args.dtype
-    # Everything that makes this run this run (runs.claim_run adds the model, the configs
-    # and the training requests' content hash); --mesh and --remat change only the cost.
+    n_val = 0
+    if tcfg.select_every:       # the last --n-val training requests are held out to select on
+        need = args.n_edits * (args.num_seq if args.protocol == "sequential" else 1)
+        n_val = args.n_val or need
+        if n_val < need:
+            raise SystemExit(f"--n-val {n_val}: the validation edits need at least {need} held-out requests")
+    residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else args.dtype)
+    # Everything that makes this run this run (runs.claim_run adds the model, the editor
+    # config and the training requests' content hash); --mesh and --remat change only
+    # the cost. A folder holding another run is refused before the model loads.
     identity = {"dataset": args.dataset, "skip_invalid": args.skip_invalid,
                 "data_sha256": data["data"]["sha256"], "n_skipped": len(data["data"]["skipped"]),
                 "test_data_sha256": (data["test_data"] or {}).get("sha256"), "split": data["split"],
                 "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
-                "deterministic": args.deterministic}
+                "deterministic": args.deterministic, "prior_source": args.prior_source, "n_val": n_val}
+    check_run(args.out, {**identity, "train": dataclasses.asdict(tcfg)})
+    model = _load_model(args, mesh)
+    train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
+    ecfg = train_editor_config(args, model.config)
+    if n_val >= len(train_reqs):
+        raise SystemExit(f"--n-val {n_val}: needs fewer than the {len(train_reqs)} training requests")
+    val_reqs = train_reqs[len(train_reqs) - n_val:]
+    train_reqs = train_reqs[:len(train_reqs) - n_val]
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
-                "sharding": args.sharding, "remat": args.remat, "chat_template": args.chat_template, "data_files": data}
+                "sharding": args.sharding, "remat": args.remat, "chat_template": args.chat_template, "data_files": data,
+                "prior_source": args.prior_source, "n_val": len(val_reqs)}
     print("configuration:", json.dumps({"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
                                          **{k: v for k, v in run_meta.items() if k != "data_files"}}, indent=1))
     t0 = time.perf_counter()
+    key_prior = None
+    if ecfg.needs_prior:        # C0 of the training requests' preserved facts, as evaluate computes it
+        key_prior = preserved_gram(model, ecfg, train_reqs, source=args.prior_source, n_edits=args.n_edits,
+                                   progress=not args.quiet, chat_template=args.chat_template)
     result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs, chat_template=args.chat_template),
                    args.out, run_meta=run_meta, identity=identity, model_name=model_name(args.model),
-                   progress=not args.quiet, mesh=mesh, remat=args.remat)
+                   progress=not args.quiet, mesh=mesh, remat=args.remat, key_prior=key_prior,
+                   metric=DATASET_METRIC[args.dataset],
+                   val_split=encode_split(model.tokenizer, val_reqs, chat_template=args.chat_template)
+                   if val_reqs else None)
     if not result.n_edits_seen:
         print(f"{args.out} already holds this finished run; its editor is unchanged", file=sys.stderr)
     summary = {"train_seconds_per_edit": result.seconds_per_edit, "compile_seconds": result.compile_seconds,
@@ -300,7 +324,7 @@ def _exclude_trained(args, record: dict, data: dict, test_reqs):
 
 def cmd_evaluate(args) -> dict:
     from .checkpoint import read_editor_record
-    from .evaluate import locality_gram, mquake_accuracy, run_protocol
+    from .evaluate import mquake_accuracy, preserved_gram, run_protocol
     from .pipeline import encode_split
     mesh = _scale_setup(args)
     record = read_editor_record(args.editor)
@@ -315,9 +339,12 @@ def cmd_evaluate(args) -> dict:
         if args.loc_prior and not ecfg.key_memory:
             raise SystemExit("--loc-prior NU starts the key memory at NU C0: it needs --key-memory MU > 0")
         ecfg = dataclasses.replace(ecfg, loc_prior=args.loc_prior)
+    if args.null_space is not None:
+        ecfg = dataclasses.replace(ecfg, null_space=args.null_space)
+    args.prior_source = args.prior_source or record.get("prior_source") or "loc"
     train_reqs, test_reqs, data = _load_data(args)
     test_reqs, overlap = _exclude_trained(args, record, data, test_reqs)
-    train_reqs, test_reqs = _check_tokenised(model, train_reqs if ecfg.loc_prior else [], test_reqs,
+    train_reqs, test_reqs = _check_tokenised(model, train_reqs if ecfg.needs_prior else [], test_reqs,
                                              args.skip_invalid, args.chat_template)
     chat = bool(args.chat_template)
     config = {"editor": dataclasses.asdict(ecfg), "protocol": args.protocol, "num_seq": args.num_seq,
@@ -327,17 +354,20 @@ def cmd_evaluate(args) -> dict:
               "residual_dtype": model.config.residual_dtype or args.dtype, "editor_dir": str(args.editor),
               "train": record.get("train"), "mesh": args.mesh, "sharding": args.sharding, "remat": args.remat,
               "capture_chunk": args.capture_chunk, "buckets": args.buckets,
-              "loc_prior_requests": len(train_reqs) if ecfg.loc_prior else None, "chat_template": chat,
-              "fluency_tokens": args.fluency, "per_request": args.per_request, **overlap}
+              "loc_prior_requests": len(train_reqs) if ecfg.needs_prior else None,
+              "prior_source": args.prior_source if ecfg.needs_prior else None, "chat_template": chat,
+              "fluency_tokens": args.fluency, "per_request": args.per_request,
+              "prob_scores": args.prob_scores if args.prob_scores is not None else
+              DATASET_METRIC.get(args.dataset) == "counterfact", **overlap}
     print("configuration:", json.dumps(config, indent=1))
     key_prior, prior_s = None, None
-    if ecfg.loc_prior:         # C0 from the training requests' locality prompts, never the test ones
+    if ecfg.needs_prior:       # C0 from the training requests' preserved facts, never the test ones
         if not train_reqs:
-            raise SystemExit("--loc-prior needs training requests (the editor's --data split, or --data with "
-                             "--test-data) to estimate C0 from")
+            raise SystemExit("--loc-prior / --null-space need training requests (the editor's --data split, or "
+                             "--data with --test-data) to estimate C0 from")
         t0 = time.perf_counter()
-        key_prior = locality_gram(model, ecfg, encode_split(model.tokenizer, train_reqs, chat_template=chat),
-                                  n_edits=args.n_edits, progress=not args.quiet)
+        key_prior = preserved_gram(model, ecfg, train_reqs, source=args.prior_source, n_edits=args.n_edits,
+                                   progress=not args.quiet, chat_template=chat)
         prior_s = time.perf_counter() - t0
     if args.dataset == "mquake":
         result = mquake_accuracy(model, ecfg, state, test_reqs, n_cases=args.n_edits * args.num_seq,
@@ -348,7 +378,8 @@ def cmd_evaluate(args) -> dict:
         res = run_protocol(model, ecfg, state, split, protocol=args.protocol, num_seq=args.num_seq,
                            n_edits=args.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=args.full_curve,
                            progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=args.capture_chunk,
-                           buckets=args.buckets, key_prior=key_prior, fluency_tokens=args.fluency)
+                           buckets=args.buckets, key_prior=key_prior, fluency_tokens=args.fluency,
+                           prob_scores=args.prob_scores)
         out = {"metrics": res.metrics, "baseline": res.baseline,
                "timing": {"train_seconds_per_edit": record.get("train_seconds_per_edit"),
                           "edit_seconds_per_edit": res.edit_seconds_per_edit,
@@ -429,7 +460,10 @@ def cmd_edit(args) -> dict:
     from .evaluate import edit_batch
     from .editor.steps import zero_deltas
     from .models import apply_deltas, save_hf
+    from .checkpoint import read_editor_record
     from .pipeline import encode_split
+    if args.model is None:        # the model the editor was trained for
+        args.model = read_editor_record(args.editor).get("model_name") or "smollm2"
     model = _load_model(args)
     if args.save and model.config.family in ("nnx", "linen"):
         from .errors import UserError
@@ -563,6 +597,25 @@ def _add_data(p, evaluate: bool = False):
     p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of stopping")
 
 
+LOC_PRIOR_HELP = ("start each stream's key memory at NU C0, C0 the mean k k^T of the keys of the training requests' "
+                  "preserved facts (--prior-source): dW = (U^T U + e^lamda I + NU C0 + MU G)^-1 U^T D (needs "
+                  "--key-memory; an extension, default 0)")
+NULL_SPACE_HELP = ("project every update onto the null space of C0: dW <- (I - V V^T) dW, V the eigenvectors of C0 "
+                   "with eigenvalue above TAU times the largest (AlphaEdit's projection; an extension, default 0)")
+PRIOR_SOURCE_HELP = ("the preserved facts C0 is estimated from: loc = the training requests' locality prompts "
+                     "(default), wide = those and the training requests' prompts and paraphrases with their true "
+                     "answers")
+
+
+def _add_prior(p, train: bool):
+    p.add_argument("--loc-prior", type=float, default=None, metavar="NU",
+                   help=LOC_PRIOR_HELP if train else "override the editor's locality prior (" + LOC_PRIOR_HELP + ")")
+    p.add_argument("--null-space", type=float, default=None, metavar="TAU",
+                   help=NULL_SPACE_HELP if train else "override the editor's projection (" + NULL_SPACE_HELP + ")")
+    p.add_argument("--prior-source", default="loc" if train else None, choices=["loc", "wide"],
+                   help=PRIOR_SOURCE_HELP + ("" if train else "; default: the editor's"))
+
+
 KEY_MEMORY_HELP = ("ridge solve against the stream's earlier keys: dW = (U^T U + e^lamda I + MU G)^-1 U^T D, "
                    "G = sum of the earlier batches' U^T U (default 0: the paper's solve; an extension)")
 
@@ -600,9 +653,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "applied squared as in the authors' code)")
     p.add_argument("--msbp", default="detached", choices=["detached", "exact"])
     p.add_argument("--key-memory", type=float, default=None, metavar="MU", help=KEY_MEMORY_HELP)
+    _add_prior(p, train=True)
+    p.add_argument("--key-positions", default=None, choices=["answer", "subject", "both"],
+                   help="where keys and value gradients are taken: answer positions (default, the paper's), the "
+                   "subject's last token (answer positions for prompts without the subject) or both (an extension)")
     p.add_argument("--back-depth", type=int, default=None,
                    help="memory backtracking: add the weighted losses of the stream's last N-1 earlier batches "
                    "(default: RLEdit 10, the others 1 = none; for EMSEdit an extension, not the paper's loss)")
+    p.add_argument("--select-every", type=int, default=0, metavar="BATCHES",
+                   help="hold out the last --n-val training requests and score the editor on them before training "
+                   "and every BATCHES batches; keep the best (ES + GS + LS) editor (default 0: none)")
+    p.add_argument("--n-val", type=int, default=None, help="held-out training requests for --select-every "
+                   "(default: one validation stream or batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--buckets", type=int, default=1, help="distinct batch shapes to compile: more buckets, less "
                    "padding, more compiles (RLEdit uses 1: its memory stacks batches)")
@@ -625,10 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-curve", action="store_true", help="score after every batch")
     p.add_argument("--key-memory", type=float, default=None, metavar="MU",
                    help="override the editor's key memory (" + KEY_MEMORY_HELP + ")")
-    p.add_argument("--loc-prior", type=float, default=None, metavar="NU",
-                   help="start each stream's key memory at NU C0, C0 the mean k k^T of the keys at the training "
-                   "requests' locality prompts: dW = (U^T U + e^lamda I + NU C0 + MU G)^-1 U^T D (needs --key-memory; "
-                   "an extension, default 0)")
+    _add_prior(p, train=False)
     p.add_argument("--buckets", type=int, default=1, help="distinct edit-batch shapes (less padding, more compiles)")
     p.add_argument("--plot", default=None, help="PNG of every metric's curve over the stream, unedited beside "
                    "(implies --full-curve)")
@@ -639,6 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score fluency: n-gram entropy of TOKENS greedily generated tokens on each request's "
                         "generation prompts (the edit prompt when it has none), edited and unedited (default 0: "
                         "off; slow)")
+    p.add_argument("--prob-scores", action="store_true", default=None,
+                   help="also report ROME's probability scores (efficacy, paraphrase and neighbourhood score and "
+                        "magnitude, from whole-target probabilities of the new and true targets; default: on for "
+                        "CounterFact, off for the others)")
     p.add_argument("--out", default=None, help="results.json")
     _add_scale(p, capture_chunk=True)
     p.set_defaults(func=cmd_evaluate)
@@ -679,7 +742,7 @@ def main(argv: Sequence[str] | None = None):
         enable(args.compile_cache)
     if getattr(args, "plot", None):
         args.full_curve = True
-    if args.command != "evaluate" and getattr(args, "model", "x") is None:
+    if args.command not in ("evaluate", "edit") and getattr(args, "model", "x") is None:
         args.model = "smollm2"
     return args.func(args)
 

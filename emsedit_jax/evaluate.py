@@ -63,20 +63,21 @@ def edit_batch(state: EditorState, params, batch: Batch, deltas: Deltas, *, ecfg
 
 
 @functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "n_answer"))
-def _answer_key_gram(params, batch: Batch, *, ecfg: EditorConfig, lcfg: ModelConfig, n_answer: int):
+def _key_gram(params, batch: Batch, *, ecfg: EditorConfig, lcfg: ModelConfig, n_answer: int):
     """Per kernel shape, sum of k k^T (K, d_in, d_in) over the edited modules' keys at the
-    batch's answer slots on the unedited model, and the number of slots. Only the keys
-    are returned, so XLA drops the capture's backward pass."""
-    cap = capture(lcfg, params, batch, ecfg.modules, n_answer=n_answer)
+    batch's key slots (ecfg.key_positions) on the unedited model, and the number of
+    slots. Only the keys are returned, so XLA drops the capture's backward pass."""
+    cap = capture(lcfg, params, batch, ecfg.modules, n_answer=n_answer, key_positions=ecfg.key_positions)
     keys = masked_keys(ecfg, lcfg, cap)
     return {k: jnp.einsum("kni,knj->kij", u, u) for k, u in keys.items()}, jnp.sum(cap.mask)
 
 
 def locality_gram(model: Model, ecfg: EditorConfig, split: EncodedSplit, *, n_edits: int = 10,
-                  progress: bool = True) -> dict[str, jax.Array]:
-    """C0 of the locality prior (EditorConfig.loc_prior): per kernel shape, the mean k k^T
-    (K, d_in, d_in) of the edited modules' keys at the answer slots of `split`'s locality
-    prompts, on the unedited model. Pass the training requests, never the ones edited."""
+                  progress: bool = True, view: str = "loc") -> dict[str, jax.Array]:
+    """C0 of the locality prior (EditorConfig.loc_prior) and the null-space projection:
+    per kernel shape, the mean k k^T (K, d_in, d_in) of the edited modules' keys at the
+    key slots of `split`'s `view` (default: the locality prompts), on the unedited
+    model. Pass the training requests, never the ones edited."""
     from tqdm.auto import tqdm
     if len(split) == 0:
         raise ValueError("locality_gram needs at least one request")
@@ -84,11 +85,47 @@ def locality_gram(model: Model, ecfg: EditorConfig, split: EncodedSplit, *, n_ed
     layout = split.layout(batches)
     total, count = None, 0
     for rows in tqdm(batches, desc="locality prior", disable=not progress, unit="batch"):
-        gram, n = _answer_key_gram(model.params, split.batch(rows, layout).loc, ecfg=ecfg, lcfg=model.config,
-                                   n_answer=layout.loc.n_answer)
+        gram, n = _key_gram(model.params, getattr(split.batch(rows, layout), view), ecfg=ecfg, lcfg=model.config,
+                            n_answer=getattr(layout, view).n_answer)
         total = gram if total is None else {k: total[k] + gram[k] for k in total}
         count += int(n)
     return {k: g / count for k, g in total.items()}
+
+
+PRIOR_SOURCES = ("loc", "wide")
+
+
+def preserved_requests(requests: Sequence, source: str = "loc") -> list:
+    """Facts to preserve, as requests whose edit view (prompt -> target_new) is the fact:
+    "loc": the requests' locality prompts with their answers; "wide": those, and the
+    requests' own prompts and paraphrases with their true answers (when the data gives
+    target_true), their subject kept so subject keys are found (duplicates dropped)."""
+    from .data import EditRequest
+    if source not in PRIOR_SOURCES:
+        raise ValueError(f"prior source must be one of {PRIOR_SOURCES}, not {source!r}")
+    facts = [(r.loc_prompt, r.loc_answer, None, r.source) for r in requests]
+    if source == "wide":
+        for r in requests:
+            if r.target_true:
+                facts += [(r.prompt, r.target_true, r.subject, r.source), (r.rephrase, r.target_true, r.subject,
+                                                                         r.source)]
+    seen, out = set(), []
+    for prompt, answer, subject, src in facts:
+        if (prompt, answer) in seen:
+            continue
+        seen.add((prompt, answer))
+        out.append(EditRequest(prompt=prompt, target_new=answer, rephrase=prompt, loc_prompt=prompt,
+                               loc_answer=answer, subject=subject, source=src))
+    return out
+
+
+def preserved_gram(model: Model, ecfg: EditorConfig, requests: Sequence, *, source: str = "loc",
+                   n_edits: int = 10, progress: bool = True, chat_template: bool = False) -> dict[str, jax.Array]:
+    """C0 over the preserved facts of `requests` (preserved_requests; the training
+    requests, never the ones edited), keys at ecfg.key_positions."""
+    from .pipeline import encode_split
+    facts = encode_split(model.tokenizer, preserved_requests(requests, source), chat_template=chat_template)
+    return locality_gram(model, ecfg, facts, n_edits=n_edits, progress=progress, view="edit")
 
 
 @functools.partial(jax.jit, static_argnames=("lcfg", "n_answer"))
@@ -129,13 +166,16 @@ class Probes:
 def build_probes(tokenizer, requests, *, prob_scores: bool, chat_template: bool = False) -> Probes | None:
     """Probes of `requests`: with `prob_scores`, the new and the true target after the
     edit prompt, every paraphrase and every neighbourhood prompt (of requests with a
-    true target); the portability items of every request that has them. None if
+    true target; the locality prompt is a neighbour when its answer is the true
+    target); the portability items of every request that has them. None if
     there is nothing to score (so data without these fields cost nothing)."""
     rows: list[tuple[int, str, int, str, str, str]] = []
     for i, r in enumerate(requests):
         if prob_scores and r.target_true is not None:
-            groups = (("edit", (r.prompt,)), ("para", r.paraphrases or (r.rephrase,)),
-                      ("neigh", r.neighbours or (r.loc_prompt,)))
+            # Neighbours share the relation and the true object (CounterFact); a locality
+            # prompt with another answer (ZsRE's unrelated questions) is no neighbour.
+            neighbours = r.neighbours or ((r.loc_prompt,) if r.loc_answer == r.target_true else ())
+            groups = (("edit", (r.prompt,)), ("para", r.paraphrases or (r.rephrase,)), ("neigh", neighbours))
             for group, prompts in groups:
                 for j, prompt in enumerate(prompts):
                     rows += [(i, group, j, "new", prompt, r.target_new), (i, group, j, "true", prompt, r.target_true)]
@@ -360,7 +400,7 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
     the deltas and the batches on it (the same jitted steps run either way); `remat`
     and `capture_chunk` trade compute for memory;
     `buckets` > 1 packs the batches in that many layouts (less padding, more compiles);
-    `key_prior`: C0 of the locality prior (locality_gram), needed with ecfg.loc_prior.
+    `key_prior`: C0 (preserved_gram), needed with ecfg.loc_prior or ecfg.null_space.
     The first batch of each layout compiles it: its time is reported apart."""
     with use_mesh(mesh):
         return _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, progress,

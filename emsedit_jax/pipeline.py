@@ -83,12 +83,14 @@ def view_layout(tf: TeacherForced, batches: Sequence[Sequence[int]], max_row_len
 
 def pack(tf: TeacherForced, rows: Sequence[int], vl: ViewLayout, name: str = "") -> tuple[Batch, np.ndarray]:
     """Packs sequences `rows` of `tf` (segment k + 1 = the k-th of `rows`). Returns the
-    numpy Batch and alt_labels laid out the same way."""
+    numpy Batch and alt_labels laid out the same way. The Batch's `subject` marks each
+    sequence's last subject token (its answer positions when its prompt has no subject)."""
     ids = np.zeros((vl.n_rows, vl.row_len), np.int32)
     seg = np.zeros_like(ids)
     pos = np.zeros_like(ids)
     labels = np.full_like(ids, IGNORE)
     alt = np.full_like(ids, IGNORE)
+    subject = np.zeros_like(ids)
     lengths = _lengths(tf)[list(rows)]
     assign = _assign_rows(lengths, vl.row_len)
     if assign and assign[-1] >= vl.n_rows:
@@ -100,9 +102,14 @@ def pack(tf: TeacherForced, rows: Sequence[int], vl: ViewLayout, name: str = "")
         labels[row, sl] = tf.labels[r, :n]
         alt[row, sl] = tf.alt_labels[r, :n]
         seg[row, sl] = k + 1
+        s_pos = -1 if tf.subject_pos is None else int(tf.subject_pos[r])
+        if s_pos >= 0:
+            subject[row, fill[row] + s_pos] = 1
+        else:       # no subject in the prompt: its answer positions stand in
+            subject[row, sl] = tf.labels[r, :n] != IGNORE
         pos[row, sl] = np.arange(n)
         fill[row] += n
-    return Batch(ids, seg, labels, pos), alt
+    return Batch(ids, seg, labels, pos, subject), alt
 
 
 @dataclasses.dataclass

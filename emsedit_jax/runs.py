@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["RunError", "config_sha256", "model_identity", "tree_sha256", "identity_diff", "claim_run",
+__all__ = ["RunError", "config_sha256", "model_identity", "tree_sha256", "identity_diff", "check_run", "claim_run",
            "RunLock", "use_deterministic_ops"]
 
 DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_autotune_level=0")
@@ -100,6 +100,29 @@ def identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def check_run(folder: str | Path, identity: dict, partial: bool = True) -> dict | None:
+    """Compares `identity` with the one recorded in `folder/run.json` (None: no record):
+    a RunError names the differing keys. `partial`: only the keys of `identity` are
+    compared (a check before everything about the run is known)."""
+    folder = Path(folder)
+    identity = json.loads(json.dumps(identity, default=str))
+    record = folder / "run.json"
+    if not record.exists():
+        return None
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{record}: unreadable run record ({e}); use another --out folder or delete it") from None
+    if partial and isinstance(previous, dict):
+        previous = {k: previous.get(k) for k in identity}
+    diff = identity_diff(previous, identity) if isinstance(previous, dict) else ["everything"]
+    if diff:
+        shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise RunError(f"{folder} holds another training run (it differs in {shown}); "
+                       "use another --out folder, or delete this one to start over")
+    return previous
+
+
 def claim_run(folder: str | Path, identity: dict) -> dict:
     """Checks `identity` against the one recorded in `folder/run.json` and records it
     when there is none. A folder whose run differs in anything (finished or not) is a
@@ -107,17 +130,7 @@ def claim_run(folder: str | Path, identity: dict) -> dict:
     folder = Path(folder)
     identity = json.loads(json.dumps(identity, default=str))
     record = folder / "run.json"
-    if record.exists():
-        try:
-            previous = json.loads(record.read_text())
-        except (OSError, ValueError) as e:
-            raise RunError(f"{record}: unreadable run record ({e}); use another --out folder or delete it") from None
-        diff = identity_diff(previous, identity)
-        if diff:
-            shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
-            raise RunError(f"{folder} holds another training run (it differs in {shown}); "
-                           "use another --out folder, or delete this one to start over")
-    else:
+    if check_run(folder, identity, partial=False) is None:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))

@@ -64,6 +64,7 @@ class TrainConfig:
     checkpoint_every: int = 10  # batches between checkpoints
     max_row_len: int = 512      # packed row length cap
     buckets: int = 1            # distinct batch layouts (shapes compiled); RLEdit's memory needs 1
+    select_every: int = 0       # batches between validations (0: none; train's `val_split`)
 
     def __post_init__(self):
         if self.protocol not in ("sequential", "batch"):
@@ -72,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'default' or 'faithful', not {self.schedule!r}")
         if self.n_edits < 1 or self.num_seq < 1 or self.epochs < 1:
             raise ValueError("n_edits, num_seq and epochs must be >= 1")
+        if self.select_every < 0:
+            raise ValueError("select_every must be >= 0 (0: no validation)")
 
     @property
     def beta_power(self) -> int:
@@ -110,18 +113,19 @@ def _optimizer(clip: float, meta_lr: float, every_k: int | None) -> optax.Gradie
 @functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "tx", "n_answer", "beta_power", "only_step", "remat"),
                    donate_argnames=("nets", "opt_state"))
 def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory: mem.Memory | None = None,
-               key_gram: dict | None = None, *, ecfg: EditorConfig, lcfg: ModelConfig,
+               key_gram: dict | None = None, protect: dict | None = None, *, ecfg: EditorConfig, lcfg: ModelConfig,
                tx: optax.GradientTransformation, n_answer: NAnswer, beta_power: int = 1,
                only_step: int | None = None, remat: bool = False):
     """One meta-training update. Returns (nets, stats, opt_state, deltas, metrics, key_gram).
     `memory`: RLEdit's buffer of the stream's earlier batches (None: no backtracking);
-    `key_gram`: the key memory of the stream so far (None or {}: none). One device or a
+    `key_gram`: the key memory of the stream so far (None or {}: none); `protect`: the
+    null-space projections (EditorConfig.null_space; None or {}: none). One device or a
     mesh: the inputs' placement decides (sharding.place_*), and under
     `sharding.use_mesh(mesh)` the new deltas are split like their kernels and the editor
     state by `partition.editor_spec`."""
     (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
         nets, stats, ecfg, lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
-        only_step=only_step, memory=memory, key_gram=key_gram, remat=remat)
+        only_step=only_step, memory=memory, key_gram=key_gram, remat=remat, protect=protect)
     updates, opt_state = tx.update(grads, opt_state, nets)
     nets = optax.apply_updates(nets, updates)
     metrics = {"loss": loss, "gen_loss": aux.gen_loss, "reg_loss": aux.reg_loss,
@@ -143,7 +147,8 @@ class TrainResult:
 
 def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out_dir: str | Path, *,
           run_meta: dict | None = None, identity: dict | None = None, model_name: str | None = None,
-          progress: bool = True, stop_after: int | None = None, remat: bool = False, mesh=None) -> TrainResult:
+          progress: bool = True, stop_after: int | None = None, remat: bool = False, mesh=None,
+          key_prior: dict | None = None, val_split: EncodedSplit | None = None, metric: str = "zsre") -> TrainResult:
     """Meta-trains an editor on `split`, checkpointing to `out_dir/checkpoints` and
     writing the final editor to `out_dir/editor`. Resumes if a checkpoint exists.
     `identity`: what else identifies the run (data file hash, split, dtypes, ...), added
@@ -152,15 +157,24 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     (batches) simulates an interruption, for tests. `mesh` (a `sharding.make_mesh`
     mesh; None: one device) places the LLM parameters, the batches, deltas and editor
     state on it (the same jitted step runs either way); `remat` recomputes the LLM
-    layers' activations in the backward pass."""
+    layers' activations in the backward pass.
+    `key_prior`: C0 (evaluate.preserved_gram of the training requests), needed when
+    ecfg.loc_prior or ecfg.null_space is on: every stream starts from it, as at test time.
+    Selection by validation (tcfg.select_every > 0 and `val_split`, held-out training
+    requests): before the first batch (the untrained editor), every select_every batches
+    and at the end, the editor edits `val_split` with the training protocol and is
+    scored ES + GS + LS (`metric`, evaluate.run_protocol); the editor saved is the best
+    scored one (each validation is in `history`). Not kept across a resume."""
     out = Path(out_dir)
     with RunLock(out), use_mesh(mesh):
         return _train(model, ecfg, tcfg, split, out, run_meta=run_meta, identity=identity,
-                      model_name=model_name, progress=progress, stop_after=stop_after, remat=remat, mesh=mesh)
+                      model_name=model_name, progress=progress, stop_after=stop_after, remat=remat, mesh=mesh,
+                      key_prior=key_prior, val_split=val_split, metric=metric)
 
 
 def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSplit, out: Path, *,
-           run_meta, identity, model_name, progress, stop_after, remat, mesh) -> TrainResult:
+           run_meta, identity, model_name, progress, stop_after, remat, mesh, key_prior, val_split,
+           metric) -> TrainResult:
     hashes = [request_hash(r) for r in split.requests]
     identity = {**(identity or {}), "editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
                 "model": model_identity(model_name or model.path, model.config, ecfg.modules),
@@ -185,7 +199,8 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     restored = store.restore_latest(_checkpoint_tree(state, opt_state, deltas))
     if restored is not None:
         tree, meta = restored
-        state = EditorState(tree["nets"], tree["stats"], tree.get("key_gram", {}))
+        protect = new_stream(ecfg, lcfg, state, key_prior).protect
+        state = EditorState(tree["nets"], tree["stats"], tree.get("key_gram", {}), protect)
         opt_state, deltas = tree["opt"], tree["deltas"]
         position, history = tuple(meta["position"]), meta["history"]
 
@@ -195,11 +210,13 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     times, compile_s, n_batches_run, compiled = [], 0.0, 0, set()
     only_steps = list(range(ecfg.steps)) if (tcfg.schedule == "faithful" and tcfg.protocol == "batch") else [None]
     memory = None
+    select = tcfg.select_every > 0 and val_split is not None
+    best = _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, done, history, mesh) if select else None
     for epoch in range(position[0], tcfg.epochs):
         first = position[1] if epoch == position[0] else 0
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
-                deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state)
+                deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state, key_prior)
             # Placed like the step's outputs (a no-op for those): one compile per layout.
             state, opt_state = place_editor((state, opt_state), mesh)
             deltas = place_deltas(lcfg, deltas, mesh)
@@ -214,9 +231,10 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
             for only in only_steps:
                 nets, stats, opt_state, new_deltas, metrics, key_gram = train_step(
                     state.nets, state.stats, opt_state, model.params, batch, deltas, memory, state.key_gram,
-                    ecfg=ecfg, lcfg=lcfg, tx=tx, n_answer=layout.n_answer, beta_power=tcfg.beta_power,
+                    **({"protect": state.protect} if state.protect else {}), ecfg=ecfg, lcfg=lcfg, tx=tx,
+                    n_answer=layout.n_answer, beta_power=tcfg.beta_power,
                     only_step=only, remat=remat)
-                state = EditorState(nets, stats, key_gram)
+                state = EditorState(nets, stats, key_gram, state.protect)
             deltas = new_deltas
             if slots:
                 memory = mem.push(memory, batch, b % tcfg.num_seq, ecfg.time_decay)
@@ -229,6 +247,9 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
                 times.append(dt)
             n_batches_run += 1
             history.append({"epoch": epoch, "batch": b, "seconds": dt, **metrics})
+            if select and (done + n_batches_run) % tcfg.select_every == 0 and done + n_batches_run < total:
+                best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior,
+                                           done + n_batches_run, history, mesh), key=lambda x: x[0])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gen=f"{metrics['gen_loss']:.3f}")
             step_no = epoch * len(plan[0]) + b + 1
@@ -242,10 +263,29 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
                 return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
     bar.close()
     store.close()
+    meta = {}
+    if select:
+        best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, total, history, mesh),
+                   key=lambda x: x[0])
+        state = best[1]
+        meta = {"selected_after_batches": best[2], "selected_score": best[0]}
     if n_batches_run or not (out / "editor" / "editor.json").is_file():    # else: finished before, same run
-        save_editor(out / "editor", ecfg, state, {**(run_meta or {}), **identity,
+        save_editor(out / "editor", ecfg, state, {**(run_meta or {}), **identity, **meta,
                                                   "train_seconds_per_edit": _per_edit(times, tcfg)}, hashes)
     return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
+
+
+def _validate(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, state: EditorState, val_split: EncodedSplit,
+              metric: str, key_prior, batches: int, history: list, mesh=None) -> tuple[float, EditorState, int]:
+    """(ES + GS + LS on `val_split`, the editor, batches trained); the scores join `history`."""
+    from .evaluate import run_protocol
+    res = run_protocol(model, ecfg, state, val_split, protocol=tcfg.protocol, num_seq=tcfg.num_seq,
+                       n_edits=tcfg.n_edits, metric=metric, progress=False, key_prior=key_prior, prob_scores=False,
+                       mesh=mesh)
+    score = float(sum(res.metrics.values()))
+    history.append({"validation_after_batches": batches, **res.metrics})
+    kept = jax.tree.map(lambda x: x.copy(), (state.nets, state.stats))   # train_step donates the nets
+    return score, EditorState(*kept), batches
 
 
 def _checkpoint_tree(state: EditorState, opt_state, deltas) -> dict:

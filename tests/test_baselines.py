@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,5 +289,5 @@ def test_rledit_trains_with_memory_and_resumes_exactly(rledit_run, tmp_path):
     # stream position 1, so the buffer must be rebuilt from the plan.
     train(model, ecfg, tcfg, split, tmp_path / "resumed", progress=False, stop_after=5)
     resumed = train(model, ecfg, tcfg, split, tmp_path / "resumed", progress=False)
-    jax.tree.map(np.testing.assert_array_equal, resumed.state.nets, full.state.nets)
+    chex.assert_trees_all_equal(resumed.state.nets, full.state.nets)
     np.testing.assert_array_equal([h["loss"] for h in resumed.history], [h["loss"] for h in full.history])

@@ -33,10 +33,10 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
                   "2", "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"]
     main(train_args)
     assert (tmp_path / "run" / "editor" / "editor.json").is_file()
-    # A rerun into the finished folder that differs in anything is refused, naming what.
+    # A rerun into the finished folder that differs in anything is refused, naming what,
+    # before the model loads.
     editor_json = (tmp_path / "run" / "editor" / "editor.json").read_text()
-    for extra, diff in ((["--dtype", "bfloat16"], "dtype"),
-                        (["--split-seed", "3"], "split.split_seed, train_requests_sha256")):
+    for extra, diff in ((["--dtype", "bfloat16"], "dtype"), (["--split-seed", "3"], "split.split_seed")):
         with pytest.raises(UserError, match=rf"run holds another training run \(it differs in {diff}\); use"):
             main(train_args + extra)
     assert (tmp_path / "run" / "editor" / "editor.json").read_text() == editor_json
@@ -78,7 +78,7 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert km["config"]["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
     assert km["baseline"] == out["baseline"] and km["n_requests"] == 8
 
-    res = main(["edit", "--model", str(tiny_model_dir), "--editor", str(tmp_path / "run" / "editor"),
+    res = main(["edit", "--editor", str(tmp_path / "run" / "editor"),     # --model: the editor's
                 "--fact", "w1 w2 w3", "w4", "--save", str(tmp_path / "edited")])
     assert len(res["before"]) == 1
     edited = load_model(tmp_path / "edited", tokenizer=False)
@@ -132,6 +132,7 @@ def test_two_processes_train_bit_identical_editors(tiny_model_dir, tmp_path):
     import sys
     from pathlib import Path
 
+    import chex
     import jax
     import numpy as np
 
@@ -155,7 +156,7 @@ def test_two_processes_train_bit_identical_editors(tiny_model_dir, tmp_path):
     assert records[0]["data"] == str((tmp_path / "edits.jsonl").resolve())
     model = load_model(tiny_model_dir, tokenizer=False)
     (_, a, _), (_, b, _) = (load_editor(tmp_path / n / "run" / "editor", model.config) for n in "ab")
-    jax.tree.map(np.testing.assert_array_equal, (a.nets, a.stats), (b.nets, b.stats))
+    chex.assert_trees_all_equal((a.nets, a.stats), (b.nets, b.stats))
     moved = [float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(a.nets)]
     assert max(moved) > 0
 

@@ -446,6 +446,12 @@ def test_hub_ids_only_for_org_name(tmp_path, monkeypatch):
     write_json(tmp_path / "org" / "name", [FLAT_OK])  # a local path wins over a hub id
     assert resolve_data_path("org/name") == (tmp_path / "org" / "name").resolve()
     assert len(load_requests("org/name").requests) == 1
+    with pytest.raises(DataError, match=r"^org/typo: no such file"):  # a path into a local folder
+        resolve_data_path("org/typo")
+    # Offline (as the tests run) an unknown hub id is one message naming it.
+    msg = _message("nosuch-org/nosuch-name")
+    assert msg.startswith("nosuch-org/nosuch-name: no such local file, and loading it as a Hugging Face Hub data "
+                          "set (split 'train') failed: ")
 
 
 def test_null_and_non_object_records(tmp_path):
@@ -459,7 +465,7 @@ def test_null_and_non_object_records(tmp_path):
     assert res.skipped == [f"{path}, record 1: the record is null; expected a JSON object",
                            f"{path}, record 3: the record is null; expected a JSON object"]
     first_list = write_json(tmp_path / "list0.json", [["a", "b"], FLAT_OK, FLAT_OK])
-    assert _message(first_list) == f"{first_list}, record 0: the record is array; expected a JSON object"
+    assert _message(first_list) == f"{first_list}, record 0: the record is an array; expected a JSON object"
     assert len(load_requests(first_list, skip_invalid=True).requests) == 2
     only_null = write_json(tmp_path / "only_null.json", [None])
     assert _message(only_null) == f"{only_null}, record 0: no record is a JSON object (record 0 is null)"
@@ -493,6 +499,9 @@ def test_jsonl_bad_lines(tmp_path):
     assert [r.case_id for r in res.requests] == [7, 9]
     assert res.skipped[1] == f"{path}, record 3 (line 5): truncated: the file ends inside this record"
     # A wrong field on a JSONL line names the line too.
+    array = tmp_path / "array.jsonl"                 # a JSON array under a .jsonl name
+    array.write_text(json.dumps([FLAT_OK, FLAT_OK], indent=1), encoding="utf-8")
+    assert len(load_requests(array).requests) == 2
     typed = write_jsonl(tmp_path / "typed.jsonl", [FLAT_OK, dict(FLAT_OK, target_new=["x"])])
     assert _message(typed) == f"{typed}, record 1 (line 2), case_id=7, field 'target_new': expected a string, got array [\"x\"]"
 
@@ -641,3 +650,60 @@ def test_encode_real_requests_with_bpe(cf_train, bpe_tok):
             assert ((tf.labels[i] != IGNORE).sum()) == len(t) <= tf.n_answer
         assert tf.seq_len == min(b for b in (16, 32, 48, 64, 96, 128, 256) if b >= max(lengths))
         assert tf.n_answer == min(b for b in (2, 4, 8, 16, 32) if b >= int(tf.answer_len.max()))
+
+
+@pytest.mark.parametrize("prompt,subject,ends_with,next_starts", [
+    ("Toko Yasuda, the", "Toko Yasuda", "Yasuda", ","),                              # at the start
+    ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "Darrieux", " is"),   # middle
+    ("The mother tongue of Danielle Darrieux is", " Danielle Darrieux ", "Darrieux", " is"),  # spaces around
+    ("The mother tongue of danielle darrieux is", "Danielle Darrieux", "darrieux", " is"),  # other case
+    ("John Lennon performs on the guitar", "guitar", "guitar", None),                  # at the end
+])
+def test_subject_last_token_bpe(bpe_tok, prompt, subject, ends_with, next_starts):
+    """The subject's last token: the prompt's tokens up to it decode to text ending with
+    the subject, the next token starts right after it."""
+    from emsedit_jax.data import subject_last_token
+    ids = bpe_tok(prompt)["input_ids"]
+    pos = subject_last_token(bpe_tok, prompt, subject)
+    assert bpe_tok.decode(ids[:pos + 1]).endswith(ends_with)
+    if next_starts is None:
+        assert pos == len(ids) - 1
+    else:
+        assert bpe_tok.decode(ids[pos + 1:]).startswith(next_starts)
+
+
+def test_subject_last_token_word_tokenizer_and_absent(wtok):
+    """With a [BOS] token the index counts it; a subject not in the prompt (or none) is -1."""
+    from emsedit_jax.data import subject_last_token
+    assert subject_last_token(wtok, "the capital of france is", "france") == 4      # [BOS] the capital of france
+    assert subject_last_token(wtok, "the capital of france is", "the capital") == 2
+    assert subject_last_token(wtok, "the capital of france is", "london") == -1
+    assert subject_last_token(wtok, "the capital of france is", None) == -1
+    assert subject_last_token(wtok, "the capital of france is", "  ") == -1
+
+
+def test_packed_subject_marks_and_key_slots(wtok):
+    """Packed rows mark each request's subject token, or its answer positions when its
+    prompt has no subject; key_slots finds them ("subject"), or them and the answer
+    positions ("both"), or the answer positions alone ("answer")."""
+    import jax.numpy as jnp
+
+    from emsedit_jax.editor.capture import key_slots
+    from emsedit_jax.pipeline import encode_split
+    reqs = [EditRequest(prompt="the capital of france is", target_new="london", rephrase="what is",
+                        loc_prompt="a city", loc_answer="paris", subject="france", source="t#0"),
+            EditRequest(prompt="what city is big", target_new="new york", rephrase="what is", loc_prompt="a city",
+                        loc_answer="paris", subject="paris", source="t#1")]       # subject absent
+    split = encode_split(wtok, reqs)
+    layout = split.layout([[0, 1]])
+    batch, _ = split.pack("edit", [0, 1], layout.edit)
+    assert layout.edit.n_rows == 1
+    # row: [BOS] the capital of france is london | [BOS] what city is big new york
+    # positions 0-5 (request 0: subject "france" at 4, answer slot 5), 7-12 (request 1: answers 10, 11)
+    np.testing.assert_array_equal(np.nonzero(batch.subject[0])[0], [4, 10, 11])
+    b = type(batch)(*(jnp.asarray(a) for a in batch))
+    n = layout.edit.n_answer
+    for mode, want in (("answer", [5, 10, 11]), ("subject", [4, 10, 11]), ("both", [4, 5, 10, 11])):
+        pos, mask = key_slots(b, mode, n)
+        assert pos.shape[1] == (2 * n if mode == "both" else n)
+        np.testing.assert_array_equal(np.asarray(pos[0])[np.asarray(mask[0])], want)

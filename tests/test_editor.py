@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,8 +211,7 @@ def test_step_ranks_keep_each_step_at_its_rank():
                                                 zero_deltas(ecfg, TINY), n_answer=2)[2])
     base = edit(state.nets)
     moved = edit({k: (sets[0], jax.tree.map(lambda a: a * 1.5, sets[1])) for k, sets in state.nets.items()})
-    for m in MODULES:
-        np.testing.assert_array_equal(moved[m][0], base[m][0])
+    chex.assert_trees_all_equal({m: moved[m][0] for m in MODULES}, {m: base[m][0] for m in MODULES})
     assert max(float(jnp.abs(moved[m][1] - base[m][1]).max()) for m in MODULES) > 1e-6
 
 
@@ -224,11 +224,11 @@ def test_rollback_and_apply_are_exact():
     np.testing.assert_allclose(sum(per_step[m] for m in [MODULES[0]])[0] + per_step[MODULES[0]][1], deltas[MODULES[0]], rtol=1e-6)
     edited = apply_deltas(TINY, params, deltas)
     # The parameters passed in are untouched: rolling back is dropping the deltas.
-    jax.tree.map(np.testing.assert_array_equal, params, original)
+    chex.assert_trees_all_equal(params, original)
     # Subtracting the deltas again restores the weights to within float32 rounding;
     # the delta representation itself (params + deltas) never loses a bit.
     back = apply_deltas(TINY, edited, {m: -d for m, d in deltas.items()})
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), back, original)
+    chex.assert_trees_all_close(back, original, atol=1e-6, rtol=1e-7)
     ids = tiny_batch(1)
     from emsedit_jax.editor.capture import edited_logits
     logits = jax.jit(edited_logits, static_argnums=0, static_argnames=("n_answer",))
@@ -290,7 +290,7 @@ def test_loc_prior_starts_the_memory_and_shields_the_prior_keys():
         EditorConfig(modules=MODULES, key_memory=0.0, loc_prior=1.0)
     cfg = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.5, key_memory=2.0, loc_prior=50.0)
     params, state = _setup(cfg)
-    with pytest.raises(ValueError, match="locality_gram"):
+    with pytest.raises(ValueError, match="preserved_gram"):
         new_stream(cfg, TINY, state)
     other = _capture(TINY, params, tiny_batch(2), MODULES, None, n_answer=2)     # "unrelated" prompts
     mask = np.asarray(other.mask).reshape(-1)
@@ -308,3 +308,47 @@ def test_loc_prior_starts_the_memory_and_shields_the_prior_keys():
         after, _, _ = _edit(cfg, TINY, params, st, tiny_batch(0), zero_deltas(cfg, TINY), n_answer=2)
         moved[name] = sum(float(np.linalg.norm(keys[m] @ np.asarray(after[m]))) for m in MODULES)
     assert moved["prior"] < 0.5 * moved["empty"], moved
+
+
+def test_null_space_projection_leaves_the_protected_keys_outputs_unchanged():
+    """With null_space = tau every step's update is P dW, P projecting out C0's
+    eigenvectors above tau * the largest eigenvalue: after a two-step edit the edited
+    modules' outputs k^T (W + dW) at C0's keys equal k^T W to 1e-5, while the edit
+    still moves the outputs at its own keys; P itself is an orthogonal projection."""
+    with pytest.raises(ValueError, match="null_space"):
+        EditorConfig(modules=MODULES, null_space=1.0)
+    cfg = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.5, null_space=1e-4)
+    params, state = _setup(cfg)
+    with pytest.raises(ValueError, match="preserved_gram"):
+        new_stream(cfg, TINY, state)
+    other = _capture(TINY, params, tiny_batch(2), MODULES, None, n_answer=2)     # 6 protected keys per module
+    mask = np.asarray(other.mask).reshape(-1)
+    keys = {m: np.asarray(other.keys[m], np.float64).reshape(mask.size, -1)[mask] for m in MODULES}
+    c0 = {"16x24": jnp.stack([keys[m].T @ keys[m] / len(keys[m]) for m in MODULES[:2]]),
+          "24x16": jnp.stack([keys[m].T @ keys[m] / len(keys[m]) for m in MODULES[2:]])}
+    start = new_stream(cfg, TINY, state, c0)
+    assert start.key_gram == {}
+    for key, p in start.protect.items():
+        p = np.asarray(p, np.float64)
+        np.testing.assert_allclose(p @ p, p, atol=1e-5)
+        np.testing.assert_allclose(p, np.swapaxes(p, 1, 2), atol=1e-6)
+        assert np.all(np.trace(p, axis1=1, axis2=2) > 0.5 * p.shape[-1] - 6.5)   # at most 6 directions removed
+    edit = tiny_batch(0)
+    after, _, _ = _edit(cfg, TINY, params, start, edit, zero_deltas(cfg, TINY), n_answer=2)
+    own = _capture(TINY, params, edit, MODULES, None, n_answer=2)
+    for m in MODULES:
+        dw = np.asarray(after[m], np.float64)
+        w = np.asarray(module_kernel(params, m), np.float64)
+        assert np.abs(keys[m] @ dw).max() <= 1e-5 * max(1.0, np.abs(keys[m] @ w).max()), m
+        u = np.asarray(own.keys[m], np.float64).reshape(-1, dw.shape[0])
+        assert np.abs(u @ dw).max() > 1e-3, m          # the edit itself still moves its own outputs
+
+
+def module_kernel(params, name):
+    """The (d_in, d_out) kernel of module `name` of the tiny model."""
+    from emsedit_jax.models.transformer import parse_module
+    layer, suffix = parse_module(TINY, name)
+    node = params["layers"]
+    for part in suffix.split("."):
+        node = node[part]
+    return node["kernel"][layer]

@@ -180,3 +180,26 @@ def test_shapes_are_checked_at_trace_time(pair):
         solve.ridge(jnp.ones((3, 4)), jnp.ones((3, 5)), jnp.zeros(()), prior=jnp.eye(5))
     with pytest.raises(AssertionError, match="assert_equal_shape_prefix"):
         solve.ridge(jnp.ones((3, 4)), jnp.ones((2, 5)), jnp.zeros(()))
+
+
+def test_small_deltas_survive_bfloat16_kernels(pair):
+    """A bfloat16 kernel cannot hold W + dW for a small dW: the adapter applies such a
+    delta as a separate product, so its effect on the logits is the float32 model's."""
+    model, fm, batch, n_answer, _ = pair
+    module = nnx_llama.from_project(model)
+    nnx.update(module, jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(module, nnx.Param)))
+    low = from_nnx(module, model.tokenizer, nnx_llama.EDIT_PATHS)
+    deltas = {"layers.2.mlp.up_proj": jnp.full((32, 64), 1e-3, jnp.float32)}
+
+    def effect(m, deltas):
+        return (edited_logits(m.config, m.params, batch, deltas, n_answer=n_answer)[0]
+                - edited_logits(m.config, m.params, batch, None, n_answer=n_answer)[0])
+
+    want = effect(fm, deltas)
+    got = effect(low, deltas)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.05
+    # Added into the bfloat16 kernels, most of it would be lost to rounding.
+    in_kernels = (edited_logits(low.config, apply_deltas(low.config, low.params, deltas), batch, None,
+                                n_answer=n_answer)[0]
+                  - edited_logits(low.config, low.params, batch, None, n_answer=n_answer)[0])
+    assert float(jnp.linalg.norm(in_kernels - want) / jnp.linalg.norm(want)) > 0.3

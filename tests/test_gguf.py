@@ -6,6 +6,7 @@ import json
 import time
 import unicodedata
 
+import chex
 import numpy as np
 import pytest
 
@@ -149,8 +150,7 @@ def test_tiny_llama_roundtrip(tmp_path):
     assert cfg["rms_norm_eps"] == 1e-6
     assert "lm_head.weight" not in tensors
     assert set(tensors) == set(hf)
-    for k, v in hf.items():
-        np.testing.assert_array_equal(tensors[k], v, err_msg=k)
+    chex.assert_trees_all_equal({k: tensors[k] for k in hf}, hf)
 
     tok = tokenizer_from_gguf(path)
     enc = tok.encode("hello world 123<|im_end|>")

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -61,7 +62,7 @@ def test_export_round_trip_with_edit(tiny, tmp_path):
     # The edit changed the model, and the original parameters are untouched.
     before = np.asarray(logits(model.config, model.params, IDS, MASK))
     assert np.abs(before - ours)[real].max() > 1e-3
-    jax.tree.map(np.testing.assert_array_equal, load_model(folder, tokenizer=False).params, model.params)
+    chex.assert_trees_all_equal(load_model(folder, tokenizer=False).params, model.params)
 
 
 def test_layer_layouts_agree(tiny, tmp_path):
@@ -72,8 +73,8 @@ def test_layer_layouts_agree(tiny, tmp_path):
     listed = load_model(folder, tokenizer=False)
     stacked = load_model(folder, tokenizer=False, stacked=True)
     assert isinstance(listed.params["layers"], tuple) and not isinstance(stacked.params["layers"], tuple)
-    jax.tree.map(np.testing.assert_array_equal, stack_layers(listed.params), stacked.params)
-    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked.params), listed.params)
+    chex.assert_trees_all_equal(stack_layers(listed.params), stacked.params)
+    chex.assert_trees_all_equal(unstack_layers(stacked.params), listed.params)
     np.testing.assert_allclose(logits(listed.config, listed.params, IDS, MASK),
                                logits(stacked.config, stacked.params, IDS, MASK), atol=1e-6)
     name = "model.layers.1.self_attn.o_proj"
@@ -95,7 +96,7 @@ def test_sharded_and_bfloat16(tiny, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     again = load_model(out, tokenizer=False)
-    jax.tree.map(np.testing.assert_array_equal, again.params, model.params)
+    chex.assert_trees_all_equal(again.params, model.params)
     np.testing.assert_allclose(torch_logits(out)[MASK > 0], torch_logits(folder)[MASK > 0], atol=1e-6)
 
     bf = save_hf(model, tmp_path / "bf16", dtype=ml_dtypes.bfloat16)

@@ -109,8 +109,9 @@ def test_portability_per_kind_and_lines_add_up(tiny, tmp_path):
     state = init_editor(cfg, tiny.config, jax.random.key(0))
     res = run_protocol(tiny, cfg, state, split, protocol="sequential", num_seq=2, n_edits=3, metric="counterfact",
                        progress=False, fluency_tokens=4)
+    # Their locality prompts have answers of their own: no neighbourhood score.
     keys = {"ES", "GS", "LS", "efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
-            "neighborhood_score", "neighborhood_magnitude", "PS", "PS/reasoning", "PS/Subject_Aliasing", "fluency"}
+            "PS", "PS/reasoning", "PS/Subject_Aliasing", "fluency"}
     assert set(res.metrics) == set(res.baseline) == keys
     assert np.isnan(res.per_request["PS"][[1, 2, 5]]).all() and not np.isnan(res.per_request["PS"][[0, 3, 4]]).any()
     assert np.isnan(res.per_request["PS/reasoning"][4]) and np.isnan(res.per_request["PS/Subject_Aliasing"][3])
@@ -147,11 +148,14 @@ def test_fluency_is_entropy_of_greedy_generation(tiny, torch_model):
     assert got[0] == pytest.approx(want0) and got[1] == pytest.approx(M.generation_entropy("w1 w2 w3" + texts[2]))
 
 
-def test_chat_template_prompts(tiny):
+def test_chat_template_prompts(tiny, tiny_model_dir):
     tok = tiny.tokenizer
     r = cf_request(0)
     with pytest.raises(UserError, match="no chat template"):
         encode_split(tok, [r], chat_template=True)
+    from emsedit_jax.cli import main
+    with pytest.raises(UserError, match="--chat-template"):
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "w1", "--chat-template"])
     tok = type(tok).from_pretrained(tok.name_or_path) if tok.name_or_path else tok
     tok.chat_template = "{% for m in messages %}w100 {{ m['content'] }} w101{% endfor %} w102"
     assert prompt_ids(tok, ["w1 w2"], chat_template=True) == [tok("w100 w1 w2 w101 w102")["input_ids"]]

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -56,15 +57,15 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path):
     train(model, ecfg(), tcfg, split, tmp_path / "resumed", progress=False, stop_after=5)
     resumed = train(model, ecfg(), tcfg, split, tmp_path / "resumed", progress=False)
     assert len(resumed.history) == len(full.history) == 20
-    jax.tree.map(np.testing.assert_array_equal, resumed.state.nets, full.state.nets)
-    jax.tree.map(np.testing.assert_array_equal, resumed.state.stats, full.state.stats)
+    chex.assert_trees_all_equal(resumed.state.nets, full.state.nets)
+    chex.assert_trees_all_equal(resumed.state.stats, full.state.stats)
     # ...and training changed the editor.
     moved = max(float(np.abs(np.asarray(blk["B"])).max()) for net in full.state.nets["32x64"] for blk in net["blocks"])
     assert moved > 0
     # The saved editor round-trips.
     e2, st2, record = load_editor(tmp_path / "full" / "editor", model.config)
     assert e2 == ecfg() and record["train"]["epochs"] == 2
-    jax.tree.map(np.testing.assert_array_equal, st2.nets, full.state.nets)
+    chex.assert_trees_all_equal(st2.nets, full.state.nets)
     # Arrays that do not fit the recorded configuration (here one block more) are refused
     # with the folder named, not restored into a wrong structure.
     bad = tmp_path / "bad_editor"
@@ -105,9 +106,9 @@ def check_editor_integrity(model, editor, tmp_path):
         load_editor(editor, other, model_name="other-model")
     msg = str(e.value)
     assert f"this editor was made for model {record['model']['name']!r}" in msg and "not for 'other-model'" in msg
-    assert "config sha256 differ" in msg
+    assert msg.endswith(f"the architecture (config hash) differs; pass --model {record['model']['name']}")
     wider = dataclasses.replace(model.config, intermediate_size=model.config.intermediate_size * 2)
-    with pytest.raises(RunError, match="config sha256 and layer shapes differ"):
+    with pytest.raises(RunError, match=r"the architecture \(config hash\) and the edited layer shapes differ"):
         load_editor(editor, wider)
     garbage = tmp_path / "garbage_editor"
     shutil.copytree(editor, garbage)
@@ -257,7 +258,7 @@ def test_key_memory_run_resumes_mid_stream(tiny, tmp_path):
     # Killed after 5 batches: the checkpoint after batch 4 is in the middle of a stream.
     train(model, cfg, tcfg, split, tmp_path / "resumed", progress=False, stop_after=5)
     resumed = train(model, cfg, tcfg, split, tmp_path / "resumed", progress=False)
-    jax.tree.map(np.testing.assert_array_equal, resumed.state.nets, full.state.nets)
+    chex.assert_trees_all_equal(resumed.state.nets, full.state.nets)
     np.testing.assert_array_equal([h["loss"] for h in resumed.history], [h["loss"] for h in full.history])
     plain = train(model, ecfg(), tcfg, split, tmp_path / "plain", progress=False)
     np.testing.assert_allclose(full.history[0]["loss"], plain.history[0]["loss"], rtol=1e-6)
@@ -282,3 +283,32 @@ def test_locality_gram_is_the_mean_outer_product_of_locality_keys(tiny):
     for i, m in enumerate(MODULES):
         u = np.asarray(cap.keys[m], np.float64).reshape(mask.size, -1)[mask]
         np.testing.assert_allclose(gram[i], u.T @ u / len(u), rtol=1e-4, atol=1e-6)
+
+
+def test_selection_by_validation_keeps_the_best_scored_editor(tiny, tmp_path):
+    """With select_every the untrained editor, every select_every batches and the end are
+    scored on the held-out split; the saved editor is the best scored one."""
+    from emsedit_jax.checkpoint import load_editor
+    model, split = tiny
+    fit = dataclasses.replace(split, requests=split.requests[:8],
+                              views={k: _rows(v, slice(0, 8)) for k, v in split.views.items()})
+    val = dataclasses.replace(split, requests=split.requests[8:12],
+                              views={k: _rows(v, slice(8, 12)) for k, v in split.views.items()})
+    tcfg = TrainConfig(protocol="batch", n_edits=4, num_seq=1, epochs=2, meta_lr=1e-2, select_every=2)
+    cfg = ecfg(step_specific=False)
+    res = train(model, cfg, tcfg, fit, tmp_path / "sel", progress=False, val_split=val)
+    scores = [h for h in res.history if "validation_after_batches" in h]
+    assert [h["validation_after_batches"] for h in scores] == [0, 2, 4]
+    record = json.loads((tmp_path / "sel" / "editor" / "editor.json").read_text())
+    best = max(scores, key=lambda h: h["ES"] + h["GS"] + h["LS"])
+    assert record["selected_after_batches"] == best["validation_after_batches"]
+    assert record["selected_score"] == pytest.approx(best["ES"] + best["GS"] + best["LS"])
+    _, saved, _ = load_editor(tmp_path / "sel" / "editor", model.config)
+    if best["validation_after_batches"] == 0:
+        init = init_editor(cfg, model.config, jax.random.key(0))
+        jax.tree.map(np.testing.assert_array_equal, saved.nets, init.nets)
+
+
+def _rows(tf, rows):
+    return dataclasses.replace(tf, **{f.name: getattr(tf, f.name)[rows] for f in dataclasses.fields(tf)
+                                      if isinstance(getattr(tf, f.name), np.ndarray)})

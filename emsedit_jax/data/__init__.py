@@ -27,6 +27,7 @@ from .tokenize import (
     pad_id_of,
     prompt_ids,
     target_ids,
+    subject_last_token,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "pad_id_of",
     "prompt_ids",
     "target_ids",
+    "subject_last_token",
 ]

@@ -687,11 +687,11 @@ def resolve_data_path(path_or_id: str | os.PathLike) -> Path | None:
     """The absolute, resolved path of a local data file, or None for a hub data set id.
 
     A hub id is only what looks like ``org/name`` (one slash, no JSON suffix) and is not
-    a local path; anything else must be an existing file, so a typo in a path is a
+    a local path (nor a path into an existing local folder ``org``); anything else must be an existing file, so a typo in a path is a
     DataError rather than a network request."""
     s = os.path.expanduser(os.fspath(path_or_id))
     if not isinstance(path_or_id, Path) and not os.path.exists(s) and _HUB_ID.fullmatch(s) \
-            and not s.lower().endswith(_LOCAL_SUFFIXES):
+            and not s.lower().endswith(_LOCAL_SUFFIXES) and not os.path.isdir(s.split("/")[0]):
         return None
     path = Path(s)
     if path.is_dir():
@@ -777,6 +777,8 @@ def read_records(path: Path) -> tuple[list, list[int] | None]:
     if not text.strip():
         raise DataError("the file is empty", file=str(path))
     jsonl = path.name.lower().endswith((".jsonl", ".jsonl.gz"))
+    if jsonl and text.lstrip().startswith("["):  # a JSON array in a file named .jsonl
+        jsonl = False
     if not jsonl:
         try:
             data = json.loads(text)
@@ -819,7 +821,11 @@ def read_records(path: Path) -> tuple[list, list[int] | None]:
 def _read_hub(hub_id: str, split: str) -> list:
     import datasets
 
-    ds = datasets.load_dataset(hub_id, split=split)
+    try:
+        ds = datasets.load_dataset(hub_id, split=split)
+    except Exception as e:  # offline, unknown id, no such split: one message
+        raise DataError(f"no such local file, and loading it as a Hugging Face Hub data set (split {split!r}) "
+                        f"failed: {type(e).__name__}: {str(e)[:200]}", file=hub_id) from None
     return ds.to_list()
 
 
@@ -920,7 +926,9 @@ def load_requests(
             if isinstance(row, _BadLine):
                 raise ctx.error(None, row.reason)
             if not isinstance(row, dict):
-                raise ctx.error(None, f"the record is {_json_type(row)}; expected a JSON object")
+                kind_of = _json_type(row)
+                article = "" if kind_of == "null" else ("an " if kind_of[0] in "aeiou" else "a ")
+                raise ctx.error(None, f"the record is {article}{kind_of}; expected a JSON object")
             ctx.case_id = _case_id_of(row, ctx)
             if kind == "zsre":
                 reqs = _parse_zsre(row, ctx, source, require_true)

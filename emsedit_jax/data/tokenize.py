@@ -48,6 +48,7 @@ __all__ = [
     "prompt_ids",
     "target_ids",
     "encode_texts",
+    "subject_last_token",
 ]
 
 IGNORE = -100
@@ -79,6 +80,7 @@ class TeacherForced:
     n_answer: int
     answer_start: np.ndarray
     answer_len: np.ndarray
+    subject_pos: np.ndarray | None = None   # (N,) last subject token of the prompt, -1: absent
 
     @property
     def seq_len(self) -> int:
@@ -128,6 +130,35 @@ def prompt_ids(tokenizer, prompts: Sequence[str], *, chat_template: bool = False
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     return _ids(tokenizer, texts, special=False)
+
+
+def subject_last_token(tokenizer, prompt: str, subject: str | None, *, chat_template: bool = False) -> int:
+    """Index in ``prompt_ids(tokenizer, [prompt])[0]`` of the last token of the first
+    occurrence of ``subject`` in ``prompt`` (matched exactly, else ignoring case), or
+    -1 when there is no subject or the prompt does not contain it. The prompt is cut
+    after the subject and tokenised on its own (with the same special tokens or chat
+    template), as MEMIT does, so a subject preceded by a space ends on the same token
+    either way."""
+    if not subject or not subject.strip():
+        return -1
+    subject = subject.strip()
+    start = prompt.find(subject)
+    if start < 0:
+        start = prompt.lower().find(subject.lower())
+    if start < 0:
+        return -1
+    n_prompt = len(prompt_ids(tokenizer, [prompt], chat_template=chat_template)[0])
+    end = start + len(subject)
+    if chat_template:       # the wrapped text up to the subject's end, tokenised as the whole is
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        cut = text.find(prompt)
+        if cut < 0:
+            return -1
+        n_prefix = len(_ids(tokenizer, [text[:cut + end]], special=False)[0])
+    else:
+        n_prefix = len(_ids(tokenizer, [prompt[:end]], special=True)[0])
+    return min(n_prefix, n_prompt) - 1
 
 
 def target_ids(tokenizer, targets: Sequence[str], *, chat_template: bool = False) -> list[list[int]]:
@@ -211,7 +242,11 @@ def encode(
         problem = _row_problem(len(p), len(t), max_bucket)
         if problem is not None:
             raise _error(req, field, problem + (" (largest length bucket)" if len(p) and len(t) else ""))
-    return _teacher_forced(prompts, targets, alts, pad_id_of(tokenizer), length_buckets, answer_buckets)
+    tf = _teacher_forced(prompts, targets, alts, pad_id_of(tokenizer), length_buckets, answer_buckets)
+    p_attr = FIELDS[field][0]
+    subject_pos = [subject_last_token(tokenizer, getattr(r, p_attr), r.subject, chat_template=chat_template)
+                   for r in requests]
+    return dataclasses.replace(tf, subject_pos=np.asarray(subject_pos, np.int32))
 
 
 def encode_texts(tokenizer, prompts: Sequence[str], targets: Sequence[str], *, chat_template: bool = False,

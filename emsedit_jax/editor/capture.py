@@ -34,6 +34,7 @@ class Batch(NamedTuple):
     attention_mask: Array           # (B, S) int32
     labels: Array                   # (B, S) int32, IGNORE outside the answers
     positions: Array | None = None  # (B, S) int32
+    subject: Array | None = None    # (B, S) int32, 1 at key slots of EditorConfig.key_positions="subject"
 
 
 class Capture(NamedTuple):
@@ -139,32 +140,56 @@ def edited_loss(cfg: ModelConfig, params: Params, batch: Batch, deltas: Mapping[
 
 def capture(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[str],
             deltas: Mapping[str, Array] | None = None, *, n_answer: int,
-            prefix: Prefix | None = None, remat: bool = False, chunk: int | None = None) -> Capture:
+            prefix: Prefix | None = None, remat: bool = False, chunk: int | None = None,
+            key_positions: str = "answer") -> Capture:
     """Loss, keys and value gradients of `modules` on params + deltas (jittable;
     `modules` and `n_answer` are static). With `prefix` the unedited lower layers
     are not recomputed. `chunk` (static, rows) runs the forward and backward passes in
     microbatches of that many rows, one after the other, to bound activation memory;
-    the result is that of the whole batch."""
+    the result is that of the whole batch. `key_positions` (key_slots): where the keys
+    and value gradients are taken; the loss is always the answer tokens'."""
     if chunk is not None and chunk < batch.input_ids.shape[0]:
         return _capture_chunked(cfg, params, batch, modules, deltas, n_answer=n_answer, prefix=prefix,
-                                remat=remat, chunk=chunk)
+                                remat=remat, chunk=chunk, key_positions=key_positions)
     modules = tuple(modules)
     deltas = dict(deltas or {})
     check_inputs(cfg, batch, deltas)
     positions, targets, mask = answer_slots(batch.labels, n_answer)
+    slots, slot_mask = key_slots(batch, key_positions, n_answer)
     b = batch.input_ids.shape[0]
 
     def loss_fn(probes):
-        edits = {name: ModuleEdit(deltas.get(name), positions, probes[name]) for name in modules}
+        edits = {name: ModuleEdit(deltas.get(name), slots, probes[name]) for name in modules}
         edits |= {name: ModuleEdit(d) for name, d in deltas.items() if name not in edits}
         logits, keys = _run(cfg, params, batch, edits, positions, prefix, remat)
         return token_nll(logits, targets, mask), keys
 
     # Probes (and so value gradients) in float32, or float64 for a float64 model.
     dtype = jnp.promote_types(jnp.float32, jax.tree.leaves(params)[0].dtype)
-    probes = {name: jnp.zeros((b, n_answer, module_shape(cfg, name)[1]), dtype) for name in modules}
+    probes = {name: jnp.zeros((b, slots.shape[1], module_shape(cfg, name)[1]), dtype) for name in modules}
     (loss, keys), grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
-    return Capture(loss, keys, grads, mask)
+    return Capture(loss, keys, grads, slot_mask)
+
+
+def key_slots(batch: Batch, key_positions: str, n_answer: int) -> tuple[Array, Array]:
+    """Where the keys and value gradients are taken: positions (B, A') int32 and mask
+    (B, A') bool. "answer": the answer slots (A' = n_answer); "subject": the positions
+    marked in `batch.subject` (A' = n_answer; a request has one subject slot, or its
+    answer slots when it has no subject); "both": the union (A' = 2 n_answer)."""
+    if key_positions == "answer":
+        positions, _, mask = answer_slots(batch.labels, n_answer)
+        return positions, mask
+    if batch.subject is None:
+        raise ValueError(f"key_positions={key_positions!r} needs the batch's subject marks (pipeline.EncodedSplit.pack)")
+    marks = batch.subject > 0
+    n = n_answer
+    if key_positions == "both":
+        marks, n = marks | (batch.labels != IGNORE), 2 * n_answer
+    elif key_positions != "subject":
+        raise ValueError(f"key_positions must be 'answer', 'subject' or 'both', not {key_positions!r}")
+    positions = jax.vmap(lambda v: jnp.nonzero(v, size=n, fill_value=0)[0])(marks).astype(jnp.int32)
+    mask = jnp.arange(n)[None, :] < marks.sum(axis=1, keepdims=True)
+    return positions, mask
 
 
 def pad_rows(batch: Batch, n_rows: int) -> Batch:
@@ -180,12 +205,12 @@ def pad_rows(batch: Batch, n_rows: int) -> Batch:
         return None if x is None else jnp.concatenate([x, jnp.full((extra, *x.shape[1:]), fill, x.dtype)])
 
     return Batch(pad(batch.input_ids, 0), pad(batch.attention_mask, 0), pad(batch.labels, IGNORE),
-                 pad(batch.positions, 0))
+                 pad(batch.positions, 0), pad(batch.subject, 0))
 
 
 def _capture_chunked(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[str],
                      deltas: Mapping[str, Array] | None, *, n_answer: int, prefix: Prefix | None,
-                     remat: bool, chunk: int) -> Capture:
+                     remat: bool, chunk: int, key_positions: str = "answer") -> Capture:
     """`capture` over microbatches of `chunk` rows (a `lax.map`). Rows never attend to
     each other, so a microbatch's keys are the batch's; its value gradients are those of
     its own mean loss, rescaled by (its answer slots / the batch's) to be the gradients
@@ -210,8 +235,8 @@ def _capture_chunked(cfg: ModelConfig, params: Params, batch: Batch, modules: Se
     def one(xs):
         rows, h = xs
         cap = capture(cfg, params, rows, modules, deltas, n_answer=n_answer, remat=remat,
-                      prefix=None if prefix is None else Prefix(h, prefix.start))
-        weight = jnp.maximum(jnp.sum(cap.mask), 1).astype(jnp.float32) / total
+                      prefix=None if prefix is None else Prefix(h, prefix.start), key_positions=key_positions)
+        weight = jnp.maximum(jnp.sum(answer_slots(rows.labels, n_answer)[2]), 1).astype(jnp.float32) / total
         grads = {m: g * weight.astype(g.dtype) for m, g in cap.grads.items()}
         return cap.loss * weight.astype(cap.loss.dtype), cap.keys, grads, cap.mask
 

@@ -39,7 +39,18 @@ class EditorConfig:
                    prompts of the training requests), and nu C0 penalises moving the
                    module's output on such keys, as if nu of them were in the memory.
                    An evaluation-time extension (MEMIT's covariance term applied to the
-                   hypernetwork's solve); 0 = none.
+                   hypernetwork's solve); 0 = none. Training uses it too when set
+                   (train.train's key_prior), so the hypernetwork learns with it.
+    null_space:    tau in [0, 1). With tau > 0 every step's update dW (d_in, d_out) is
+                   replaced by P dW, P = I - V V^T, V the eigenvectors of the preserved
+                   keys' C0 whose eigenvalues exceed tau times the largest: outputs
+                   k^T (W + dW) on keys k in that span do not move (AlphaEdit's
+                   projection, an extension; 0 = none). Needs C0 like loc_prior.
+    key_positions: where a step takes its keys and value gradients: "answer" (the
+                   paper's: the answer positions), "subject" (the last token of the
+                   request's subject, as in MEMIT / AlphaEdit; requests without a
+                   subject in the prompt fall back to their answer positions) or
+                   "both" (the union). An extension; the loss is always the answer's.
     back_depth:    memory backtracking in sequential training: the losses of the
                    stream's last back_depth - 1 earlier batches, weighted time_decay **
                    age, join each batch's loss (RLEdit's; None = the method's default:
@@ -62,6 +73,8 @@ class EditorConfig:
     lamda_init: float = 0.0
     key_memory: float = 0.0
     loc_prior: float = 0.0
+    null_space: float = 0.0
+    key_positions: Literal["answer", "subject", "both"] = "answer"
     msbp: Literal["detached", "exact"] = "detached"
     regulariser: Literal["norm", "kl"] = "norm"
     beta: float = 0.5
@@ -88,6 +101,13 @@ class EditorConfig:
             raise ValueError("loc_prior must be >= 0 (0: none)")
         if self.loc_prior and not self.key_memory:
             raise ValueError("loc_prior is the starting value of the key memory: it needs key_memory > 0")
+        if not 0 <= self.null_space < 1:
+            raise ValueError(f"null_space must be in [0, 1) (a fraction of C0's largest eigenvalue; 0: none), "
+                             f"not {self.null_space}")
+        if self.null_space and self.update_rule != "ridge":
+            raise ValueError("null_space projects the ridge solve's update; MEND's rank-1 update has none")
+        if self.key_positions not in ("answer", "subject", "both"):
+            raise ValueError(f"key_positions must be 'answer', 'subject' or 'both', not {self.key_positions!r}")
         if self.back_depth is None:
             object.__setattr__(self, "back_depth", 10 if self.method == "rledit" else 1)
         if self.back_depth < 1:
@@ -110,6 +130,16 @@ class EditorConfig:
         """"unrolled" or "scanned": `hypernet`, or the backend's default for "auto"."""
         from ..backend import hypernet
         return hypernet() if self.hypernet == "auto" else self.hypernet
+
+    @property
+    def needs_prior(self) -> bool:
+        """Whether a stream needs C0 (the preserved keys' mean k k^T) to start."""
+        return bool(self.loc_prior or self.null_space)
+
+    def key_slots(self, n_answer: int) -> int:
+        """Key slots per packed row for `n_answer` answer slots: a request's subject
+        slot replaces its answer slots ("subject") or joins them ("both")."""
+        return 2 * n_answer if self.key_positions == "both" else n_answer
 
     @property
     def n_param_sets(self) -> int:

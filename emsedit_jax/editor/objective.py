@@ -85,7 +85,8 @@ def memory_loss(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, memory: M
 def meta_loss(nets, stats, ecfg: EditorConfig, lcfg: ModelConfig, params: Params,
               batch: EditBatch, deltas: Deltas, n_answer: NAnswer, *, beta_power: int = 1,
               only_step: int | None = None, memory: Memory | None = None,
-              key_gram: dict | None = None, remat: bool = False) -> tuple[Array, LossAux]:
+              key_gram: dict | None = None, remat: bool = False, protect: dict | None = None
+              ) -> tuple[Array, LossAux]:
     """Loss of editing `batch` onto params + deltas with hypernetworks `nets`.
 
     EMSEdit ("norm"): CE(y | x'; W_T) + beta**beta_power * sum ||W_T - W_0||^2, where
@@ -95,10 +96,11 @@ def meta_loss(nets, stats, ecfg: EditorConfig, lcfg: ModelConfig, params: Params
     `only_step=t` scores W_before + dW_t alone (the authors' batch schedule).
     `memory` (RLEdit) adds the weighted losses of the stream's earlier batches at W_T;
     the gradient reaches only this batch's update (earlier deltas are constants).
-    `key_gram`: the key memory of the stream's earlier batches (EditorConfig.key_memory).
+    `key_gram`: the key memory of the stream's earlier batches (EditorConfig.key_memory);
+    `protect`: the null-space projections (EditorConfig.null_space; None or {}: none).
     """
     start = first_layer(lcfg, ecfg.modules)
-    state = EditorState(nets, stats, key_gram or {})
+    state = EditorState(nets, stats, key_gram or {}, protect or {})
     pre_edit = prefix_hidden(lcfg, params, batch.edit, start, remat)
     new, state, per_step = multi_step_edit(ecfg, lcfg, params, state, batch.edit, deltas,
                                            n_answer=n_answer.edit, prefix=pre_edit, remat=remat)

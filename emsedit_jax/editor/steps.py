@@ -6,8 +6,9 @@ value gradients -> weight update (ridge solve, or MEND's rank-1 sum) -> deltas +
 The editor state is explicit: `nets` (hypernetwork parameters, a tuple of P = T or 1
 parameter sets per kernel shape), `stats` (normaliser statistics, stacked on a leading
 P axis) and, with key memory (EditorConfig.key_memory > 0), `key_gram`: per kernel shape,
-the Gram matrices (K, d_in, d_in) of the keys edited so far in the current stream. All
-plain pytrees.
+the Gram matrices (K, d_in, d_in) of the keys edited so far in the current stream, and
+with EditorConfig.null_space > 0, `protect`: the projections P (K, d_in, d_in) applied
+to every update (null_space_projection). All plain pytrees.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class EditorState(NamedTuple):
     nets: dict[str, tuple[dict, ...]]      # shape key -> P nets (hypernet.init_net), step t at its rank
     stats: dict[str, normalizer.Stats]     # shape key -> normaliser stats, leading axis P
     key_gram: dict[str, Array] = {}        # shape key -> (K, d_in, d_in); {} without key memory
+    protect: dict[str, Array] = {}         # shape key -> (K, d_in, d_in) projections P; {} without null_space
 
 
 def groups(ecfg: EditorConfig, lcfg: ModelConfig) -> dict[str, tuple[str, ...]]:
@@ -66,22 +68,38 @@ def empty_key_gram(ecfg: EditorConfig, lcfg: ModelConfig) -> dict[str, Array]:
             for key, names in groups(ecfg, lcfg).items()}
 
 
+def null_space_projection(c0: Array, tau: float) -> Array:
+    """P = I - V V^T for C0 (..., d, d) symmetric PSD, V its eigenvectors with
+    eigenvalue > tau * the largest (AlphaEdit's null-space projection): for any dW,
+    k^T (P dW) = 0 for every k in the span of V."""
+    c0 = jnp.asarray(c0, jnp.float32)
+    vals, vecs = jnp.linalg.eigh(c0)
+    keep = (vals > tau * vals[..., -1:]).astype(c0.dtype)            # eigh: ascending
+    return jnp.eye(c0.shape[-1], dtype=c0.dtype) - jnp.einsum("...ij,...j,...kj->...ik", vecs, keep, vecs)
+
+
 def new_stream(ecfg: EditorConfig, lcfg: ModelConfig, state: EditorState,
                prior: Mapping[str, Array] | None = None) -> EditorState:
     """`state` for editing a fresh model: the key memory emptied (nets, stats kept), or,
     with ecfg.loc_prior = nu > 0, set to (nu / mu) * prior, `prior` mapping shape key ->
-    (K, d_in, d_in) mean k k^T of unrelated prompts' keys (evaluate.locality_gram)."""
-    if not ecfg.loc_prior:
-        return state._replace(key_gram=empty_key_gram(ecfg, lcfg))
+    (K, d_in, d_in) mean k k^T of unrelated prompts' keys (evaluate.preserved_gram);
+    with ecfg.null_space > 0 also the projections onto the null space of `prior`."""
+    state = state._replace(key_gram=empty_key_gram(ecfg, lcfg), protect={})
+    if not ecfg.needs_prior:
+        return state
     if prior is None:
-        raise ValueError("loc_prior is on but no prior Gram matrices were given: compute them with "
-                         "evaluate.locality_gram(model, ecfg, split)")
-    start = empty_key_gram(ecfg, lcfg)
-    if set(prior) != set(start) or any(prior[k].shape != start[k].shape for k in start):
+        raise ValueError("loc_prior / null_space is on but no prior Gram matrices were given: compute them with "
+                         "evaluate.preserved_gram(model, ecfg, requests)")
+    shapes = {key: (len(names), *(module_shape(lcfg, names[0])[0],) * 2) for key, names in groups(ecfg, lcfg).items()}
+    if set(prior) != set(shapes) or any(tuple(prior[k].shape) != shapes[k] for k in shapes):
         raise ValueError(f"prior Gram matrices of shapes { {k: v.shape for k, v in prior.items()} } do not match "
-                         f"the key memory's { {k: v.shape for k, v in start.items()} }")
-    scale = ecfg.loc_prior / ecfg.key_memory
-    return state._replace(key_gram={k: scale * jnp.asarray(prior[k], jnp.float32) for k in start})
+                         f"the edited modules' {shapes}")
+    if ecfg.loc_prior:
+        scale = ecfg.loc_prior / ecfg.key_memory
+        state = state._replace(key_gram={k: scale * jnp.asarray(prior[k], jnp.float32) for k in shapes})
+    if ecfg.null_space:
+        state = state._replace(protect={k: null_space_projection(prior[k], ecfg.null_space) for k in shapes})
+    return state
 
 
 def masked_keys(ecfg: EditorConfig, lcfg: ModelConfig, cap: Capture) -> dict[str, Array]:
@@ -99,11 +117,12 @@ def zero_deltas(ecfg: EditorConfig, lcfg: ModelConfig, dtype=jnp.float32) -> Del
 
 
 def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Mapping, cap: Capture,
-                key_gram: Mapping | None = None) -> tuple[Deltas, dict]:
+                key_gram: Mapping | None = None, protect: Mapping | None = None) -> tuple[Deltas, dict]:
     """Weight updates of one step from a capture, with one parameter set: `nets` maps
     shape key -> one net, `stats` shape key -> its Stats (no P axis).
     `key_gram` (shape key -> (K, d_in, d_in)): the key memory, weighted by
-    ecfg.key_memory in the ridge solve. Returns ({module: dW (d_in, d_out)}, updated stats)."""
+    ecfg.key_memory in the ridge solve; `protect` (shape key -> (K, d_in, d_in)): the
+    projections P every update is multiplied by (P dW; EditorConfig.null_space). Returns ({module: dW (d_in, d_out)}, updated stats)."""
     mask = cap.mask.reshape(-1)
     new_stats, deltas = {}, {}
     for key, names in groups(ecfg, lcfg).items():
@@ -128,6 +147,8 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
             prior = None if not key_gram else (ecfg.key_memory * key_gram[key]).astype(dtype)
             ridge = solve.ridge_batched if ecfg.solve_mode() == "batched" else solve.ridge_each
             dws = ridge(u * maskf[None, :, None], d, nets[key]["lamda"], prior)
+            if protect:
+                dws = [protect[key][i].astype(dtype) @ dw for i, dw in enumerate(dws)]
         deltas.update({m: dws[i] for i, m in enumerate(names)})
     return deltas, new_stats
 
@@ -150,7 +171,7 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
         """The step's weight updates with parameter set p (a Python int)."""
         nets_p = {key: sets[p] for key, sets in state.nets.items()}
         stats_p = jax.tree.map(lambda a: a[p], stats)
-        dws, st = step_update(ecfg, lcfg, nets_p, stats_p, cap, memory)
+        dws, st = step_update(ecfg, lcfg, nets_p, stats_p, cap, memory, state.protect)
         return dws, jax.tree.map(lambda s, n: s.at[p].set(n), stats, st)
 
     branches = [functools.partial(update, p) for p in range(ecfg.n_param_sets)]
@@ -158,7 +179,7 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
     def body(carry, t):
         deltas, stats, _ = carry
         cap = capture(lcfg, params, batch, ecfg.modules, deltas, n_answer=n_answer, prefix=prefix, remat=remat,
-                      chunk=chunk)
+                      chunk=chunk, key_positions=ecfg.key_positions)
         if ecfg.msbp == "detached":
             cap = cap._replace(keys=jax.lax.stop_gradient(cap.keys), grads=jax.lax.stop_gradient(cap.grads))
         if len(branches) == 1:
@@ -169,7 +190,7 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
         return ({m: deltas[m] + dws[m] for m in deltas}, stats, keys), dws
 
     # The carry keeps the latest step's keys; their Gram matrices join the memory once.
-    n_slots = batch.input_ids.shape[0] * n_answer
+    n_slots = batch.input_ids.shape[0] * ecfg.key_slots(n_answer)
     no_keys = {key: jnp.zeros((g.shape[0], n_slots, g.shape[1]), jnp.float32) for key, g in memory.items()}
     # unroll=True: XLA gets the T steps as straight-line code. Rolled, the loop's gradient
     # accumulates the cotangents of every parameter set (zero-filled for the sets a step
@@ -178,4 +199,4 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
     (deltas, stats, last_keys), per_step = jax.lax.scan(body, (dict(deltas), state.stats, no_keys),
                                                         jnp.arange(ecfg.steps), unroll=True)
     memory = {key: g + jnp.einsum("kni,knj->kij", last_keys[key], last_keys[key]) for key, g in memory.items()}
-    return deltas, EditorState(state.nets, stats, memory), per_step
+    return deltas, EditorState(state.nets, stats, memory, state.protect), per_step

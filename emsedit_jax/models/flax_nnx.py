@@ -14,7 +14,9 @@ jitted function). Each forward pass merges graph and parameters into a fresh mod
 - keys and value gradients: each edited linear module of the merged copy is replaced
   by an interceptor that records its input at the answer positions with `Module.sow`
   (collected by `nnx.capture`) and adds the editor's zero probe to its output there;
-  the gradient with respect to that probe is the value gradient.
+  the gradient with respect to that probe is the value gradient. (`Module.perturb`
+  would give the same gradients, but with a zero array of the module's whole output,
+  (B, S, d_out), per edited module, where the probe holds only the answer slots.)
 
 Module paths name attributes and list items of the module tree: `layers[18].mlp.up_proj`
 or `layers.18.mlp.up_proj` (the canonical spelling). An edited module must hold a 2-D

@@ -43,7 +43,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # ---------------------------------------------------------------- the model bundle
 @dataclasses.dataclass
 class Model:
-    """A loaded model: its config, parameters, tokenizer, and where it came from."""
+    """A loaded model: its config, parameters, tokenizer, and where it came from. For a
+    Flax model (flax_nnx.from_nnx, flax_linen.from_linen) `config` is a FlaxModel and
+    `params` its parameters as a nested dict."""
     config: ModelConfig
     params: Params
     tokenizer: Any

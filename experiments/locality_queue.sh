@@ -1,0 +1,19 @@
+#!/bin/bash
+# The runs of experiments/locality.py behind the locality comparison, one at a time (niced).
+# Usage: bash experiments/locality_queue.sh STAGE   (the stages below, in the order they were run)
+set -x
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD
+run() { nice -n 10 python experiments/locality.py "$@"; }
+VARS='{"km1_lp20": {"key_memory": 1, "loc_prior": 20},
+ "km1_lp20_wide": {"key_memory": 1, "loc_prior": 20, "prior_source": "wide"},
+ "ns1e-2_wide": {"null_space": 0.01, "prior_source": "wide"},
+ "km1_lp20_ns1e-2_wide": {"key_memory": 1, "loc_prior": 20, "null_space": 0.01, "prior_source": "wide"}}'
+FEW='{"paper": {}, "km1_lp20_wide": {"key_memory": 1, "loc_prior": 20, "prior_source": "wide"},
+ "ns1e-2_wide": {"null_space": 0.01, "prior_source": "wide"}}'
+case "$1" in
+  cf-base)      # the current best editor (trained by the CLI on the first 400), its evaluation-time variants
+    run --dataset counterfact --name base --parts val --config "{\"evals\": $VARS}" ;;
+  cf-subject)   # keys and value gradients at the subject's last token
+    run --dataset counterfact --name subject --parts val --config "{\"train\": {\"key_positions\": \"subject\"}, \"evals\": $FEW}" ;;
+esac
