@@ -1,10 +1,17 @@
 """Command line: `emsedit-jax {demo,train,evaluate,edit,generate,plan}`.
 
 train -> an editor folder (editor.json + state/, checkpoints/ while training);
-evaluate -> results.json (metrics, unedited baseline, timing, resolved config);
+evaluate -> results.json (metrics, unedited baseline, timing, resolved options);
 edit -> greedy completions before and after editing facts, optionally saved as a
 Hugging Face checkpoint; plan -> memory per device and FLOPs per edit on a device mesh,
-from config.json alone. Every command prints the resolved configuration it ran with.
+from config.json alone.
+
+Every flag is a field of an option dataclass (EditorConfig, TrainConfig, EvalConfig, or
+the groups below) and takes its default and help text from it (`options.add_options`):
+adding a flag is adding a field. Every command prints the resolved options it ran with
+("configuration:"); `--config FILE` (JSON or YAML) reads them back, flags given beside it
+win. Mistakes in what was given (flags, files, data) end with one line and exit status 2
+(`--debug` shows the traceback); everything is checked before the model loads.
 """
 
 from __future__ import annotations
@@ -12,73 +19,383 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Literal, Sequence
 
-from .errors import UserError
+from .editor.config import EditorConfig, default_modules
+from .errors import ConfigError, UserError
+from .evaluate import EvalConfig
+from .options import CliField, add_options, coerce, expected, option
+from .train import PRESETS, TrainConfig
+
+__all__ = ["DATASET_FORMAT", "DATASET_METRIC", "build_parser", "console", "default_modules", "main", "parse_args",
+           "parse_modules"]
 
 # Token accuracy ("zsre") for data whose locality prompts are unrelated facts with their
-# own answers (the demo); the logit comparison of DESIGN.md for CounterFact.
+# own answers (the demo); the logit comparison for CounterFact.
 DATASET_METRIC = {"zsre": "zsre", "counterfact": "counterfact", "mquake": "counterfact", "demo": "zsre",
                   "user": "zsre", "knowedit": "zsre"}
 DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "demo": "counterfact", "user": "user",
                   "knowedit": "knowedit"}
+DEFAULT_MODEL = "smollm2"
 
 
-def default_modules(cfg) -> tuple[str, ...]:
-    """Six consecutive MLP input projections: layers 18-23 of a 30-layer LLaMA-style
-    model (0.6 of the depth), the last six layers of GPT-2 / GPT-J; for a Flax model
-    (--model package.module:factory), the edit paths its factory gave `from_nnx` / `from_linen`."""
+# ---------------------------------------------------------------- option groups
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    model: str | None = option(None, "embedded model name (smollm2), Hugging Face folder, hub id 'org/name', or "
+                               "package.module:factory returning a Model (a Flax model: models.flax_nnx.from_nnx, "
+                               "models.flax_linen.from_linen)",
+                               default_text=f"{DEFAULT_MODEL}; evaluate, edit, generate: the editor's model")
+    dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of the LLM's parameters")
+    residual_dtype: Literal["float32", "bfloat16"] | None = option(
+        None, "dtype of the residual stream (with --dtype bfloat16 every matmul still runs in bfloat16); "
+        "bfloat16 = transformers' all-bfloat16 numerics", default_text="float32")
+    chat_template: bool | None = option(
+        None, "wrap every prompt in the tokenizer's chat template (one user turn, then the assistant header) for "
+        "instruct models", default_text="raw prompts; evaluate and edit: as the editor was trained")
+    layer_layout: Literal["list", "stacked"] | None = option(
+        None, "LLM layers as one tree each (unrolled) or stacked on a layer axis (scanned)",
+        default_text="by backend: list on CPU, stacked on GPU / TPU")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    dataset: Literal["zsre", "counterfact", "mquake", "demo", "user", "knowedit"] | None = option(
+        None, "format and metric of the data", default_text="evaluate: the editor's; train: required")
+    data: str | None = option(None, "data file (or hub dataset id 'org/name')",
+                              default_text="the shipped demo data with --dataset demo; evaluate: the editor's")
+    test_data: str | None = option(None, "separate test file", default_text="--data is split")
+    n_train: int | None = option(None, "training requests (MQuAKE: cases) of --data", check="positive",
+                                 default_text="half of --data")
+    n_test: int | None = option(None, "test requests (MQuAKE: cases)", check="positive", default_text="the rest")
+    split_seed: int | None = option(None, "seed of the train/test split of --data", check="nonneg",
+                                    default_text="0; evaluate: the editor's, else 0")
+    skip_invalid: bool = option(False, "skip (and count) invalid records instead of stopping")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleOptions:
+    modules: tuple[str, ...] | None = option(None, "comma-separated Hugging Face names of the linear modules to edit",
+                                             default_text="six MLP input projections at 0.6 of the depth")
+    layers: str | None = option(None, "layer range like 18-23 (with the default module or --module)")
+    module: str | None = option(None, "module suffix like mlp.up_proj (with the default layers or --layers)")
+    step_specific: bool | None = option(None, "one hypernetwork per edit step",
+                                        default_text="on with --protocol sequential")
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorOptions:
+    prior_source: Literal["loc", "wide"] | None = option(
+        None, "the preserved facts C0 (--loc-prior, --null-space) is estimated from: loc = the training requests' "
+        "locality prompts, wide = those and the training requests' prompts and paraphrases with their true answers",
+        default_text="loc; evaluate: the editor's")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleOptions:
+    mesh: str | None = option(None, "device mesh, e.g. 1,4: batch rows split over DATA devices, LLM parameters "
+                              "split over MODEL devices as --sharding says", metavar="DATA,MODEL",
+                              default_text="one device")
+    sharding: Literal["fsdp", "tp"] = option(
+        "fsdp", "use of the mesh's MODEL devices: fsdp = fully sharded data parallel (every parameter split along "
+        "the hidden size, batch rows split too), tp = tensor parallel (attention heads and MLP units split, rows not)")
+    distributed: bool = option(False, "multi-host run: call jax.distributed.initialize first (TPU pods, SLURM, "
+                               "Open MPI)")
+    remat: bool = option(False, "recompute LLM layer activations in the backward pass (less memory, more compute)")
+    deterministic: bool = option(False, "GPU: bit-reproducible kernels (XLA's deterministic ops, no autotuning by "
+                                 "timing); slower. CPU runs are reproducible without it")
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonOptions:
+    config: str | None = option(None, "JSON or YAML file of options, e.g. the configuration a run printed or its "
+                                "results.json / editor.json; flags given beside it win", metavar="FILE")
+    quiet: bool = option(False, "no progress bars")
+    compile_cache: str | None = option(None, "folder of JAX's persistent compilation cache: a later run with the same "
+                                       "shapes loads its compiled steps instead of compiling", metavar="DIR",
+                                       default_text="$EMSEDIT_JAX_COMPILE_CACHE, else ~/.cache/emsedit_jax/xla")
+    no_compile_cache: bool = option(False, "compile everything in this process, cache nothing")
+    debug: bool = option(False, "show the traceback of errors in the input")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    out: str | None = option(None, "run folder (checkpoints/, editor/)", required=True, default_text="required")
+    preset: Literal[tuple(PRESETS)] | None = option(  # type: ignore[valid-type]
+        None, "named set of editor and training values under the flags (faithful: the authors' step size, "
+        "regulariser, meta learning rate and schedule)", default_text="default")
+    n_val: int | None = option(None, "held-out training requests for --select-every", check="positive",
+                               default_text="one validation stream or batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateRun:
+    editor: str | None = option(None, "editor folder written by train", required=True, default_text="required")
+    plot: str | None = option(None, "PNG of every metric's curve over the stream, unedited beside (implies "
+                              "--full-curve)", metavar="FILE")
+    per_request: str | None = option(None, "also write one line per edited request: its id, batch and position in "
+                                     "the stream, and every metric edited and unedited", metavar="FILE.jsonl")
+    allow_train_overlap: bool = option(False, "score test requests the editor was trained on (refused otherwise; "
+                                       "the overlap count is always in results.json)")
+    out: str | None = option(None, "results.json to write", metavar="FILE", default_text="none: print only")
+
+
+@dataclasses.dataclass(frozen=True)
+class EditRun:
+    editor: str | None = option(None, "editor folder written by train", required=True, default_text="required")
+    fact: list | None = option(None, "a fact to edit (repeatable)", required=True, default_text="required",
+                               action="append", nargs=2, metavar=("PROMPT", "NEW_TARGET"))
+    prompt: list | None = option(None, "extra prompt to complete before and after (repeatable)", action="append")
+    max_new_tokens: int = option(8, "tokens to generate per prompt", check="positive")
+    save: str | None = option(None, "save the edited model as a Hugging Face folder", metavar="FOLDER")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRun:
+    prompt: list | None = option(None, "prompt to complete (repeatable)", required=True, default_text="required",
+                                 action="append")
+    max_new_tokens: int = option(8, "tokens to generate per prompt", check="positive")
+    editor: str | None = option(None, "editor folder: generate with the model it was trained for (no edit)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoRun:
+    model: str = option(DEFAULT_MODEL, "model to edit")
+    out: str = option("runs/demo", "run folder")
+    preset: Literal[tuple(PRESETS)] = option("default", "named set of editor and training values")  # type: ignore
+    epochs: int | None = option(None, "passes over the training requests", check="positive",
+                                default_text="TrainConfig's")
+    n_train: int = option(361, "training requests", check="positive")
+    n_test: int = option(100, "test requests", check="positive")
+    num_seq: int = option(10, "batches of 10 edits in the evaluated stream", check="positive")
+    key_memory: float = option(1.0, "also evaluate with this key memory MU (0: only the paper's solve)",
+                               check="nonneg", metavar="MU")
+
+
+# command -> its option groups as (section of the printed configuration, dataclass, fields left out)
+TRAIN_EDITOR_SKIP: tuple[str, ...] = ()
+COMMANDS: dict[str, tuple[str, list[tuple[str, type, tuple[str, ...]]]]] = {
+    "train": ("meta-train an editor", [
+        ("model", ModelOptions, ()), ("data", DataOptions, ()), ("editor", ModuleOptions, ()),
+        ("editor", EditorConfig, TRAIN_EDITOR_SKIP), ("editor", PriorOptions, ()), ("train", TrainConfig, ()),
+        ("scale", ScaleOptions, ()),
+        ("run", TrainRun, ()), ("run", CommonOptions, ())]),
+    "evaluate": ("edit held-out requests and score them", [
+        ("model", ModelOptions, ()), ("data", DataOptions, ()), ("evaluate", EvalConfig, ()),
+        ("evaluate", PriorOptions, ()),
+        ("scale", ScaleOptions, ()), ("run", EvaluateRun, ()), ("run", CommonOptions, ())]),
+    "edit": ("edit facts and show completions before and after", [
+        ("model", ModelOptions, ()), ("run", EditRun, ()), ("run", CommonOptions, ())]),
+    "generate": ("greedy completions of prompts", [
+        ("model", ModelOptions, ()), ("run", GenerateRun, ()), ("run", CommonOptions, ())]),
+    "demo": ("train EMSEdit on the demo data and evaluate sequential editing", [
+        ("run", DemoRun, ()), ("run", CommonOptions, ("config",))]),
+}
+NOT_PRINTED = ("config", "debug")
+REQUIRED = {"train": ("dataset",)}       # required by a command though optional in the option group
+
+
+PLAN_HELP = ("memory per device and FLOPs per edit of editing and training on a mesh, from config.json alone "
+             "(no weights, no accelerator needed)")
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser, with the derived fields of each command (for --config and the
+    printed configuration)."""
+    fields: dict[str, dict[str, tuple[str, CliField]]]
+    commands: dict[str, argparse.ArgumentParser]
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="emsedit-jax", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*COMMANDS, "plan"]) + "}")
+    ap.fields, ap.commands = {}, {}
+    for name, (help_text, groups) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        fields = {}
+        for section, cls, skip in groups:
+            for f in add_options(p, cls, skip=skip, title=f"{section} options ({cls.__name__})"):
+                fields.setdefault(f.name, (section, f))
+        p.set_defaults(func=globals()[f"cmd_{name}"])
+        ap.fields[name], ap.commands[name] = fields, p
+    from .plan import add_arguments     # plan: its own flags (plan.add_arguments)
+    p = sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP)
+    add_arguments(p)
+    p.set_defaults(func=cmd_plan)
+    ap.fields["plan"], ap.commands["plan"] = {}, p
+    return ap
+
+
+# ---------------------------------------------------------------- parsing
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags of `argv`, over the values of --config FILE and --preset, over the
+    dataclass defaults; required options and every value checked."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    fields = ap.fields[args.command]
+    file_values = read_config_file(args.config, args.command, fields) if getattr(args, "config", None) else {}
+    preset = getattr(args, "preset", None) or file_values.get("preset") or "default"
+    defaults = {k: v for k, v in PRESETS[preset].items() if k in fields} if "preset" in fields else {}
+    defaults.update(file_values)
+    if defaults:
+        ap.commands[args.command].set_defaults(**defaults)
+        args = ap.parse_args(argv)
+    missing = [f.flag for _, f in fields.values()
+               if (f.required or f.name in REQUIRED.get(args.command, ())) and getattr(args, f.name) is None]
+    if missing:
+        ap.commands[args.command].error(f"the following arguments are required: {', '.join(missing)}")
+    if getattr(args, "plot", None):
+        args.full_curve = True
+    return args
+
+
+def read_config_file(path: str, command: str, fields: dict[str, tuple[str, CliField]]) -> dict[str, Any]:
+    """The options in a JSON or YAML file: a printed configuration ({"command": ...,
+    section: {option: value}}), or a results.json / editor.json holding one under
+    "config" / "options". Values are checked like flags; an option the command does not
+    have is an error unless the file is another command's (then it is ignored)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # noqa: BLE001  (json and yaml errors: reported with the file)
+        kind = "YAML" if file.suffix.lower() in (".yaml", ".yml") else "JSON"
+        raise ConfigError(f"--config {path}: not valid {kind}: {' '.join(str(e).split())}") from e
+    if isinstance(raw, dict) and "command" not in raw:
+        raw = next((raw[k] for k in ("config", "options") if isinstance(raw.get(k), dict)), raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected an object of options, got {type(raw).__name__}")
+    other_command = raw.get("command") not in (None, command)
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "command":
+            continue
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for name, v in items:
+            flat[name.replace("-", "_")] = v
+    out = {}
+    for name, value in flat.items():
+        if name not in fields or name in NOT_PRINTED:
+            if other_command or name in NOT_PRINTED:
+                continue
+            raise ConfigError(f"--config {path}: {name!r} is not an option of {command}")
+        _, f = fields[name]
+        try:
+            out[name] = coerce(value, f.hint, f.check)
+        except ValueError:
+            raise ConfigError(f"--config {path}: {name}: expected {expected(f.hint, f.check)}, "
+                              f"got {value!r}") from None
+    return out
+
+
+def resolved_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's options as printed and saved: {"command": ..., section: {option:
+    value}}; `--config` reads it back."""
+    out: dict[str, Any] = {"command": args.command}
+    for name, (section, _) in build_parser().fields[args.command].items():
+        if name not in NOT_PRINTED:
+            value = getattr(args, name)
+            out.setdefault(section, {})[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _config(cls, args, **overrides):
+    """cls from the parsed options; a ConfigError names the flag instead of the field."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    try:
+        return cls(**{**values, **overrides})
+    except ConfigError as e:
+        message = str(e)
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            message = message.replace(f"{cls.__name__}.{f.name}", flag)
+        raise ConfigError(message) from e
+
+
+# ---------------------------------------------------------------- checks before work
+def check_writable(path: str | os.PathLike, flag: str, *, folder: bool) -> None:
+    """That `path` (a folder, or a file to be written) can be created or written, before
+    any work: a file can be created in it (a folder) or in its nearest existing
+    ancestor. Nothing is left behind."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and folder != p.is_dir():
+        raise ConfigError(f"{flag} {path}: " + ("exists and is not a folder" if folder else
+                                                 "is a folder, expected a file name"))
+    parent = p if p.is_dir() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, so {p.relative_to(parent)} cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
+
+
+def model_config(name: str):
+    """The ModelConfig of --model from its config.json alone (no weights read); None for
+    a model factory (package.module:factory), known only once built."""
+    from .models.hf_io import is_factory, read_config, resolve
+    return None if is_factory(name) else read_config(resolve(name))[0]
+
+
+def parse_modules(spec, layers: str | None, module: str | None, cfg) -> tuple[str, ...]:
+    """--modules / --layers / --module -> module names, each checked against the model's
+    config (layer in range, a linear module of the family)."""
+    from .models import parse_module
     from .models.transformer import builtin
-    if not builtin(cfg):
-        return cfg.modules
-    n = cfg.num_layers
-    if cfg.family == "llama":
-        start = min(max(0, round(0.6 * n)), max(0, n - 6))
-        return tuple(f"model.layers.{i}.mlp.up_proj" for i in range(start, min(n, start + 6)))
-    module = "mlp.c_fc" if cfg.family == "gpt2" else "mlp.fc_in"
-    return tuple(f"transformer.h.{i}.{module}" for i in range(max(0, n - 6), n))
-
-
-def parse_modules(spec: str | None, layers: str | None, module: str | None, cfg) -> tuple[str, ...]:
+    if not builtin(cfg) and (layers is not None or module is not None):
+        raise ConfigError("--layers/--module name layers of Hugging Face models; for a Flax model pass --modules "
+                          "(module paths like layers.18.mlp.up_proj)")
     if spec:
-        return tuple(s.strip() for s in spec.split(",") if s.strip())
-    base = default_modules(cfg)
-    if layers is None and module is None:
-        return base
-    from .models.transformer import builtin
-    if not builtin(cfg):
-        from .errors import UserError
-        raise UserError("--layers/--module name layers of Hugging Face models; for a Flax model pass --modules "
-                        "(module paths like layers.18.mlp.up_proj)")
-    suffix = module or base[0].split(".", 3)[-1]
-    if layers:
-        lo, _, hi = layers.partition("-")
-        idx = range(int(lo), int(hi or lo) + 1)
+        names = tuple(s.strip() for s in spec.split(",") if s.strip()) if isinstance(spec, str) else tuple(spec)
+        flag = "--modules"
     else:
-        idx = [int(m.split(".")[2]) for m in base]
-    return tuple(f"{cfg.layer_prefix}.{i}.{suffix}" for i in idx)
+        base = default_modules(cfg)
+        names, flag = base, "--layers" if layers else "--module"
+        if layers is not None or module is not None:
+            suffix = module or base[0].split(".", 3)[-1]
+            idx = [int(m.split(".")[2]) for m in base]
+            if layers:
+                lo, _, hi = layers.partition("-")
+                try:
+                    idx = range(int(lo), int(hi or lo) + 1)
+                except ValueError:
+                    raise ConfigError(f"--layers {layers}: expected a layer or a range like 18-23") from None
+                if not idx:
+                    raise ConfigError(f"--layers {layers}: an empty range")
+            names = tuple(f"{cfg.layer_prefix}.{i}.{suffix}" for i in idx)
+    for name in names:
+        try:
+            parse_module(cfg, name)
+        except ValueError as e:
+            raise ConfigError(f"{flag}: {e}") from None
+    return names
 
 
+# ---------------------------------------------------------------- loading
 def _load_model(args, mesh=None):
-    """The --model in --dtype; with bfloat16 parameters the residual stream is float32
-    unless --residual-dtype bfloat16 asks for transformers' all-bfloat16 numerics. With a
-    mesh, every parameter is read straight into its shards."""
-    import jax.numpy as jnp
-
-    from .models import load_model
+    """The --model in --dtype (api.load_model); with a mesh, every parameter is read
+    straight into its shards."""
+    from .api import load_model
     from .models.hf_io import is_factory
     if is_factory(args.model) and (args.dtype != "float32" or args.residual_dtype or mesh is not None):
-        from .errors import UserError
-        raise UserError("--dtype, --residual-dtype and --mesh apply to checkpoints; a model factory "
-                        f"({args.model}) sets its own dtypes")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else None)
-    layout = getattr(args, "layer_layout", None)
-    stacked = None if layout is None else layout == "stacked"
-    return load_model(args.model, dtype=dtype, residual=residual, mesh=mesh, stacked=stacked)
+        raise ConfigError("--dtype, --residual-dtype and --mesh apply to checkpoints; a model factory "
+                          f"({args.model}) sets its own dtypes")
+    return load_model(args.model, dtype=args.dtype, residual_dtype=args.residual_dtype, mesh=mesh,
+                      layer_layout=getattr(args, "layer_layout", None))
 
 
 def model_name(name: str) -> str:
@@ -95,11 +412,11 @@ def _load_data(args):
     from .data import load_requests, request_hash, split_requests
     from .data.records import split_units
     if args.dataset is None:
-        raise SystemExit("--dataset is required (zsre, counterfact, mquake, demo or user)")
+        raise ConfigError("--dataset is required (zsre, counterfact, mquake, demo, user or knowedit)")
     fmt = DATASET_FORMAT[args.dataset]
     data = args.data or (str(demo_data_path()) if args.dataset == "demo" else None)
     if data is None:
-        raise SystemExit(f"--data is required for --dataset {args.dataset}")
+        raise ConfigError(f"--data is required with --dataset {args.dataset}")
     loaded = report_load(load_requests(data, fmt, skip_invalid=args.skip_invalid))
     reqs = loaded.requests
     seed = 0 if args.split_seed is None else args.split_seed
@@ -149,6 +466,19 @@ def demo_data_path() -> Path:
     return Path(__file__).parent / "data" / "demo_counterfacts.json"
 
 
+def _editor_defaults(args, record):
+    """Fills options not given from the editor's training record: the model and whether
+    prompts are wrapped in its chat template, and the data and split unless --data
+    names other data (then nothing of the training data is kept)."""
+    keys = ["model_name", "skip_invalid", "chat_template"]
+    if getattr(args, "data", None) is None:
+        keys += ["dataset", "data", "test_data", "n_train", "n_test", "split_seed"]
+    for key in keys:
+        attr = "model" if key == "model_name" else key
+        if hasattr(args, attr) and getattr(args, attr) in (None, False) and record.get(key) is not None:
+            setattr(args, attr, record[key])
+
+
 def _print_table(metrics: dict, baseline: dict, title: str) -> str:
     """One row per metric computed, the unedited model beside the edited one."""
     from .metrics import unit
@@ -174,45 +504,30 @@ def _check_tokenised(model, train, test, skip_invalid, chat_template=False):
     return out
 
 
+def _scale_setup(args):
+    """Starts multi-host JAX if asked (before anything touches a device), then builds
+    the --mesh mesh (None without one)."""
+    from .runs import use_deterministic_ops
+    from .sharding import maybe_initialize_distributed, mesh_from_spec
+    if args.deterministic:
+        use_deterministic_ops()
+    maybe_initialize_distributed(args.distributed)
+    return mesh_from_spec(args.mesh, args.sharding)
+
+
 # ---------------------------------------------------------------- commands
-# Hyperparameters that depend on the schedule. "faithful" uses the authors' values; the
-# default loop trains for real, and its step size and regulariser weight are set for the
-# scale of the embedded model (see the README for the measurements behind them).
-SCHEDULE_DEFAULTS = {
-    "default": {"epochs": 1, "meta_lr": 1e-4, "lr_init": 1e-3, "beta": 1e-2},
-    "faithful": {"epochs": 1, "meta_lr": 1e-5, "lr_init": 1e-6, "beta": 0.5},
-}
+def train_editor_config(args, model_cfg) -> EditorConfig:
+    """The EditorConfig of `train`: the method's defaults (EMSEdit 2 steps + norm
+    regulariser, MEND / MALMEN / RLEdit 1 step + KL), step-specific hypernetworks for
+    the sequential protocol (they matter only when steps > 1), the modules checked
+    against the model's config."""
+    modules = parse_modules(args.modules, args.layers, args.module, model_cfg)
+    step_specific = args.protocol == "sequential" if args.step_specific is None else args.step_specific
+    return _config(EditorConfig, args, modules=modules, step_specific=step_specific)
 
 
-def train_editor_config(args, model_cfg):
-    """The EditorConfig of `train`: the method's defaults (editor.config.method_config:
-    EMSEdit 2 steps + norm regulariser, MEND / MALMEN / RLEdit 1 step + KL), `--steps N`
-    for "Method²", and the shared options. Step-specific hypernetworks for the
-    sequential protocol (they matter only when steps > 1)."""
-    from .editor.config import method_config
-    options = {"step_specific": args.protocol == "sequential", "rank": args.rank, "n_blocks": args.blocks,
-               "lr_init": args.lr_init, "msbp": args.msbp, "log_step_size": args.schedule == "default",
-               "beta": args.beta, "back_depth": args.back_depth, "key_memory": args.key_memory,
-               "loc_prior": args.loc_prior, "null_space": args.null_space, "key_positions": args.key_positions,
-               "solve": args.solve, "hypernet": args.hypernet}
-    return method_config(args.method, parse_modules(args.modules, args.layers, args.module, model_cfg),
-                         steps=args.steps, **{k: v for k, v in options.items() if v is not None})
-
-
-def resolve_schedule(args):
-    """Fills the options `train` left unset with its --schedule's defaults (in place)."""
-    for key, value in SCHEDULE_DEFAULTS[args.schedule].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-def train_config(args):
-    """The TrainConfig of `train` (after resolve_schedule)."""
-    from .train import TrainConfig
-    return TrainConfig(protocol=args.protocol, schedule=args.schedule, n_edits=args.n_edits, num_seq=args.num_seq,
-                       epochs=args.epochs, meta_lr=args.meta_lr, seed=args.seed, buckets=args.buckets,
-                       select_every=args.select_every)
+def train_config(args) -> TrainConfig:
+    return _config(TrainConfig, args)
 
 
 def cmd_train(args) -> dict:
@@ -220,17 +535,20 @@ def cmd_train(args) -> dict:
     from .pipeline import encode_split
     from .runs import check_run
     from .train import train
-    resolve_schedule(args)
+    check_writable(args.out, "--out", folder=True)
+    args.model = args.model or DEFAULT_MODEL
     args.chat_template = bool(args.chat_template)
-    mesh = _scale_setup(args)
-    train_reqs, test_reqs, data = _load_data(args)        # data errors before the model loads
+    args.prior_source = args.prior_source or "loc"
+    cfg = model_config(args.model)
     tcfg = train_config(args)
+    ecfg = train_editor_config(args, cfg) if cfg is not None else None
     n_val = 0
     if tcfg.select_every:       # the last --n-val training requests are held out to select on
-        need = args.n_edits * (args.num_seq if args.protocol == "sequential" else 1)
+        need = tcfg.n_edits * (tcfg.num_seq if tcfg.protocol == "sequential" else 1)
         n_val = args.n_val or need
         if n_val < need:
-            raise SystemExit(f"--n-val {n_val}: the validation edits need at least {need} held-out requests")
+            raise ConfigError(f"--n-val {n_val}: the validation edits need at least {need} held-out requests")
+    train_reqs, test_reqs, data = _load_data(args)        # data errors before the model loads
     residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else args.dtype)
     # Everything that makes this run this run (runs.claim_run adds the model, the editor
     # config and the training requests' content hash); --mesh and --remat change only
@@ -241,24 +559,29 @@ def cmd_train(args) -> dict:
                 "dtype": args.dtype, "residual_dtype": residual, "chat_template": args.chat_template,
                 "deterministic": args.deterministic, "prior_source": args.prior_source, "n_val": n_val}
     check_run(args.out, {**identity, "train": dataclasses.asdict(tcfg)})
+    mesh = _scale_setup(args)
     model = _load_model(args, mesh)
+    ecfg = ecfg or train_editor_config(args, model.config)
+    for f in dataclasses.fields(ecfg):          # the resolved values are what is printed and recorded
+        if hasattr(args, f.name) and f.name not in TRAIN_EDITOR_SKIP:
+            setattr(args, f.name, getattr(ecfg, f.name))
+    args.layers = args.module = None
     train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
-    ecfg = train_editor_config(args, model.config)
     if n_val >= len(train_reqs):
-        raise SystemExit(f"--n-val {n_val}: needs fewer than the {len(train_reqs)} training requests")
+        raise ConfigError(f"--n-val {n_val}: needs fewer than the {len(train_reqs)} training requests")
     val_reqs = train_reqs[len(train_reqs) - n_val:]
     train_reqs = train_reqs[:len(train_reqs) - n_val]
+    options = resolved_options(args)
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
                 "sharding": args.sharding, "remat": args.remat, "chat_template": args.chat_template, "data_files": data,
-                "prior_source": args.prior_source, "n_val": len(val_reqs)}
-    print("configuration:", json.dumps({"editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg),
-                                         **{k: v for k, v in run_meta.items() if k != "data_files"}}, indent=1))
+                "prior_source": args.prior_source, "n_val": len(val_reqs), "options": options}
+    print("configuration:", json.dumps(options, indent=1))
     t0 = time.perf_counter()
     key_prior = None
     if ecfg.needs_prior:        # C0 of the training requests' preserved facts, as evaluate computes it
-        key_prior = preserved_gram(model, ecfg, train_reqs, source=args.prior_source, n_edits=args.n_edits,
+        key_prior = preserved_gram(model, ecfg, train_reqs, source=args.prior_source, n_edits=tcfg.n_edits,
                                    progress=not args.quiet, chat_template=args.chat_template)
     result = train(model, ecfg, tcfg, encode_split(model.tokenizer, train_reqs, chat_template=args.chat_template),
                    args.out, run_meta=run_meta, identity=identity, model_name=model_name(args.model),
@@ -272,19 +595,6 @@ def cmd_train(args) -> dict:
                "wall_seconds": time.perf_counter() - t0, "editor": str(Path(args.out) / "editor")}
     print(json.dumps(summary, indent=1))
     return summary
-
-
-def _editor_defaults(args, record):
-    """Fills options not given from the editor's training record: the model and whether
-    prompts are wrapped in its chat template, and the data and split unless --data
-    names other data (then nothing of the training data is kept)."""
-    keys = ["model_name", "skip_invalid", "chat_template"]
-    if args.data is None:
-        keys += ["dataset", "data", "test_data", "n_train", "n_test", "split_seed"]
-    for key in keys:
-        attr = "model" if key == "model_name" else key
-        if getattr(args, attr, None) in (None, False) and record.get(key) is not None:
-            setattr(args, attr, record[key])
 
 
 def _exclude_trained(args, record: dict, data: dict, test_reqs):
@@ -326,67 +636,62 @@ def cmd_evaluate(args) -> dict:
     from .checkpoint import read_editor_record
     from .evaluate import mquake_accuracy, preserved_gram, run_protocol
     from .pipeline import encode_split
-    mesh = _scale_setup(args)
     record = read_editor_record(args.editor)
     _editor_defaults(args, record)
-    args.model = args.model or "smollm2"
-    model = _load_model(args, mesh)
-    ecfg, state, record = _load_editor_for(args, model)
-    if args.key_memory is not None:     # the solve's key memory is a test-time choice too
-        ecfg = dataclasses.replace(ecfg, key_memory=args.key_memory)
-    ecfg = dataclasses.replace(ecfg, **{k: getattr(args, k) for k in ("solve", "hypernet") if getattr(args, k)})
-    if args.loc_prior is not None:
-        if args.loc_prior and not ecfg.key_memory:
-            raise SystemExit("--loc-prior NU starts the key memory at NU C0: it needs --key-memory MU > 0")
-        ecfg = dataclasses.replace(ecfg, loc_prior=args.loc_prior)
-    if args.null_space is not None:
-        ecfg = dataclasses.replace(ecfg, null_space=args.null_space)
+    args.model = args.model or DEFAULT_MODEL
+    args.chat_template = bool(args.chat_template)
+    for flag, path in (("--out", args.out), ("--plot", args.plot), ("--per-request", args.per_request)):
+        if path:
+            check_writable(path, flag, folder=False)
+    ev = _config(EvalConfig, args)
+    key_memory = record["editor"].get("key_memory", 0) if ev.key_memory is None else ev.key_memory
+    if ev.loc_prior and not key_memory:
+        raise ConfigError("--loc-prior NU starts the key memory at NU C0: it needs --key-memory MU > 0")
     args.prior_source = args.prior_source or record.get("prior_source") or "loc"
     train_reqs, test_reqs, data = _load_data(args)
+    mesh = _scale_setup(args)
+    model = _load_model(args, mesh)
+    ecfg, state, record = _load_editor_for(args, model)
+    ecfg = ev.editor_config(ecfg)
     test_reqs, overlap = _exclude_trained(args, record, data, test_reqs)
+    chat = args.chat_template
     train_reqs, test_reqs = _check_tokenised(model, train_reqs if ecfg.needs_prior else [], test_reqs,
-                                             args.skip_invalid, args.chat_template)
-    chat = bool(args.chat_template)
-    config = {"editor": dataclasses.asdict(ecfg), "protocol": args.protocol, "num_seq": args.num_seq,
-              "n_edits": args.n_edits, "model": args.model, "dataset": args.dataset, "data": args.data,
-              "test_data": args.test_data, "n_train": args.n_train, "n_test": args.n_test,
-              "split_seed": args.split_seed, "dtype": args.dtype,
-              "residual_dtype": model.config.residual_dtype or args.dtype, "editor_dir": str(args.editor),
-              "train": record.get("train"), "mesh": args.mesh, "sharding": args.sharding, "remat": args.remat,
-              "capture_chunk": args.capture_chunk, "buckets": args.buckets,
-              "loc_prior_requests": len(train_reqs) if ecfg.needs_prior else None,
-              "prior_source": args.prior_source if ecfg.needs_prior else None, "chat_template": chat,
-              "fluency_tokens": args.fluency, "per_request": args.per_request,
-              "prob_scores": args.prob_scores if args.prob_scores is not None else
-              DATASET_METRIC.get(args.dataset) == "counterfact", **overlap}
-    print("configuration:", json.dumps(config, indent=1))
+                                             args.skip_invalid, chat)
+    options = resolved_options(args)
+    print("configuration:", json.dumps(options, indent=1))
+    info = {"editor": dataclasses.asdict(ecfg), "editor_dir": str(args.editor), "train": record.get("train"),
+            "residual_dtype": model.config.residual_dtype or args.dtype, "chat_template": chat,
+            "loc_prior_requests": len(train_reqs) if ecfg.needs_prior else None,
+            "prior_source": args.prior_source if ecfg.needs_prior else None,
+            "prob_scores": ev.prob_scores if ev.prob_scores is not None else
+            DATASET_METRIC.get(args.dataset) == "counterfact", **overlap}
     key_prior, prior_s = None, None
     if ecfg.needs_prior:       # C0 from the training requests' preserved facts, never the test ones
         if not train_reqs:
-            raise SystemExit("--loc-prior / --null-space need training requests (the editor's --data split, or "
-                             "--data with --test-data) to estimate C0 from")
+            raise ConfigError("--loc-prior / --null-space need training requests (the editor's --data split, or "
+                              "--data with --test-data) to estimate C0 from")
         t0 = time.perf_counter()
-        key_prior = preserved_gram(model, ecfg, train_reqs, source=args.prior_source, n_edits=args.n_edits,
+        key_prior = preserved_gram(model, ecfg, train_reqs, source=args.prior_source, n_edits=ev.n_edits,
                                    progress=not args.quiet, chat_template=chat)
         prior_s = time.perf_counter() - t0
     if args.dataset == "mquake":
-        result = mquake_accuracy(model, ecfg, state, test_reqs, n_cases=args.n_edits * args.num_seq,
+        result = mquake_accuracy(model, ecfg, state, test_reqs, n_cases=ev.n_edits * ev.num_seq,
                                  progress=not args.quiet, key_prior=key_prior, chat_template=chat)
-        out = {"metrics": result, "config": config, "data_files": data}
+        out = {"metrics": result, "config": options, **info, "data_files": data}
     else:
         split = encode_split(model.tokenizer, test_reqs, chat_template=chat)
-        res = run_protocol(model, ecfg, state, split, protocol=args.protocol, num_seq=args.num_seq,
-                           n_edits=args.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=args.full_curve,
-                           progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=args.capture_chunk,
-                           buckets=args.buckets, key_prior=key_prior, fluency_tokens=args.fluency,
-                           prob_scores=args.prob_scores)
+        res = run_protocol(model, ecfg, state, split, protocol=ev.protocol, num_seq=ev.num_seq,
+                           n_edits=ev.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=ev.full_curve,
+                           progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=ev.capture_chunk,
+                           buckets=ev.buckets, key_prior=key_prior, fluency_tokens=ev.fluency,
+                           prob_scores=ev.prob_scores)
         out = {"metrics": res.metrics, "baseline": res.baseline,
                "timing": {"train_seconds_per_edit": record.get("train_seconds_per_edit"),
                           "edit_seconds_per_edit": res.edit_seconds_per_edit,
                           "edit_compile_seconds": res.edit_compile_seconds,
                           "loc_prior_seconds": prior_s},
-               "config": config, "n_requests": res.n_requests, "curve": res.curve, "data_files": data}
-        _print_table(res.metrics, res.baseline, f"{args.dataset} {args.protocol} {args.num_seq}x{args.n_edits}")
+               "config": options, **info, "n_requests": res.n_requests, "curve": res.curve, "data_files": data}
+        _print_table(res.metrics, res.baseline, f"{args.dataset} {ev.protocol} {ev.num_seq}x{ev.n_edits}")
         if args.plot and res.curve:
             plot_curve(res.curve, args.plot, res.baseline)
         if args.per_request:
@@ -436,11 +741,6 @@ def plot_curve(curve: list[dict], path: str, baseline: dict | None = None) -> No
     print(f"wrote {path}")
 
 
-def _complete(model, prompts: Sequence[str], params, max_new_tokens: int, chat_template: bool = False) -> list[str]:
-    from .evaluate import generate
-    return generate(model, params, list(prompts), max_new_tokens, chat_template=chat_template, chunk=len(prompts))
-
-
 def _load_editor_for(args, model):
     """load_editor for --model (refused when the editor was made for another
     architecture); a same-architecture model of another name is named on stderr."""
@@ -453,49 +753,45 @@ def _load_editor_for(args, model):
     return ecfg, state, record
 
 
-def cmd_edit(args) -> dict:
-    import numpy as np
-
-    from .data import EditRequest
-    from .evaluate import edit_batch
-    from .editor.steps import zero_deltas
-    from .models import apply_deltas, save_hf
+def _model_from_editor(args) -> None:
+    """--model defaults to the model the editor (--editor) was trained for."""
     from .checkpoint import read_editor_record
-    from .pipeline import encode_split
-    if args.model is None:        # the model the editor was trained for
-        args.model = read_editor_record(args.editor).get("model_name") or "smollm2"
+    if args.model is None and getattr(args, "editor", None):
+        args.model = read_editor_record(args.editor).get("model_name")
+    args.model = args.model or DEFAULT_MODEL
+
+
+def cmd_edit(args) -> dict:
+    from . import api
+    _model_from_editor(args)
+    if args.save:
+        check_writable(args.save, "--save", folder=True)
     model = _load_model(args)
     if args.save and model.config.family in ("nnx", "linen"):
-        from .errors import UserError
-        raise UserError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
-                        "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
-    ecfg, state, record = _load_editor_for(args, model)
-    chat = bool(args.chat_template or record.get("chat_template"))     # as the editor was trained
-    facts = [EditRequest(prompt=p, target_new=t, rephrase=p, loc_prompt=p, loc_answer=t, source=f"--fact {i}")
-             for i, (p, t) in enumerate(args.fact)]
-    split = encode_split(model.tokenizer, facts, chat_template=chat)
-    rows = np.arange(len(facts))
-    layout = split.layout([rows])
-    deltas, _ = edit_batch(state, model.params, split.batch(rows, layout).edit, zero_deltas(ecfg, model.config),
-                           ecfg=ecfg, lcfg=model.config, n_answer=layout.edit.n_answer)
+        raise ConfigError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
+                          "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
+    editor = api.load_editor(args.editor, model)
+    chat = bool(args.chat_template or editor.chat_template)     # as the editor was trained
+    edited = api.edit(model, editor, [api.Fact(p, t) for p, t in args.fact], chat_template=chat)
     prompts = [p for p, _ in args.fact] + list(args.prompt or [])
-    edited = apply_deltas(model.config, model.params, deltas)
-    before = _complete(model, prompts, model.params, args.max_new_tokens, chat)
-    after = _complete(model, prompts, edited, args.max_new_tokens, chat)
+    before = api.generate(model, prompts, max_new_tokens=args.max_new_tokens, chat_template=chat)
+    after = api.generate(edited, prompts, max_new_tokens=args.max_new_tokens, chat_template=chat)
     for p, b, a in zip(prompts, before, after):
         print(f"{p!r}\n  before: {b!r}\n  after:  {a!r}")
     if args.save:
-        save_hf(model, args.save, edited)
+        edited.save(args.save)
         print(f"saved the edited model to {args.save}")
     return {"before": before, "after": after}
 
 
 def cmd_generate(args) -> dict:
+    from . import api
+    _model_from_editor(args)
     t0 = time.perf_counter()
     model = _load_model(args)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    outs = _complete(model, args.prompt, model.params, args.max_new_tokens, bool(args.chat_template))
+    outs = api.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, chat_template=bool(args.chat_template))
     t_gen = time.perf_counter() - t1
     for p, o in zip(args.prompt, outs):
         print(f"{p!r} -> {o!r}")
@@ -513,7 +809,9 @@ def cmd_demo(args) -> dict:
               str(args.n_test), "--split-seed", "0"]
     if args.quiet:
         common.append("--quiet")
-    main(["train", *common, "--out", str(out), "--epochs", str(args.epochs), "--n-edits", "10", "--num-seq", "10"])
+    epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
+    main(["train", *common, "--out", str(out), "--preset", args.preset, *epochs, "--n-edits", "10",
+          "--num-seq", "10"])
     evaluate = ["evaluate", "--editor", str(out / "editor"), *common, "--num-seq", str(args.num_seq), "--n-edits", "10"]
     result = main([*evaluate, "--out", str(out / "results.json")])
     if args.key_memory:
@@ -522,234 +820,34 @@ def cmd_demo(args) -> dict:
     return result
 
 
-# ---------------------------------------------------------------- parser
-def _add_model(p):
-    p.add_argument("--model", default=None, help="embedded model name (smollm2), HF folder or hub id, or "
-                   "package.module:factory returning a Model (a Flax model: models.flax_nnx.from_nnx, models.flax_linen.from_linen)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM parameter dtype")
-    p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="dtype of the residual stream (default: float32; with --dtype bfloat16 every matmul still "
-                        "runs in bfloat16); bfloat16 = transformers' all-bfloat16 numerics")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--layer-layout", default=None, choices=["list", "stacked"],
-                   help="LLM layers as one tree each (unrolled) or stacked (scanned); default by backend: list on "
-                        "CPU, stacked on GPU / TPU")
-    p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help="folder of JAX's persistent compilation cache (default: $EMSEDIT_JAX_COMPILE_CACHE, else "
-                        "~/.cache/emsedit_jax/xla): a later run with the same shapes loads its compiled steps")
-    p.add_argument("--no-compile-cache", action="store_true", help="compile everything in this process, cache nothing")
-    p.add_argument("--chat-template", action="store_true", default=None,
-                   help="wrap every prompt in the tokenizer's chat template (one user turn, then the assistant "
-                        "header) for instruct models; default raw prompts (evaluate and edit: as the editor was "
-                        "trained)")
-
-
-def _add_scale(p, capture_chunk: bool = False):
-    p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
-                   help="device mesh, e.g. 1,4: batch rows split over DATA devices, LLM parameters split over MODEL "
-                        "devices as --sharding says (default: one device)")
-    p.add_argument("--sharding", default="fsdp", choices=["fsdp", "tp"],
-                   help="use of the mesh's MODEL devices: fsdp = fully sharded data parallel (every parameter split "
-                        "along the hidden size, batch rows split too; default), tp = tensor parallel (attention heads "
-                        "and MLP units split, rows not)")
-    p.add_argument("--distributed", action="store_true",
-                   help="multi-host run: call jax.distributed.initialize first (TPU pods, SLURM, Open MPI)")
-    p.add_argument("--remat", action="store_true", help="recompute LLM layer activations in the backward pass "
-                   "(less memory, more compute)")
-    p.add_argument("--solve", default=None, choices=["looped", "batched"],
-                   help="ridge solves one module at a time or batched (default by backend: looped on CPU)")
-    p.add_argument("--hypernet", default=None, choices=["unrolled", "scanned"],
-                   help="hypernetwork blocks one after the other or as a scan (default by backend: unrolled on CPU)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="GPU: bit-reproducible kernels (XLA's deterministic ops, no autotuning by timing); slower. "
-                        "CPU runs are reproducible without it")
-    if capture_chunk:
-        p.add_argument("--capture-chunk", type=int, default=None, metavar="ROWS",
-                       help="capture keys and value gradients in microbatches of ROWS packed rows (less memory; "
-                            "same result)")
-
-
-def _scale_setup(args):
-    """Starts multi-host JAX if asked (before anything touches a device), then builds
-    the --mesh mesh (None without one)."""
-    from .runs import use_deterministic_ops
-    from .sharding import maybe_initialize_distributed, mesh_from_spec
-    if args.deterministic:
-        use_deterministic_ops()
-    maybe_initialize_distributed(args.distributed)
-    return mesh_from_spec(args.mesh, args.sharding)
-
-
-def _add_data(p, evaluate: bool = False):
-    p.add_argument("--dataset", choices=sorted(DATASET_METRIC), default=None)
-    p.add_argument("--data", default=None, help="data file (or hub dataset id)")
-    p.add_argument("--test-data", default=None, help="separate test file (else --data is split)")
-    p.add_argument("--n-train", type=int, default=None, help="training requests (MQuAKE: cases) of --data")
-    p.add_argument("--n-test", type=int, default=None, help="test requests (MQuAKE: cases)")
-    if evaluate:
-        p.add_argument("--split-seed", type=int, default=None,
-                       help="seed of the train/test split of --data (default: the editor's, else 0)")
-        p.add_argument("--allow-train-overlap", action="store_true",
-                       help="score test requests the editor was trained on (refused by default; the overlap count "
-                            "is always in results.json)")
-    else:
-        p.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split of --data")
-    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of stopping")
-
-
-LOC_PRIOR_HELP = ("start each stream's key memory at NU C0, C0 the mean k k^T of the keys of the training requests' "
-                  "preserved facts (--prior-source): dW = (U^T U + e^lamda I + NU C0 + MU G)^-1 U^T D (needs "
-                  "--key-memory; an extension, default 0)")
-NULL_SPACE_HELP = ("project every update onto the null space of C0: dW <- (I - V V^T) dW, V the eigenvectors of C0 "
-                   "with eigenvalue above TAU times the largest (AlphaEdit's projection; an extension, default 0)")
-PRIOR_SOURCE_HELP = ("the preserved facts C0 is estimated from: loc = the training requests' locality prompts "
-                     "(default), wide = those and the training requests' prompts and paraphrases with their true "
-                     "answers")
-
-
-def _add_prior(p, train: bool):
-    p.add_argument("--loc-prior", type=float, default=None, metavar="NU",
-                   help=LOC_PRIOR_HELP if train else "override the editor's locality prior (" + LOC_PRIOR_HELP + ")")
-    p.add_argument("--null-space", type=float, default=None, metavar="TAU",
-                   help=NULL_SPACE_HELP if train else "override the editor's projection (" + NULL_SPACE_HELP + ")")
-    p.add_argument("--prior-source", default="loc" if train else None, choices=["loc", "wide"],
-                   help=PRIOR_SOURCE_HELP + ("" if train else "; default: the editor's"))
-
-
-KEY_MEMORY_HELP = ("ridge solve against the stream's earlier keys: dW = (U^T U + e^lamda I + MU G)^-1 U^T D, "
-                   "G = sum of the earlier batches' U^T U (default 0: the paper's solve; an extension)")
-
-
 def cmd_plan(args) -> dict:
     from .plan import run
     return run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="emsedit-jax", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="meta-train an editor")
-    _add_model(p)
-    _add_data(p)
-    p.add_argument("--out", required=True, help="run folder (checkpoints/, editor/)")
-    p.add_argument("--method", default="emsedit", choices=["emsedit", "mend", "malmen", "rledit"])
-    p.add_argument("--modules", default=None, help="comma-separated HF module names to edit")
-    p.add_argument("--layers", default=None, help="layer range like 18-23 (with the default module)")
-    p.add_argument("--module", default=None, help="module suffix like mlp.up_proj")
-    p.add_argument("--steps", type=int, default=None, help="edit steps T (default: emsedit 2, the baselines 1; "
-                   "--method malmen --steps 2 is MALMEN²)")
-    p.add_argument("--protocol", default="sequential", choices=["sequential", "batch"])
-    p.add_argument("--schedule", default="default", choices=["default", "faithful"])
-    p.add_argument("--n-edits", type=int, default=10)
-    p.add_argument("--num-seq", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=None,
-                   help="default 1 (on 500 ZsRE requests a second epoch lowered test ES; faithful: 1)")
-    p.add_argument("--meta-lr", type=float, default=None, help="default 1e-4 (faithful: 1e-5)")
-    p.add_argument("--lr-init", type=float, default=None, help="initial step size eta (default 1e-3; faithful: 1e-6)")
-    p.add_argument("--rank", type=int, default=1024)
-    p.add_argument("--blocks", type=int, default=4)
-    p.add_argument("--beta", type=float, default=None, help="norm regulariser weight (default 1e-2; faithful: 0.5, "
-                   "applied squared as in the authors' code)")
-    p.add_argument("--msbp", default="detached", choices=["detached", "exact"])
-    p.add_argument("--key-memory", type=float, default=None, metavar="MU", help=KEY_MEMORY_HELP)
-    _add_prior(p, train=True)
-    p.add_argument("--key-positions", default=None, choices=["answer", "subject", "both"],
-                   help="where keys and value gradients are taken: answer positions (default, the paper's), the "
-                   "subject's last token (answer positions for prompts without the subject) or both (an extension)")
-    p.add_argument("--back-depth", type=int, default=None,
-                   help="memory backtracking: add the weighted losses of the stream's last N-1 earlier batches "
-                   "(default: RLEdit 10, the others 1 = none; for EMSEdit an extension, not the paper's loss)")
-    p.add_argument("--select-every", type=int, default=0, metavar="BATCHES",
-                   help="hold out the last --n-val training requests and score the editor on them before training "
-                   "and every BATCHES batches; keep the best (ES + GS + LS) editor (default 0: none)")
-    p.add_argument("--n-val", type=int, default=None, help="held-out training requests for --select-every "
-                   "(default: one validation stream or batch)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--buckets", type=int, default=1, help="distinct batch shapes to compile: more buckets, less "
-                   "padding, more compiles (RLEdit uses 1: its memory stacks batches)")
-    _add_scale(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("plan", help="memory per device and FLOPs per edit of editing and training on a mesh, "
-                       "from config.json alone (no weights, no accelerator needed)")
-    from .plan import add_arguments
-    add_arguments(p)
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("evaluate", help="edit held-out requests and score them")
-    _add_model(p)
-    _add_data(p, evaluate=True)
-    p.add_argument("--editor", required=True, help="editor folder written by train")
-    p.add_argument("--protocol", default="sequential", choices=["sequential", "batch"])
-    p.add_argument("--num-seq", type=int, default=10)
-    p.add_argument("--n-edits", type=int, default=10)
-    p.add_argument("--full-curve", action="store_true", help="score after every batch")
-    p.add_argument("--key-memory", type=float, default=None, metavar="MU",
-                   help="override the editor's key memory (" + KEY_MEMORY_HELP + ")")
-    _add_prior(p, train=False)
-    p.add_argument("--buckets", type=int, default=1, help="distinct edit-batch shapes (less padding, more compiles)")
-    p.add_argument("--plot", default=None, help="PNG of every metric's curve over the stream, unedited beside "
-                   "(implies --full-curve)")
-    p.add_argument("--per-request", default=None, metavar="FILE.jsonl",
-                   help="also write one line per edited request: its id, batch and position in the stream, and "
-                        "every metric edited and unedited")
-    p.add_argument("--fluency", type=int, default=0, metavar="TOKENS",
-                   help="also score fluency: n-gram entropy of TOKENS greedily generated tokens on each request's "
-                        "generation prompts (the edit prompt when it has none), edited and unedited (default 0: "
-                        "off; slow)")
-    p.add_argument("--prob-scores", action="store_true", default=None,
-                   help="also report ROME's probability scores (efficacy, paraphrase and neighbourhood score and "
-                        "magnitude, from whole-target probabilities of the new and true targets; default: on for "
-                        "CounterFact, off for the others)")
-    p.add_argument("--out", default=None, help="results.json")
-    _add_scale(p, capture_chunk=True)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("edit", help="edit facts and show completions before and after")
-    _add_model(p)
-    p.add_argument("--editor", required=True)
-    p.add_argument("--fact", nargs=2, action="append", required=True, metavar=("PROMPT", "NEW_TARGET"))
-    p.add_argument("--prompt", action="append", help="extra prompts to complete before and after")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--save", default=None, help="save the edited model as a Hugging Face folder")
-    p.set_defaults(func=cmd_edit)
-
-    p = sub.add_parser("generate", help="greedy completions of prompts")
-    _add_model(p)
-    p.add_argument("--prompt", action="append", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("demo", help="train EMSEdit on the demo data and evaluate sequential editing")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--n-train", type=int, default=361)
-    p.add_argument("--n-test", type=int, default=100)
-    p.add_argument("--num-seq", type=int, default=10)
-    p.add_argument("--key-memory", type=float, default=1.0, metavar="MU",
-                   help="also evaluate with this key memory (0: only the paper's solve)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
-    return ap
-
-
+# ---------------------------------------------------------------- entry points
 def main(argv: Sequence[str] | None = None):
-    args = build_parser().parse_args(argv)
-    if hasattr(args, "compile_cache") and not args.no_compile_cache:
+    """Runs one command; returns its result. Errors propagate (console() reports them)."""
+    args = parse_args(argv)
+    if hasattr(args, "no_compile_cache") and not args.no_compile_cache:     # JAX's persistent cache
         from .compile_cache import enable
         enable(args.compile_cache)
-    if getattr(args, "plot", None):
-        args.full_curve = True
-    if args.command not in ("evaluate", "edit") and getattr(args, "model", "x") is None:
-        args.model = "smollm2"
     return args.func(args)
 
 
-def console() -> int:
-    """Entry point of the `emsedit-jax` script (exit status 0 on success)."""
-    main()
+def console(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `emsedit-jax` script: exit status 0 on success, 2 with one line
+    on stderr for a mistake in the input (UserError; the traceback with --debug)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from .lapack_threads import limit
+    try:
+        limit()
+        main(argv)
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        print(f"emsedit-jax: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

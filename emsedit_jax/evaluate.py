@@ -36,11 +36,50 @@ from .editor.config import EditorConfig
 from .editor.steps import Deltas, EditorState, masked_keys, multi_step_edit, new_stream, zero_deltas
 from .models.config import ModelConfig
 from .models.hf_io import Model
+from .options import check_fields, option
 from .pipeline import VIEWS, EncodedSplit, Layout, pack, view_layout
 from .sharding import (constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params,
                        place_rows, to_host, use_mesh)
 
 Metric = Literal["zsre", "counterfact"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """How an editor is evaluated (run_protocol's options). `key_memory` / `loc_prior` /
+    `null_space` None keep the editor's values; a number overrides them (test-time
+    choices)."""
+    protocol: Literal["sequential", "batch"] = option("sequential", "editing protocol")
+    num_seq: int = option(10, "batches of a sequential stream (batch protocol: 1)", check="positive")
+    n_edits: int = option(10, "requests per edit batch", check="positive")
+    full_curve: bool = option(False, "score after every batch of the stream")
+    buckets: int = option(1, "distinct edit-batch shapes to compile (less padding, more compiles)", check="positive")
+    capture_chunk: int | None = option(None, "capture keys and value gradients in microbatches of ROWS packed rows "
+                                       "(less memory, same result)", check="positive", metavar="ROWS",
+                                       default_text="all rows at once")
+    key_memory: float | None = option(None, "override the editor's key memory MU (see train --key-memory)",
+                                      check="nonneg", metavar="MU", default_text="the editor's")
+    loc_prior: float | None = option(None, "start each stream's key memory at NU C0, C0 the mean k k^T of the keys "
+                                     "at the training requests' locality prompts: dW = (U^T U + e^lamda I + NU C0 + "
+                                     "MU G)^-1 U^T D (needs a key memory; an extension)", check="nonneg",
+                                     metavar="NU", default_text="the editor's (0: none)")
+    null_space: float | None = option(None, "override the editor's null-space projection TAU (see train "
+                                      "--null-space)", check="nonneg", metavar="TAU", default_text="the editor's")
+    prob_scores: bool | None = option(None, "also report ROME's probability scores (efficacy, paraphrase and "
+                                      "neighbourhood score and magnitude, from whole-target probabilities of the new "
+                                      "and true targets)", default_text="on for CounterFact, off for the others")
+    fluency: int = option(0, "also score fluency: n-gram entropy of TOKENS greedily generated tokens on each "
+                          "request's generation prompts, edited and unedited (0: off; slow)", check="nonneg",
+                          metavar="TOKENS")
+
+    def __post_init__(self):
+        check_fields(self)
+
+    def editor_config(self, ecfg: EditorConfig) -> EditorConfig:
+        """The editor's config with this evaluation's key memory / locality prior."""
+        overrides = {k: getattr(self, k) for k in ("key_memory", "loc_prior", "null_space")
+                     if getattr(self, k) is not None}
+        return dataclasses.replace(ecfg, **overrides) if overrides else ecfg
 SCORE_CHUNK = 25
 METRIC_NAMES = {"edit": "ES", "rephrase": "GS", "loc": "LS"}
 

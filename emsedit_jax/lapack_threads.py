@@ -10,8 +10,10 @@ and editing ran 5% and 4% faster over the protocol's batches
 (experiments/bench_lapack_threads.py), 10% and 15% on one batch in alternating runs
 (README, "Speed").
 
-`limit()` runs when the package is imported; it loads `scipy.linalg` (about 0.5 s here),
-which jaxlib would load at the first linear-algebra call anyway. It touches only that
+Importing the package changes nothing: the command line calls `limit()` at start, and a
+library user may call it (`emsedit_jax.limit_lapack_threads()`) before editing on CPU. It
+loads `scipy.linalg` (about 0.5 s here), which jaxlib would load at the first
+linear-algebra call anyway. It touches only that
 SciPy OpenBLAS (not NumPy's, not MKL or a system BLAS), and `EMSEDIT_JAX_LAPACK_THREADS`
 overrides it: a number of threads, or `0` to leave the library as it is (and not load it).
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from .errors import ConfigError
 
 ENV = "EMSEDIT_JAX_LAPACK_THREADS"
 
@@ -40,7 +44,7 @@ def limit(threads: int | None = None) -> list[str]:
         try:
             threads = int(raw)
         except ValueError:
-            raise ValueError(f"{ENV} must be a whole number of threads (0: leave LAPACK as it is), not {raw!r}")
+            raise ConfigError(f"{ENV} must be a whole number of threads (0: leave LAPACK as it is), not {raw!r}")
     if threads <= 0:
         return []
     try:

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import PartitionSpec as P
 
-from .errors import UserError
+from .errors import ConfigError
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 MESH_AXES = (DATA, FSDP, TENSOR)
@@ -64,7 +64,7 @@ def mesh_shape(data: int, model: int, strategy: str = "fsdp") -> dict[str, int]:
     """Axis sizes of a (data, model) mesh whose model axis is `strategy` ("fsdp": fully
     sharded data parallel, the default; "tp": tensor parallel)."""
     if strategy not in STRATEGIES:
-        raise UserError(f"sharding strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+        raise ConfigError(f"sharding strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     return {DATA: data, FSDP: model if strategy == "fsdp" else 1, TENSOR: model if strategy == "tp" else 1}
 
 

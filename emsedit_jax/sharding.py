@@ -42,7 +42,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .editor.capture import Batch, pad_rows
-from .errors import UserError
+from .errors import ConfigError
 from .models.config import ModelConfig
 from .models.transformer import is_layer_list, parse_module, tensor_specs
 from .partition import (DATA, FSDP, MESH_AXES, MIN_SHARD_SIZE, STRATEGIES, TENSOR, constrain, editor_spec,
@@ -62,13 +62,13 @@ def make_mesh(data: int = 1, model: int = 1, *, strategy: str = "fsdp", tensor: 
     fsdp devices and `tensor` tensor-parallel devices (both at once)."""
     sizes = mesh_shape(data, model, strategy) if tensor is None else {DATA: data, FSDP: model, TENSOR: tensor}
     if min(sizes.values()) < 1:
-        raise UserError(f"mesh axes must be >= 1, got {sizes}")
+        raise ConfigError(f"mesh axes must be >= 1, got {sizes}")
     devices = list(jax.devices() if devices is None else devices)
     need = int(np.prod(list(sizes.values())))
     if need > len(devices):
         hint = (" (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)"
                 if devices[0].platform == "cpu" else "")
-        raise UserError(f"a {'x'.join(map(str, sizes.values()))} mesh needs {need} devices; {len(devices)} "
+        raise ConfigError(f"a {'x'.join(map(str, sizes.values()))} mesh needs {need} devices; {len(devices)} "
                          f"{devices[0].platform} device(s) are available{hint}")
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices[:need])
@@ -80,16 +80,16 @@ def parse_mesh(spec: str) -> tuple[int, int]:
     try:
         data, model = (int(p) for p in parts)
     except ValueError:
-        raise UserError(f"--mesh takes DATA,MODEL (two positive integers, e.g. 1,4), not {spec!r}") from None
+        raise ConfigError(f"--mesh takes DATA,MODEL (two positive integers, e.g. 1,4), not {spec!r}") from None
     if data < 1 or model < 1:
-        raise UserError(f"--mesh takes DATA,MODEL (two positive integers, e.g. 1,4), not {spec!r}")
+        raise ConfigError(f"--mesh takes DATA,MODEL (two positive integers, e.g. 1,4), not {spec!r}")
     return data, model
 
 
 def mesh_from_spec(spec: str | None, strategy: str = "fsdp") -> Mesh | None:
     """The mesh of `--mesh DATA,MODEL --sharding STRATEGY`; None without --mesh."""
     if strategy not in STRATEGIES:
-        raise UserError(f"--sharding takes {' or '.join(STRATEGIES)}, not {strategy!r}")
+        raise ConfigError(f"--sharding takes {' or '.join(STRATEGIES)}, not {strategy!r}")
     return None if spec is None else make_mesh(*parse_mesh(spec), strategy=strategy)
 
 

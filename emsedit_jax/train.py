@@ -42,9 +42,10 @@ from .editor import memory as mem
 from .editor.config import EditorConfig
 from .editor.objective import EditBatch, NAnswer, meta_loss
 from .editor.steps import EditorState, init_editor, new_stream, zero_deltas
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .models.config import ModelConfig
 from .models.hf_io import Model
+from .options import check_fields, option
 from .pipeline import EncodedSplit, Layout
 from .runs import RunLock, claim_run, model_identity
 from .sharding import (constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params,
@@ -53,32 +54,60 @@ from .sharding import (constrain_deltas, constrain_editor, place_batch, place_de
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    protocol: Literal["sequential", "batch"] = "sequential"
-    schedule: Literal["default", "faithful"] = "default"
-    n_edits: int = 10           # requests per edit batch
-    num_seq: int = 10           # batches per sequential stream
-    epochs: int = 2
-    meta_lr: float = 1e-4
-    clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 10  # batches between checkpoints
-    max_row_len: int = 512      # packed row length cap
-    buckets: int = 1            # distinct batch layouts (shapes compiled); RLEdit's memory needs 1
-    select_every: int = 0       # batches between validations (0: none; train's `val_split`)
+    """How an editor is meta-trained. The defaults are the working ones; the authors'
+    values are the "faithful" preset (PRESETS)."""
+    protocol: Literal["sequential", "batch"] = option(
+        "sequential", "editing protocol trained for (sequential: step-specific hypernetworks)")
+    schedule: Literal["default", "faithful"] = option(
+        "default", "default: an Adam step per batch; faithful: the authors' (one step per stream, beta squared)")
+    n_edits: int = option(10, "requests per edit batch", check="positive")
+    num_seq: int = option(10, "batches per sequential stream", check="positive")
+    epochs: int = option(1, "passes over the training requests", check="positive")
+    meta_lr: float = option(1e-4, "Adam learning rate of the hypernetworks", check="positive")
+    clip: float = option(1.0, "global gradient-norm clip", check="positive")
+    seed: int = option(0, "seed of the editor's initialisation and the batch order", check="nonneg")
+    checkpoint_every: int = option(10, "batches between checkpoints", check="positive")
+    max_row_len: int = option(512, "packed row length cap (tokens)", check="positive")
+    buckets: int = option(1, "distinct batch shapes to compile: more buckets, less padding, more compiles "
+                          "(RLEdit's memory needs 1)", check="positive")
+    select_every: int = option(0, "hold out the last --n-val training requests and score the editor on them before "
+                               "training and every BATCHES batches; keep the best (ES + GS + LS) editor (0: none)",
+                               check="nonneg", metavar="BATCHES")
 
     def __post_init__(self):
-        if self.protocol not in ("sequential", "batch"):
-            raise ValueError(f"protocol must be 'sequential' or 'batch', not {self.protocol!r}")
-        if self.schedule not in ("default", "faithful"):
-            raise ValueError(f"schedule must be 'default' or 'faithful', not {self.schedule!r}")
-        if self.n_edits < 1 or self.num_seq < 1 or self.epochs < 1:
-            raise ValueError("n_edits, num_seq and epochs must be >= 1")
-        if self.select_every < 0:
-            raise ValueError("select_every must be >= 0 (0: no validation)")
+        check_fields(self)
 
     @property
     def beta_power(self) -> int:
         return 2 if self.schedule == "faithful" else 1
+
+
+# Named sets of EditorConfig and TrainConfig values. "faithful" is the authors' setting:
+# linear step size eta_0 1e-6, beta 0.5 (applied squared), meta learning rate 1e-5 and
+# one Adam step per stream; with the embedded model it barely edits, so the defaults
+# use a larger step size, learnt in log space, and a weaker regulariser.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "faithful": {"lr_init": 1e-6, "log_step_size": False, "beta": 0.5, "schedule": "faithful", "meta_lr": 1e-5,
+                 "epochs": 1},
+}
+
+
+def configs(modules, method: str = "emsedit", *, preset: str = "default", **fields
+            ) -> tuple[EditorConfig, TrainConfig]:
+    """The (EditorConfig, TrainConfig) of a run: `preset`'s values over the defaults, then
+    `fields` (any field of either, by name). `method` may name a step count ('malmen2')."""
+    from .editor.config import method_config
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    values = {**PRESETS[preset], **fields}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    editor_names = {f.name for f in dataclasses.fields(EditorConfig)}
+    unknown = sorted(set(values) - train_names - editor_names)
+    if unknown:
+        raise ConfigError(f"unknown configuration field(s) {unknown}")
+    tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
+    return method_config(method, modules, **{k: v for k, v in values.items() if k in editor_names}), tcfg
 
 
 def batch_plan(n_requests: int, tcfg: TrainConfig) -> list[list[np.ndarray]]:

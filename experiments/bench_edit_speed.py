@@ -39,6 +39,7 @@ from emsedit_jax.editor.config import EditorConfig
 from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.evaluate import edit_batch
 from emsedit_jax.flops import count_flops
+from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
 from emsedit_jax.models.transformer import stack_layers, unstack_layers
 from emsedit_jax.pipeline import encode_split
@@ -138,6 +139,7 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
 
 
 def main():
+    limit_lapack_threads()      # jaxlib's CPU LAPACK at one thread (EMSEDIT_JAX_LAPACK_THREADS overrides)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data/zsre/zsre_mend_train-1k.json")
     ap.add_argument("--n-train", type=int, default=500)

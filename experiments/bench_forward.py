@@ -126,6 +126,8 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> int:
+    from emsedit_jax.lapack_threads import limit as limit_lapack_threads
+    limit_lapack_threads()      # jaxlib's CPU LAPACK at one thread (EMSEDIT_JAX_LAPACK_THREADS overrides)
     args = parse_args(argv)
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()

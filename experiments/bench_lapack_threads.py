@@ -1,6 +1,7 @@
 """Seconds per edit with jaxlib's CPU LAPACK (SciPy's OpenBLAS) at different thread counts.
 
-`emsedit_jax` limits that library to one thread when imported (emsedit_jax/lapack_threads.py).
+The command line and the experiments limit that library to one thread at start
+(emsedit_jax/lapack_threads.py).
 Changing the count back and forth inside one process gave contradictory rows (threads
 started for a larger count may stay behind), so each measurement runs
 `bench_edit_speed.py` (default editor, ZsRE protocol batches, fastest of `--reps` calls)

@@ -388,6 +388,8 @@ def _gb(x):
 
 
 def main():
+    from emsedit_jax.lapack_threads import limit as limit_lapack_threads
+    limit_lapack_threads()      # jaxlib's CPU LAPACK at one thread (EMSEDIT_JAX_LAPACK_THREADS overrides)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=None, help="comma-separated: smollm2, tiny, llama3-8b "
                     "(default: smollm2 on CPU, smollm2,llama3-8b on GPU)")

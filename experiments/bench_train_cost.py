@@ -48,11 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emsedit_jax import cli
 from emsedit_jax.data import load_requests
 from emsedit_jax.editor import memory as mem
-from emsedit_jax.editor.config import EditorConfig, method_config
+from emsedit_jax.editor.config import EditorConfig, default_modules, method_config
 from emsedit_jax.editor.steps import init_editor, zero_deltas
+from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import ModelConfig, load_model
 from emsedit_jax.models.transformer import abstract_params, init_params
 from emsedit_jax.pipeline import encode_split
@@ -112,10 +112,8 @@ def run_config(name: str, model_kind: str, args) -> dict:
             init = jax.jit(functools.partial(init_params, lcfg, dtype=jnp.bfloat16, scale=0.02))
             params = jax.block_until_ready(init(jax.random.key(0)))
     del text_model
-    ecfg = method_config(method, cli.default_modules(lcfg), steps=2, rank=args.rank, n_blocks=args.blocks,
-                         lr_init=cli.SCHEDULE_DEFAULTS["default"]["lr_init"], log_step_size=True,
-                         beta=cli.SCHEDULE_DEFAULTS["default"]["beta"], **overrides)
-    tcfg = TrainConfig(n_edits=args.n_edits, meta_lr=cli.SCHEDULE_DEFAULTS["default"]["meta_lr"])
+    ecfg = method_config(method, default_modules(lcfg), steps=2, rank=args.rank, n_blocks=args.blocks, **overrides)
+    tcfg = TrainConfig(n_edits=args.n_edits)
     tx = make_optimizer(tcfg)
     batch, earlier, layout = _batches(split, args.n_edits, SLOTS)
     memory = None
@@ -199,6 +197,7 @@ def table(rows: list[dict], env: str) -> str:
 
 
 def main():
+    limit_lapack_threads()      # jaxlib's CPU LAPACK at one thread (EMSEDIT_JAX_LAPACK_THREADS overrides)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data/zsre/zsre_mend_train-1k.json")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated from {', '.join(CONFIGS)}")

@@ -9,9 +9,9 @@ is method X with T = 2 edit steps (MSBP plugged in: `editor.config.method_config
   with a fixed seed) and CounterFact (train on counterfact-train.json, test on
   counterfact-val.json), read from `--data-root` (default ../shared/data).
 - Model: the embedded `smollm2`, six MLP up-projections at 0.6 of the depth
-  (`cli.default_modules`).
-- Hyperparameters: the CLI's (`cli.SCHEDULE_DEFAULTS["default"]` and the `train`
-  command's defaults, resolved by `cli.train_editor_config`), the same for every method:
+  (`editor.config.default_modules`).
+- Hyperparameters: the library's defaults, which the CLI shows and uses
+  (`train.configs`, `--preset` for a named preset), the same for every method:
   step size, meta learning rate, rank, epochs. Each method keeps its own steps and
   regulariser (EMSEdit: norm; the baselines: KL on locality prompts).
 - Protocols: sequential `--num-seq` x `--n-edits` (default 10 x 10) and batch 1 x
@@ -41,11 +41,12 @@ import jax
 from emsedit_jax import cli
 from emsedit_jax.checkpoint import load_editor
 from emsedit_jax.data import check_lengths, load_requests, split_requests
-from emsedit_jax.editor.config import parse_method
+from emsedit_jax.editor.config import default_modules, parse_method
 from emsedit_jax.evaluate import run_protocol
+from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
 from emsedit_jax.pipeline import encode_split
-from emsedit_jax.train import train
+from emsedit_jax.train import PRESETS, configs, train
 
 METHODS = ("emsedit", "mend", "malmen", "rledit", "mend2", "malmen2", "rledit2")
 DATASETS = {   # name -> (train file, test file or None: split the train file; format)
@@ -75,23 +76,20 @@ def load_dataset(name: str, data_root: Path, n_train: int, n_test: int, tokenize
 
 
 def editor_and_train_config(method: str, protocol: str, n_edits: int, num_seq: int, epochs: int | None,
-                            seed: int, rank: int | None, blocks: int | None, model_cfg):
-    """The configs `emsedit-jax train` would resolve for these options."""
-    base, steps = parse_method(method)
-    argv = ["train", "--out", "unused", "--method", base, "--protocol", protocol, "--n-edits", str(n_edits),
-            "--num-seq", str(num_seq), "--seed", str(seed)]
-    for flag, value in (("--steps", steps), ("--epochs", epochs), ("--rank", rank), ("--blocks", blocks)):
-        if value is not None:
-            argv += [flag, str(value)]
-    args = cli.resolve_schedule(cli.build_parser().parse_args(argv))
-    return cli.train_editor_config(args, model_cfg), cli.train_config(args)
+                            seed: int, rank: int | None, blocks: int | None, model_cfg, preset: str = "default"):
+    """The configs `emsedit-jax train` resolves for these options: the library defaults
+    under `preset`, step-specific hypernetworks for the sequential protocol."""
+    fields = {"protocol": protocol, "n_edits": n_edits, "num_seq": num_seq, "seed": seed,
+              "step_specific": protocol == "sequential", "epochs": epochs, "rank": rank, "n_blocks": blocks}
+    return configs(default_modules(model_cfg), method, preset=preset,
+                   **{k: v for k, v in fields.items() if v is not None})
 
 
 def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed: int, splits, opts) -> dict:
     """Trains (or resumes, or reuses a finished editor) and evaluates one run."""
     num_seq, n_edits = (opts.num_seq, opts.n_edits) if protocol == "sequential" else (1, opts.batch_n_edits)
     ecfg, tcfg = editor_and_train_config(method, protocol, n_edits, num_seq, opts.epochs, seed, opts.rank,
-                                         opts.blocks, model.config)
+                                         opts.blocks, model.config, opts.preset)
     train_split, test_split = splits
     t0 = time.perf_counter()
     editor_dir = run_dir / "editor"
@@ -167,6 +165,7 @@ def markdown(rows: list[dict], env: str) -> str:
 
 
 def main(argv=None):
+    limit_lapack_threads()      # jaxlib's CPU LAPACK at one thread (EMSEDIT_JAX_LAPACK_THREADS overrides)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run: " + json.dumps(QUICK))
     ap.add_argument("--methods", help=f"comma-separated (default {FULL['methods']}); X2 = X with 2 steps")
@@ -174,12 +173,14 @@ def main(argv=None):
     ap.add_argument("--protocols", help="comma-separated from sequential, batch (default both)")
     ap.add_argument("--seeds", help="comma-separated training seeds (default 0,1,2)")
     ap.add_argument("--n-train", type=int, help=f"training requests (default {FULL['n_train']})")
-    ap.add_argument("--epochs", type=int, help="default: the CLI's default schedule")
+    ap.add_argument("--epochs", type=int, help="default: TrainConfig's")
+    ap.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                    help="named set of editor and training values (train.PRESETS)")
     ap.add_argument("--num-seq", type=int, help="sequential protocol: batches (default 10)")
     ap.add_argument("--n-edits", type=int, help="sequential protocol: requests per batch (default 10)")
     ap.add_argument("--batch-n-edits", type=int, help="batch protocol: requests (default 100)")
-    ap.add_argument("--rank", type=int, help="hypernetwork rank (default: the CLI's)")
-    ap.add_argument("--blocks", type=int, help="hypernetwork blocks (default: the CLI's)")
+    ap.add_argument("--rank", type=int, help="hypernetwork rank (default: EditorConfig's)")
+    ap.add_argument("--blocks", type=int, help="hypernetwork blocks (default: EditorConfig's)")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--out", default="experiments/results/compare")

@@ -22,11 +22,13 @@ import numpy as np
 
 from emsedit_jax import cli
 from emsedit_jax.editor.capture import capture
+from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.pipeline import encode_split
 from report import write_report
 
 
 def main():
+    limit_lapack_threads()      # jaxlib's CPU LAPACK at one thread (EMSEDIT_JAX_LAPACK_THREADS overrides)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--data", default="../shared/data/zsre/zsre_mend_train-1k.json")
@@ -38,7 +40,7 @@ def main():
     ns = argparse.Namespace(model=args.model, dtype="float32", residual_dtype=None, dataset="zsre", data=args.data,
                             test_data=None, n_train=500, n_test=498, split_seed=0, skip_invalid=True)
     model = cli._load_model(ns)
-    _, test = cli._load_data(ns)
+    _, test, _ = cli._load_data(ns)
     lo, hi = (int(x) for x in args.layers.split("-"))
     layers = range(lo, hi + 1)
     mods = tuple(f"model.layers.{layer}.mlp.{kind}" for kind in ("up_proj", "down_proj") for layer in layers)

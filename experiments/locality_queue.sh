@@ -16,4 +16,8 @@ case "$1" in
     run --dataset counterfact --name base --parts val --config "{\"evals\": $VARS}" ;;
   cf-subject)   # keys and value gradients at the subject's last token
     run --dataset counterfact --name subject --parts val --config "{\"train\": {\"key_positions\": \"subject\"}, \"evals\": $FEW}" ;;
+  cf-base-wide)   # C0 from many more preserved facts, as a prior and as a null-space projection
+    run --dataset counterfact --name base --parts val --config '{"evals": {"km1_lp20_wide": {"key_memory": 1, "loc_prior": 20, "prior_source": "wide"}, "ns1e-2_wide": {"null_space": 0.01, "prior_source": "wide"}}}' ;;
+  cf-trained-prior)   # the prior and the projection in meta-training too
+    run --dataset counterfact --name prior_ns_trained --parts val --config '{"train": {"key_memory": 1, "loc_prior": 20, "null_space": 0.01}, "prior": {"source": "wide"}, "evals": {"as-trained": {}, "no-projection": {"null_space": 0.0}}}' ;;
 esac

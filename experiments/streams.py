@@ -35,6 +35,7 @@ import numpy as np
 from emsedit_jax import cli
 from emsedit_jax.checkpoint import load_editor
 from emsedit_jax.evaluate import run_protocol
+from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
 from emsedit_jax.pipeline import encode_split
 from report import write_report
@@ -63,6 +64,7 @@ def load_precision(model_name: str, name: str):
 
 
 def main():
+    limit_lapack_threads()      # jaxlib's CPU LAPACK at one thread (EMSEDIT_JAX_LAPACK_THREADS overrides)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--editor", required=True, help="editor folder written by train")
     ap.add_argument("--streams", type=int, default=4)
@@ -82,7 +84,7 @@ def main():
     ecfg, state, _ = load_editor(args.editor, ref.config)
     mus = [ecfg.key_memory] if args.key_memory is None else [float(x) for x in args.key_memory.split(",")]
     variants = {(p, mu): (models[p], dataclasses.replace(ecfg, key_memory=mu)) for p in models for mu in mus}
-    _, test = cli._load_data(data_args)
+    _, test, _ = cli._load_data(data_args)
     _, test = cli._check_tokenised(ref, [], test, data_args.skip_invalid)
     per = args.num_seq * args.n_edits
     if len(test) < per * args.streams:

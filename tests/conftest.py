@@ -82,3 +82,15 @@ def synthetic_requests(n: int, seed: int = 0, ragged: bool = False):
                                target_true=" ".join(WORDS[(WORDS.index(t) + 1) % 150] for t in target),
                                case_id=i, source=f"synthetic#{i}"))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_editor_dir(tiny_model_dir, tmp_path_factory):
+    """An EMSEdit editor for the tiny model (one module, rank 8), meta-trained for one
+    epoch of 4 batches through the Python API and saved as an editor folder."""
+    import emsedit_jax as ej
+    model = ej.load_model(tiny_model_dir)
+    ecfg = ej.EditorConfig(modules=("model.layers.3.mlp.up_proj",), rank=8, n_blocks=1, lr_init=0.1)
+    editor = ej.train_editor(model, synthetic_requests(16, seed=3), ej.TrainConfig(n_edits=4, num_seq=2, meta_lr=1e-3),
+                      editor_config=ecfg)
+    return editor.save(tmp_path_factory.mktemp("tiny_editor"))

@@ -67,7 +67,7 @@ def _hand_problem(method, seed=0, b=5, a=4):
     """A capture of b*a answer slots (some masked), an identity hypernetwork, per-layer
     eta and lambda, and normaliser statistics with a nonzero mean and std whose huge prior
     count makes this batch's merge negligible, so normalised = (x - mean) / std."""
-    ecfg = method_config(method, MODULES, rank=4, n_blocks=2, norm_eps=0.0)
+    ecfg = method_config(method, MODULES, rank=4, n_blocks=2, norm_eps=0.0, log_step_size=False)   # eta as set
     rng = np.random.default_rng(seed)
     mask = rng.random((b, a)) > 0.25
     keys, grads = {}, {}

@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_requests
 from emsedit_jax.cli import default_modules, main, parse_modules
 from emsedit_jax.data import DataError
-from emsedit_jax.errors import UserError
+from emsedit_jax.errors import ConfigError, UserError
 from emsedit_jax.models import ModelConfig, get_kernel, load_model
 
 
@@ -49,13 +49,13 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "per_request.jsonl").read_text().splitlines()]
     assert [(x["batch"], x["position"]) for x in lines] == [(i // 4, i % 4) for i in range(8)]
     assert sum(x["edited"]["ES"] for x in lines) / 8 == pytest.approx(saved["metrics"]["ES"])
-    assert saved["config"]["chat_template"] is False
+    assert saved["chat_template"] is False and saved["config"]["model"]["chat_template"] is False
     assert set(saved) >= {"metrics", "baseline", "timing", "config", "n_requests"}
     assert set(saved["metrics"]) == set(saved["baseline"]) == {"ES", "GS", "LS"}
-    assert saved["n_requests"] == 8 and saved["config"]["data"] == str(data)  # split taken from the editor
+    assert saved["n_requests"] == 8 and saved["config"]["data"]["data"] == str(data)  # split taken from the editor
     # Without split flags evaluate uses the requests the editor was not trained on.
-    assert saved["config"]["split_seed"] == 0 and saved["config"]["same_file_as_training"]
-    assert saved["config"]["train_overlap"] == 0 and saved["config"]["left_out_as_trained"] == 0
+    assert saved["config"]["data"]["split_seed"] == 0 and saved["same_file_as_training"]
+    assert saved["train_overlap"] == 0 and saved["left_out_as_trained"] == 0
     assert saved["data_files"]["data"]["sha256"] == json.loads(
         (tmp_path / "run" / "editor" / "editor.json").read_text())["data_sha256"]
     # Scoring requests the editor was trained on is refused (before any editing).
@@ -69,13 +69,13 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert "| unedited |" in printed and "configuration:" in printed
     # The key memory and the locality prior are test-time choices: the same editor
     # evaluated with them, recorded; C0 comes from the 24 training requests.
-    with pytest.raises(SystemExit, match="needs --key-memory"):
+    with pytest.raises(ConfigError, match="needs --key-memory"):
         main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--loc-prior", "3", "--quiet"])
     km = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
                "--key-memory", "1", "--loc-prior", "3", "--quiet"])
-    assert saved["config"]["editor"]["key_memory"] == 0 and km["config"]["editor"]["key_memory"] == 1.0
-    assert saved["config"]["editor"]["loc_prior"] == 0 and km["config"]["editor"]["loc_prior"] == 3.0
-    assert km["config"]["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
+    assert saved["editor"]["key_memory"] == 0 and km["editor"]["key_memory"] == 1.0
+    assert saved["editor"]["loc_prior"] == 0 and km["editor"]["loc_prior"] == 3.0
+    assert km["config"]["evaluate"]["key_memory"] == 1.0 and km["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
     assert km["baseline"] == out["baseline"] and km["n_requests"] == 8
 
     res = main(["edit", "--editor", str(tmp_path / "run" / "editor"),     # --model: the editor's

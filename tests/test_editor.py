@@ -109,7 +109,7 @@ def _setup(ecfg, dtype=jnp.float32):
 
 # Jitted entry points: one compile each, instead of many eager dispatches.
 _edit = jax.jit(multi_step_edit, static_argnums=(0, 1), static_argnames=("n_answer",))
-_capture = jax.jit(capture, static_argnums=(0, 3), static_argnames=("n_answer",))
+_capture = jax.jit(capture, static_argnums=(0, 3), static_argnames=("n_answer", "key_positions"))
 
 
 def _meta_loss(ecfg, params, state, edit, gen):
@@ -352,3 +352,27 @@ def module_kernel(params, name):
     for part in suffix.split("."):
         node = node[part]
     return node["kernel"][layer]
+
+
+def test_subject_key_slots_feed_the_edit_and_the_key_memory():
+    """key_positions="both": a step's keys are the module inputs at the marked subject
+    token and at the answer slots (2 A slots per row), the value gradients there are
+    the loss's gradients (nonzero at the subject token, which precedes the answer), and
+    the key memory accumulates exactly those keys."""
+    cfg = EditorConfig(modules=MODULES[:1], rank=4, n_blocks=1, steps=1, lr_init=0.5, key_memory=1.0,
+                       key_positions="both")
+    params, state = _setup(cfg)
+    batch = tiny_batch(0)
+    subject = np.zeros(batch.labels.shape, np.int32)
+    subject[:, 1] = 1                                           # before every row's answer slots
+    batch = batch._replace(subject=jnp.asarray(subject))
+    cap = _capture(TINY, params, batch, MODULES[:1], None, n_answer=2, key_positions="both")
+    answer = _capture(TINY, params, batch, MODULES[:1], None, n_answer=2)
+    m = MODULES[0]
+    assert cap.keys[m].shape[1] == 4 and np.asarray(cap.mask).sum(axis=1).tolist() == [3, 3, 3]
+    np.testing.assert_allclose(cap.keys[m][:, 1:3], answer.keys[m], rtol=1e-6)       # slots: 1, answer, answer
+    np.testing.assert_allclose(cap.grads[m][:, 1:3], answer.grads[m], rtol=1e-5, atol=1e-8)
+    assert float(jnp.abs(cap.grads[m][:, 0]).min(axis=-1).max()) > 0
+    _, after, _ = _edit(cfg, TINY, params, new_stream(cfg, TINY, state), batch, zero_deltas(cfg, TINY), n_answer=2)
+    u = np.asarray(cap.keys[m]).reshape(-1, 16) * np.asarray(cap.mask).reshape(-1, 1)
+    np.testing.assert_allclose(after.key_gram["16x24"][0], u.T @ u, rtol=1e-4, atol=1e-5)

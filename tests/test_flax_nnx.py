@@ -112,7 +112,7 @@ def test_linen_model_equals_builtin_llama(pair):
     names = dict(zip(NAMES, ["layers_2.up_proj", "layers_3.up_proj", "layers_3.self_attn.o_proj"]))
     lm = from_linen(module, variables, model.tokenizer, list(names.values()))
     compare_outputs(model, lm, names, batch, n_answer)
-    with pytest.raises(UserError, match=r"'layers_9.up_proj'.*no parameter layers_9.up_proj.kernel"):
+    with pytest.raises(UserError, match=r"'layers_9.up_proj'.*no 2-D parameter layers_9.up_proj.kernel"):
         from_linen(module, variables, model.tokenizer, ["layers_9.up_proj"])
 
 
@@ -126,15 +126,24 @@ def test_cli_train_evaluate_on_nnx_model_matches_builtin(tiny_model_dir, tmp_pat
     train = ["--method", "emsedit", "--epochs", "1", "--n-edits", "4", "--num-seq", "2", "--rank", "8", "--blocks",
              "1", "--lr-init", "0.1", "--meta-lr", "1e-3"]
     results = {}
-    for tag, spec, module in [("nnx", "nnx_llama:factory", "layers[3].mlp.up_proj"),
-                              ("hf", str(tiny_model_dir), "model.layers.3.mlp.up_proj")]:
+    for tag, spec, module in [("nnx", "nnx_llama:factory", "layers[1].mlp.up_proj"),   # not an edit path
+                              ("hf", str(tiny_model_dir), "model.layers.1.mlp.up_proj")]:
         main(["train", "--model", spec, *common, *train, "--modules", module, "--out", str(tmp_path / tag)])
         results[tag] = main(["evaluate", "--editor", str(tmp_path / tag / "editor"), "--num-seq", "2",
                              "--n-edits", "4", "--quiet"])
     nnx_run, hf_run = results["nnx"], results["hf"]
-    assert nnx_run["config"]["model"] == "nnx_llama:factory"
+    assert nnx_run["config"]["model"]["model"] == "nnx_llama:factory"
     assert nnx_run["baseline"] == hf_run["baseline"] and nnx_run["metrics"] == hf_run["metrics"]
     assert nnx_run["metrics"]["ES"] > nnx_run["baseline"]["ES"]
+
+    # The Python API on the same factory and editor.
+    import emsedit_jax as ej
+    model = ej.load_model("nnx_llama:factory")
+    assert str(model.path) == "nnx_llama:factory"        # what a run records, to load it again
+    editor = ej.load_editor(tmp_path / "nnx" / "editor", model)
+    edited = ej.edit(model, editor, [ej.Fact("w1 w2 w3", "w4")])
+    assert set(edited.deltas) == {"layers[1].mlp.up_proj"} and float(abs(edited.deltas["layers[1].mlp.up_proj"]).max()) > 0
+    assert ej.generate(edited, "w1 w2 w3", max_new_tokens=1) == "w4"
 
 
 def test_bad_paths_and_factories_are_user_errors(pair, monkeypatch):
@@ -148,8 +157,9 @@ def test_bad_paths_and_factories_are_user_errors(pair, monkeypatch):
         from_nnx(module, model.tokenizer, ["layers.1.input_layernorm"])
     with pytest.raises(UserError, match=r"module path 'layers\[x\]'"):
         from_nnx(module, model.tokenizer, ["layers[x]"])
-    with pytest.raises(UserError, match=r"'layers.0.mlp.up_proj' is not an editable.*layers.2.mlp.up_proj"):
-        fm.config.module_shape("layers.0.mlp.up_proj")
+    assert fm.config.module_shape("layers[0].mlp.down_proj") == (64, 32)     # not an edit path, but linear
+    with pytest.raises(UserError, match=r"'layers.0.input_layernorm' is not a linear module.*its 28 linear modules"):
+        fm.config.module_shape("layers.0.input_layernorm")
     assert default_modules(fm.config) == fm.config.modules
     with pytest.raises(UserError, match="for a Flax model pass --modules"):
         parse_modules(None, "2-3", None, fm.config)

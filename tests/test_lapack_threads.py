@@ -1,9 +1,18 @@
-"""The package limits the LAPACK library that jaxlib calls on CPU (SciPy's OpenBLAS)."""
+"""Importing the package changes no thread pool; `limit()` (the CLI calls it at start)
+sets the LAPACK library that jaxlib calls on CPU (SciPy's OpenBLAS)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from threadpoolctl import ThreadpoolController
 
 from emsedit_jax import lapack_threads
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _scipy_openblas_threads() -> dict[str, int]:
@@ -11,8 +20,33 @@ def _scipy_openblas_threads() -> dict[str, int]:
             if lib.internal_api == "openblas" and lapack_threads._scipy_library(lib.filepath)}
 
 
-def test_import_leaves_scipy_openblas_at_one_thread_and_limit_sets_it():
-    import emsedit_jax  # noqa: F401  (the import ran limit())
+def test_import_changes_no_thread_pool():
+    """In a fresh process with SciPy's OpenBLAS loaded, `import emsedit_jax` and reaching
+    its API leave every thread pool as it was; only an explicit call changes one."""
+    code = """if True:
+        import json
+        import scipy.linalg.cython_lapack
+        from threadpoolctl import threadpool_info
+        before = threadpool_info()
+        import emsedit_jax as ej
+        ej.load_model, ej.EditorConfig, ej.TrainConfig     # the lazily loaded API
+        after_import = threadpool_info()
+        ej.limit_lapack_threads(1)
+        print(json.dumps([before, after_import, threadpool_info()]))
+    """
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    env.update(PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after_import, after_limit = json.loads(out.stdout.splitlines()[-1])
+    assert after_import == before
+    scipy_before = [p["num_threads"] for p in before if lapack_threads._scipy_library(p["filepath"])]
+    scipy_after = [p["num_threads"] for p in after_limit if lapack_threads._scipy_library(p["filepath"])]
+    assert scipy_before and set(scipy_before) == {2} and set(scipy_after) == {1}
+
+
+def test_limit_sets_and_restores_scipy_openblas():
+    lapack_threads.limit(1)
     before = _scipy_openblas_threads()
     assert before and set(before.values()) == {1}
     try:

@@ -176,7 +176,8 @@ def test_cli_passes_mesh_remat_and_chunk(tiny_model_dir, tmp_path, monkeypatch):
     kw = seen["evaluate"]
     assert dict(kw["mesh"].shape) == {"data": 1, "fsdp": 1, "tensor": 1} and kw["remat"] is False
     assert kw["capture_chunk"] == 2
-    assert out["config"]["mesh"] == "1x1" and out["config"]["sharding"] == "tp" and out["config"]["capture_chunk"] == 2
+    assert out["config"]["scale"]["mesh"] == "1x1" and out["config"]["scale"]["sharding"] == "tp"
+    assert out["config"]["evaluate"]["capture_chunk"] == 2
     main(["train", *common, "--out", str(tmp_path / "run2")])
     assert seen["train"]["mesh"] is None and seen["train"]["remat"] is False
     with pytest.raises(ValueError, match="needs 4 devices"):

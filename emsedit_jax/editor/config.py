@@ -1,13 +1,27 @@
-"""Editor configuration (static: hashable, passed to jit as a static argument)."""
+"""Editor configuration (static: hashable, passed to jit as a static argument).
+
+The field defaults are the working ones (the command line shows and uses the same); the
+authors' values are the "faithful" preset (train.PRESETS)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-import jax.numpy as jnp
+from ..errors import ConfigError
+from ..options import check_fields, option
 
 METHODS = ("emsedit", "mend", "malmen", "rledit")
+
+
+# What distinguishes the methods when nothing else is overridden. Every other field
+# (rank, blocks, step size, ...) is shared, so the methods differ by configuration alone.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "emsedit": {"steps": 2, "regulariser": "norm"},
+    "mend": {"steps": 1, "regulariser": "kl"},
+    "malmen": {"steps": 1, "regulariser": "kl"},
+    "rledit": {"steps": 1, "regulariser": "kl"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,67 +73,76 @@ class EditorConfig:
                    or "auto" (by backend: `backend.solve`). Speed only.
     hypernet:      "unrolled" (each block's arrays used as stored), "scanned" (blocks
                    stacked, one lax.scan) or "auto" (by backend: `backend.hypernet`).
-                   Speed only. Neither is saved with a trained editor (load_editor
+                   Speed only. Neither is kept with a trained editor (load_editor
                    resets both to "auto").
     """
-    modules: tuple[str, ...]
-    method: Literal["emsedit", "mend", "malmen", "rledit"] = "emsedit"
-    steps: int = 2
-    step_specific: bool = True
-    rank: int = 1024
-    n_blocks: int = 4
-    lr_init: float = 1e-6
-    log_step_size: bool = False
-    lamda_init: float = 0.0
-    key_memory: float = 0.0
-    loc_prior: float = 0.0
-    null_space: float = 0.0
-    key_positions: Literal["answer", "subject", "both"] = "answer"
-    msbp: Literal["detached", "exact"] = "detached"
-    regulariser: Literal["norm", "kl"] = "norm"
-    beta: float = 0.5
-    loc_coef: float = 0.6
-    delta_coef: float = 1e-4
-    back_depth: int | None = None
-    time_decay: float = 0.95
-    norm_eps: float = 1e-5
-    solve: Literal["auto", "looped", "batched"] = "auto"
-    hypernet: Literal["auto", "unrolled", "scanned"] = "auto"
+    modules: tuple[str, ...] = option(help="edited linear modules, Hugging Face names", cli=False)
+    method: Literal["emsedit", "mend", "malmen", "rledit"] = option("emsedit", "editing method")
+    steps: int | None = option(None, "edit steps T per batch (--method malmen --steps 2 is MALMEN²)",
+                               check="positive", default_text="the method's: emsedit 2, the others 1")
+    step_specific: bool = option(True, "one hypernetwork per edit step (sequential editing) instead of one shared",
+                                 cli=False)
+    rank: int = option(1024, "rank of the hypernetworks (step t of a step-specific editor: rank // (t+1))",
+                       check="positive")
+    n_blocks: int = option(4, "residual blocks per hypernetwork", check="positive", flag="--blocks")
+    lr_init: float = option(1e-3, "initial step size eta", check="positive")
+    log_step_size: bool = option(True, "learn log(eta) rather than eta (the authors': off)")
+    lamda_init: float = option(0.0, "initial log ridge weight lamda")
+    key_memory: float = option(0.0, "MU: ridge solve against the stream's earlier keys: dW = (U^T U + e^lamda I + "
+                               "MU G)^-1 U^T D, G = sum of the earlier batches' U^T U (0: the paper's solve; "
+                               "an extension)", check="nonneg", metavar="MU")
+    loc_prior: float = option(0.0, "NU: start each stream's key memory at NU C0, C0 the mean k k^T of the keys of "
+                              "the training requests' preserved facts (--prior-source): dW = (U^T U + e^lamda I + "
+                              "NU C0 + MU G)^-1 U^T D (needs --key-memory; an extension)", check="nonneg",
+                              metavar="NU")
+    null_space: float = option(0.0, "TAU: project every update onto the null space of C0: dW <- (I - V V^T) dW, V the "
+                               "eigenvectors of C0 with eigenvalue above TAU times the largest (AlphaEdit's "
+                               "projection; an extension; 0: none)", check="nonneg", metavar="TAU")
+    key_positions: Literal["answer", "subject", "both"] = option(
+        "answer", "where keys and value gradients are taken: answer positions (the paper's), the subject's last token "
+        "(answer positions for prompts without the subject) or both (an extension)")
+    msbp: Literal["detached", "exact"] = option("detached", "multi-step backpropagation: the paper's detached "
+                                                "keys and value gradients, or exact gradients through them")
+    regulariser: Literal["norm", "kl"] | None = option(None, "training regulariser",
+                                                       default_text="the method's: emsedit norm, the others kl")
+    beta: float = option(1e-2, "weight of the norm regulariser (the authors': 0.5, squared)", check="nonneg")
+    loc_coef: float = option(0.6, "weight of the KL regulariser on locality prompts", check="nonneg")
+    delta_coef: float = option(1e-4, "weight of sum ||dW||^2 beside the KL regulariser", check="nonneg")
+    back_depth: int | None = option(None, "memory backtracking: add the weighted losses of the stream's last N-1 "
+                                    "earlier batches (for EMSEdit an extension)", check="positive", metavar="N",
+                                    default_text="the method's: rledit 10, the others 1 = none")
+    time_decay: float = option(0.95, "weight decay per batch of age in memory backtracking", check="nonneg")
+    norm_eps: float = option(1e-5, "epsilon of the hypernetworks' input normalisation", check="nonneg")
+    solve: Literal["auto", "looped", "batched"] = option(
+        "auto", "ridge solves one module at a time (looped) or as one batched solve; speed only",
+        default_text="auto: by backend, looped on CPU, batched on GPU / TPU")
+    hypernet: Literal["auto", "unrolled", "scanned"] = option(
+        "auto", "hypernetwork blocks one after the other (unrolled) or stacked in a scan; speed only",
+        default_text="auto: by backend, unrolled on CPU, scanned on GPU / TPU")
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
-        if not self.modules:
-            raise ValueError("EditorConfig.modules is empty: name at least one module to edit")
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
-        if self.key_memory < 0:
-            raise ValueError("key_memory must be >= 0 (0: the paper's ridge solve)")
-        if self.key_memory and self.update_rule != "ridge":
-            raise ValueError("key_memory applies to the ridge solve; MEND's rank-1 update has none")
-        if self.loc_prior < 0:
-            raise ValueError("loc_prior must be >= 0 (0: none)")
-        if self.loc_prior and not self.key_memory:
-            raise ValueError("loc_prior is the starting value of the key memory: it needs key_memory > 0")
-        if not 0 <= self.null_space < 1:
-            raise ValueError(f"null_space must be in [0, 1) (a fraction of C0's largest eigenvalue; 0: none), "
-                             f"not {self.null_space}")
-        if self.null_space and self.update_rule != "ridge":
-            raise ValueError("null_space projects the ridge solve's update; MEND's rank-1 update has none")
-        if self.key_positions not in ("answer", "subject", "both"):
-            raise ValueError(f"key_positions must be 'answer', 'subject' or 'both', not {self.key_positions!r}")
+            raise ConfigError(f"EditorConfig.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        defaults = METHOD_DEFAULTS[self.method]
+        for name in ("steps", "regulariser"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name])
         if self.back_depth is None:
             object.__setattr__(self, "back_depth", 10 if self.method == "rledit" else 1)
-        if self.back_depth < 1:
-            raise ValueError("back_depth must be >= 1 (1: no memory backtracking)")
-        if self.msbp not in ("detached", "exact"):
-            raise ValueError(f"msbp must be 'detached' or 'exact', not {self.msbp!r}")
-        if self.regulariser not in ("norm", "kl"):
-            raise ValueError(f"regulariser must be 'norm' or 'kl', not {self.regulariser!r}")
-        if self.solve not in ("auto", "looped", "batched"):
-            raise ValueError(f"solve must be 'auto', 'looped' or 'batched', not {self.solve!r}")
-        if self.hypernet not in ("auto", "unrolled", "scanned"):
-            raise ValueError(f"hypernet must be 'auto', 'unrolled' or 'scanned', not {self.hypernet!r}")
+        check_fields(self)
+        if not self.modules:
+            raise ConfigError("EditorConfig.modules is empty: name at least one module to edit")
+        if self.key_memory and self.update_rule != "ridge":
+            raise ConfigError("EditorConfig.key_memory applies to the ridge solve; MEND's rank-1 update has none")
+        if self.loc_prior and not self.key_memory:
+            raise ConfigError("EditorConfig.loc_prior is the starting value of the key memory: it needs "
+                              "key_memory > 0")
+        if not self.null_space < 1:
+            raise ConfigError(f"EditorConfig.null_space: expected a fraction of C0's largest eigenvalue in [0, 1) "
+                              f"(0: none), got {self.null_space}")
+        if self.null_space and self.update_rule != "ridge":
+            raise ConfigError("EditorConfig.null_space projects the ridge solve's update; MEND's rank-1 update has "
+                              "none")
 
     def solve_mode(self) -> str:
         """"looped" or "batched": `solve`, or the backend's default for "auto"."""
@@ -148,6 +171,7 @@ class EditorConfig:
 
     def step_size(self, raw):
         """eta_k from its stored parameter."""
+        import jax.numpy as jnp
         return jnp.exp(raw) if self.log_step_size else raw
 
     @property
@@ -169,16 +193,6 @@ class EditorConfig:
         return max(0, self.back_depth - 1)
 
 
-# What distinguishes the methods when nothing else is overridden. Every other field
-# (rank, blocks, step size, ...) is shared, so the methods differ by configuration alone.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "emsedit": {"steps": 2, "regulariser": "norm"},
-    "mend": {"steps": 1, "regulariser": "kl"},
-    "malmen": {"steps": 1, "regulariser": "kl"},
-    "rledit": {"steps": 1, "regulariser": "kl"},
-}
-
-
 def parse_method(name: str) -> tuple[str, int | None]:
     """'malmen' -> ('malmen', None); 'malmen2' (Method², MSBP plugged in) -> ('malmen', 2)."""
     if name in METHODS:
@@ -186,7 +200,7 @@ def parse_method(name: str) -> tuple[str, int | None]:
     base = name.rstrip("0123456789")
     if base in METHODS and base != name:
         return base, int(name[len(base):])
-    raise ValueError(f"unknown method {name!r} (choose from {', '.join(METHODS)}, optionally followed by "
+    raise ConfigError(f"unknown method {name!r} (choose from {', '.join(METHODS)}, optionally followed by "
                      "a step count, e.g. malmen2)")
 
 
@@ -197,8 +211,22 @@ def method_config(method: str, modules, steps: int | None = None, **overrides) -
     with T steps; `overrides` set any other EditorConfig field."""
     base, named_steps = parse_method(method)
     if steps is not None and named_steps is not None and steps != named_steps:
-        raise ValueError(f"method {method!r} names {named_steps} steps but steps={steps}")
-    fields = {**METHOD_DEFAULTS[base], **overrides}
-    if steps is not None or named_steps is not None:
-        fields["steps"] = steps if steps is not None else named_steps
-    return EditorConfig(modules=tuple(modules), method=base, **fields)
+        raise ConfigError(f"method {method!r} names {named_steps} steps but steps={steps}")
+    return EditorConfig(modules=tuple(modules), method=base, steps=named_steps if steps is None else steps,
+                        **overrides)
+
+
+def default_modules(model_cfg) -> tuple[str, ...]:
+    """Six consecutive MLP input projections: layers 18-23 of a 30-layer LLaMA-style
+    model (0.6 of the depth), the last six layers of GPT-2 / GPT-J; for a Flax model
+    (--model package.module:factory), the edit paths its factory gave `from_nnx` /
+    `from_linen`."""
+    from ..models.transformer import builtin
+    if not builtin(model_cfg):
+        return model_cfg.modules
+    n = model_cfg.num_layers
+    if model_cfg.family == "llama":
+        start = min(max(0, round(0.6 * n)), max(0, n - 6))
+        return tuple(f"model.layers.{i}.mlp.up_proj" for i in range(start, min(n, start + 6)))
+    module = "mlp.c_fc" if model_cfg.family == "gpt2" else "mlp.fc_in"
+    return tuple(f"transformer.h.{i}.{module}" for i in range(max(0, n - 6), n))

@@ -16,7 +16,7 @@ import math
 import warnings
 from typing import Any
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError  # noqa: F401  (ConfigError is re-exported)
 
 # HF `model_type` -> the block layout implemented in this package.
 FAMILIES = {
@@ -28,10 +28,6 @@ FAMILIES = {
 }
 
 ACTIVATIONS = ("silu", "gelu_new", "gelu", "gelu_pytorch_tanh", "relu")
-
-
-class ConfigError(UserError):
-    """A config.json that this package cannot run faithfully."""
 
 
 # Fields that never change the forward computation of a causal LM.
@@ -110,6 +106,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], *, strict: bool = True, source: str = "config.json") -> "ModelConfig":
         cfg = dict(cfg)
+        _check_types(cfg, source)
         model_type = cfg.get("model_type")
         if model_type not in FAMILIES:
             raise ConfigError(
@@ -286,3 +283,24 @@ def rope_inv_freq(cfg: ModelConfig, dim: int):
                 out.append((1 - smooth) * f / cfg.rope_factor + smooth * f)
         inv = out
     return inv
+
+
+# Numeric config.json fields and what they must be: sizes are whole numbers > 0, the
+# others finite numbers (None: absent).
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_inner", "n_layer",
+          "n_positions", "rotary_dim", "sliding_window")
+_NUMBERS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
+
+
+def _check_types(cfg: dict, source: str) -> None:
+    """A ConfigError naming the field for a size that is not a whole number > 0 or a
+    number that is not finite (e.g. hidden_size: "thirty-two")."""
+    for key in _SIZES:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ConfigError(f"{source}: {key} must be a whole number > 0, got {v!r}")
+    for key in _NUMBERS:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ConfigError(f"{source}: {key} must be a finite number, got {v!r}")

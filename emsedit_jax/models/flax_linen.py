@@ -22,7 +22,7 @@ import jax
 from flax.core import unfreeze
 
 from ..errors import UserError
-from .flax_nnx import FlaxModel, _finish, _get, edited_output, module_path, path_name
+from .flax_nnx import FlaxModel, _finish, edited_output, linear_kernels, module_path, path_name
 from .layers import Array, ModuleEdit, Params
 
 LinenApplyFn = Callable[[nn.Module, Mapping, Array, Array, Array], Array]
@@ -72,8 +72,8 @@ def from_linen(module: nn.Module, variables: Mapping, tokenizer: Any, edit_paths
 
     module:     the nn.Module (unbound); variables: its variables ({"params": ...}).
     tokenizer:  a Hugging Face tokenizer.
-    edit_paths: the linear modules that may be edited, e.g. ['layers_18.mlp.up_proj'];
-                each must hold a 2-D "kernel" (d_in, d_out), as nn.Dense does.
+    edit_paths: the default modules to edit, e.g. ['layers_18.mlp.up_proj'] (any
+                module with a 2-D "kernel" (d_in, d_out), as nn.Dense holds, can be named).
     apply:      (module, variables, input_ids, attention_mask, positions) -> logits (B, S, V).
     """
     from .hf_io import Model
@@ -82,21 +82,15 @@ def from_linen(module: nn.Module, variables: Mapping, tokenizer: Any, edit_paths
     if isinstance(edit_paths, str) or not edit_paths:
         raise UserError("from_linen: edit_paths must be a non-empty list of module paths, e.g. ['layers_18.mlp.up_proj']")
     params = unfreeze(variables["params"])
-    shapes, dtypes = {}, {}
+    shapes, dtypes = linear_kernels(params)
     for spelled in edit_paths:
         path = module_path(spelled)
-        try:
-            kernel = _get(params, (*path, "kernel"))
-        except (KeyError, TypeError):
-            raise UserError(f"edit path {spelled!r}: the model ({type(module).__name__}) has no parameter "
-                            f"{path_name(path)}.kernel") from None
-        if getattr(kernel, "ndim", 0) != 2:
-            raise UserError(f"edit path {spelled!r}: its kernel has shape {getattr(kernel, 'shape', None)}, "
-                            "expected (d_in, d_out) as nn.Dense holds")
-        shapes[path_name(path)] = tuple(kernel.shape)
-        dtypes[path_name(path)] = kernel.dtype
+        if path_name(path) not in shapes:
+            raise UserError(f"edit path {spelled!r}: the model ({type(module).__name__}) has no 2-D parameter "
+                            f"{path_name(path)}.kernel (expected (d_in, d_out) as nn.Dense holds)")
     template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     rest = {k: v for k, v in variables.items() if k != "params"}
     label = name or type(module).__name__
-    cfg = LinenModel(template, shapes, dtypes, tuple(shapes), apply, label, module=module, rest=rest)
-    return Model(cfg, params, tokenizer, Path(f"linen:{label}"), {})
+    modules = tuple(path_name(module_path(p)) for p in edit_paths)
+    cfg = LinenModel(template, shapes, dtypes, modules, apply, label, module=module, rest=rest)
+    return Model(cfg, params, tokenizer, Path(f"<linen model {label}>"), {})

@@ -149,9 +149,9 @@ class FlaxModel:
     Compared and hashed by identity, so jitted functions compile once per model.
     Subclasses (NNXModel here, flax_linen.LinenModel) add `run`."""
     template: Any                                # the Params' tree, ShapeDtypeStruct leaves
-    shapes: Mapping[str, tuple[int, int]]        # editable module (canonical name) -> (d_in, d_out)
+    shapes: Mapping[str, tuple[int, int]]        # every module with a 2-D kernel (canonical name) -> (d_in, d_out)
     kernel_dtypes: Mapping[str, Any]
-    modules: tuple[str, ...]                     # the default modules to edit
+    modules: tuple[str, ...]                     # the default modules to edit (the edit paths)
     apply: Callable
     name: str
     residual_dtype: None = None
@@ -170,8 +170,9 @@ class FlaxModel:
         ones if `name` is not one of them."""
         canon = path_name(module_path(name))
         if canon not in self.shapes:
-            raise UserError(f"module {name!r} is not an editable linear module of the {self.name} model "
-                            f"(editable: {', '.join(self.shapes)}; pass others in the edit paths)")
+            some = ", ".join(list(self.shapes)[:6]) + (", ..." if len(self.shapes) > 6 else "")
+            raise UserError(f"module {name!r} is not a linear module of the {self.name} model (no 2-D kernel "
+                            f"there; its {len(self.shapes)} linear modules: {some})")
         return canon
 
     def parse_module(self, name: str) -> tuple[int, str]:
@@ -262,6 +263,18 @@ class NNXModel(FlaxModel):
         return _finish(logits, input_ids, logit_positions), keys
 
 
+def linear_kernels(params: Params) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
+    """({canonical name: (d_in, d_out)}, {name: dtype}) of every 2-D "kernel" leaf of a
+    nested dict of parameters (arrays or ShapeDtypeStructs)."""
+    shapes, dtypes = {}, {}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        parts = [getattr(k, "key", getattr(k, "idx", None)) for k in keys]
+        if parts and parts[-1] == "kernel" and len(leaf.shape) == 2:
+            shapes[path_name(parts[:-1])] = tuple(leaf.shape)
+            dtypes[path_name(parts[:-1])] = leaf.dtype
+    return shapes, dtypes
+
+
 def _has(tree, path) -> bool:
     try:
         _get(tree, path)
@@ -287,8 +300,9 @@ def from_nnx(module: nnx.Module, tokenizer: Any, edit_paths: Sequence[str], *, a
 
     module:     the nnx.Module (not modified; its Params are copied into Model.params).
     tokenizer:  a Hugging Face tokenizer (used to encode the edit requests).
-    edit_paths: the linear modules that may be edited, e.g. ['layers[18].mlp.up_proj'];
-                also the default modules of the CLI and of `emsedit_jax` when none are given.
+    edit_paths: the linear modules to edit when none are named (the CLI's and the
+                API's default modules), e.g. ['layers[18].mlp.up_proj']; any module
+                with a 2-D kernel can be named instead (--modules, EditorConfig.modules).
     apply:      (module, input_ids, attention_mask, positions) -> logits (B, S, V); see
                 the module docstring for the packed-batch conventions.
     """
@@ -297,15 +311,14 @@ def from_nnx(module: nnx.Module, tokenizer: Any, edit_paths: Sequence[str], *, a
         raise UserError(f"from_nnx expects a flax.nnx.Module, got {type(module).__name__}")
     if isinstance(edit_paths, str) or not edit_paths:
         raise UserError("from_nnx: edit_paths must be a non-empty list of module paths, e.g. ['layers[18].mlp.up_proj']")
-    shapes, dtypes = {}, {}
     for spelled in edit_paths:
-        path = module_path(spelled)
-        kernel = _kernel_of(module, path, spelled)
-        shapes[path_name(path)] = tuple(kernel.shape)
-        dtypes[path_name(path)] = kernel.dtype
+        _kernel_of(module, module_path(spelled), spelled)
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    pure = nnx.to_pure_dict(params)
+    shapes, dtypes = linear_kernels(pure)
     label = name or type(module).__name__
-    cfg = NNXModel(template, shapes, dtypes, tuple(shapes), apply, label, graphdef=graphdef, rest=rest)
-    return Model(cfg, nnx.to_pure_dict(params), tokenizer, Path(f"nnx:{label}"), {})
+    modules = tuple(path_name(module_path(p)) for p in edit_paths)
+    cfg = NNXModel(template, shapes, dtypes, modules, apply, label, graphdef=graphdef, rest=rest)
+    return Model(cfg, pure, tokenizer, Path(f"<nnx model {label}>"), {})
 

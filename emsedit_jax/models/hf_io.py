@@ -294,7 +294,7 @@ def from_factory(spec: str):
     if not isinstance(model, Model):
         raise UserError(f"model {spec!r}: {m.group(2)}() returned {type(model).__name__}, expected a Model "
                         "(build it with emsedit_jax.models.flax_nnx.from_nnx)")
-    return model
+    return dataclasses.replace(model, path=Path(spec))      # runs record the spec, to load it again
 
 
 # ---------------------------------------------------------------- export

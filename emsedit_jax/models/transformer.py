@@ -44,8 +44,11 @@ def tensor_specs(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
 # ---------------------------------------------------------------- module names
 def builtin(cfg) -> bool:
     """True for the built-in families (a ModelConfig). Any other model description
-    (`flax_nnx.NNXModel`) brings its own parse_module, module_shape, get_kernel,
-    apply_deltas and run, to which the functions here and in editor.capture defer."""
+    (a `flax_nnx.FlaxModel`: NNX or Linen) brings its own parse_module, module_shape,
+    get_kernel, apply_deltas and run(params, ids, mask, positions, edits by module name,
+    logit_positions) -> (logits, keys), to which the functions here and in
+    editor.capture defer; runs.config_sha256 uses its architecture(), the CLI and API
+    its default `modules`."""
     return isinstance(cfg, ModelConfig)
 
 
