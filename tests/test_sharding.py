@@ -142,6 +142,7 @@ def test_cli_passes_mesh_remat_and_chunk(tiny_model_dir, tmp_path, monkeypatch):
     train() / run_protocol() (their sharded steps are checked above)."""
     from test_cli import write_user_file
 
+    import emsedit_jax.api  # noqa: F401  (imported first: it binds train() by name, which is patched below)
     import emsedit_jax.evaluate as evaluate_mod
     import emsedit_jax.train as train_mod
     from emsedit_jax.checkpoint import save_editor
