@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from .data.records import file_sha256
 from .editor.config import EditorConfig
 from .editor.normalizer import Stats
 from .editor.steps import EditorState
@@ -110,12 +111,18 @@ def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: d
         if train_hashes is not None:
             (directory / TRAIN_REQUESTS).write_text(json.dumps({"hashes": list(train_hashes)}))
         record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"},
-                  "state_sha256": checksum}
+                  "state_sha256": checksum, "state_files_sha256": _files_sha256(directory / "state")}
         tmp = directory / "editor.json.tmp"
         tmp.write_text(json.dumps(record, indent=1, default=str))
         tmp.replace(directory / "editor.json")     # written last and whole: the folder is complete once it exists
     _barrier(f"emsedit_jax save_editor {directory} done")
     return directory
+
+
+def _files_sha256(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder`, by relative path: any changed byte of the
+    saved state shows, even one that would not change a restored value."""
+    return {f.relative_to(folder).as_posix(): file_sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def read_editor_record(directory: str | Path) -> dict[str, Any]:
@@ -183,6 +190,10 @@ def load_editor(directory: str | Path, lcfg, model_name: str | None = None, mesh
         ecfg = EditorConfig(**fields)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{record_file}: invalid editor settings ({e})") from None
+    files = record.get("state_files_sha256")
+    if files is not None and _files_sha256(directory / "state") != files:
+        raise CheckpointError(f"{directory / 'state'}: the files do not match the checksums in {record_file} "
+                              "(they were changed or damaged after training); retrain or restore a copy")
     template = jax.eval_shape(lambda: init_editor(ecfg, lcfg, jax.random.key(0)))
     target = {"nets": template.nets, "stats": template.stats}
     if mesh is None:

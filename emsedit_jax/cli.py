@@ -691,7 +691,8 @@ def cmd_evaluate(args) -> dict:
                           "edit_compile_seconds": res.edit_compile_seconds,
                           "loc_prior_seconds": prior_s},
                "config": options, **info, "n_requests": res.n_requests, "curve": res.curve, "data_files": data}
-        _print_table(res.metrics, res.baseline, f"{args.dataset} {ev.protocol} {ev.num_seq}x{ev.n_edits}")
+        n_seq = 1 if ev.protocol == "batch" else ev.num_seq
+        _print_table(res.metrics, res.baseline, f"{args.dataset} {ev.protocol} {n_seq}x{ev.n_edits}")
         if args.plot and res.curve:
             plot_curve(res.curve, args.plot, res.baseline)
         if args.per_request:

@@ -193,12 +193,11 @@ def make_plan(lcfg, mesh, *, model_name: str, dtype: str = "bfloat16", remat: bo
               modules: tuple[str, ...] | None = None, device: str | None = None, seq_len: int = 24,
               answer_len: int = 4, steps: tuple[str, ...] = ("edit", "train"), stacked: bool = True) -> Plan:
     """The memory plan of `lcfg` (a models.ModelConfig) on `mesh` (see the module
-    docstring). `modules` default to the CLI's (`cli.default_modules`); the editor is
-    `method`'s, step-specific for the sequential protocol, as `train` builds it."""
+    docstring). `modules` default to the CLI's (`editor.config.default_modules`); the
+    editor is `method`'s, step-specific for the sequential protocol, as `train` builds it."""
     import jax.numpy as jnp
 
-    from .cli import default_modules
-    from .editor.config import method_config
+    from .editor.config import default_modules, method_config
     from .train import TrainConfig
     if device is not None and device not in DEVICE_MEMORY:
         raise ValueError(f"--device {device!r} is not known; choose from {', '.join(DEVICE_MEMORY)}")

@@ -20,4 +20,7 @@ case "$1" in
     run --dataset counterfact --name base --parts val --config '{"evals": {"km1_lp20_wide": {"key_memory": 1, "loc_prior": 20, "prior_source": "wide"}, "ns1e-2_wide": {"null_space": 0.01, "prior_source": "wide"}}}' ;;
   cf-trained-prior)   # the prior and the projection in meta-training too
     run --dataset counterfact --name prior_ns_trained --parts val --config '{"train": {"key_memory": 1, "loc_prior": 20, "null_space": 0.01}, "prior": {"source": "wide"}, "evals": {"as-trained": {}, "no-projection": {"null_space": 0.0}}}' ;;
+  cf-test)   # the test part of the current best and of the editor trained with the prior and the projection
+    run --dataset counterfact --name prior_ns_trained --parts test --config '{"train": {"key_memory": 1, "loc_prior": 20, "null_space": 0.01}, "prior": {"source": "wide"}, "evals": {"as-trained": {}}}'
+    run --dataset counterfact --name base --parts test --config '{"evals": {"km1_lp20": {"key_memory": 1, "loc_prior": 20}}}' ;;
 esac

@@ -49,10 +49,10 @@ class EditorConfig:
     loc_prior:     nu >= 0, needs key_memory > 0. Each stream's key memory starts at
                    (nu / mu) C0 instead of zeros, so the solve becomes
                    dW = (U^T U + e^lamda I + nu C0 + mu G)^-1 U^T D: C0 is the mean k k^T
-                   of keys of unrelated prompts (evaluate.locality_gram: the locality
-                   prompts of the training requests), and nu C0 penalises moving the
-                   module's output on such keys, as if nu of them were in the memory.
-                   An evaluation-time extension (MEMIT's covariance term applied to the
+                   of keys of unrelated prompts (evaluate.preserved_gram: by default the
+                   locality prompts of the training requests), and nu C0 penalises
+                   moving the module's output on such keys, as if nu of them were in the
+                   memory. An extension (MEMIT's covariance term applied to the
                    hypernetwork's solve); 0 = none. Training uses it too when set
                    (train.train's key_prior), so the hypernetwork learns with it.
     null_space:    tau in [0, 1). With tau > 0 every step's update dW (d_in, d_out) is
