@@ -116,10 +116,10 @@ class CommonOptions:
     config: str | None = option(None, "JSON or YAML file of options, e.g. the configuration a run printed or its "
                                 "results.json / editor.json; flags given beside it win", metavar="FILE")
     quiet: bool = option(False, "no progress bars")
-    compile_cache: str | None = option(None, "folder of JAX's persistent compilation cache: a later run with the same "
-                                       "shapes loads its compiled steps instead of compiling", metavar="DIR",
-                                       default_text="$EMSEDIT_JAX_COMPILE_CACHE, else ~/.cache/emsedit_jax/xla")
-    no_compile_cache: bool = option(False, "compile everything in this process, cache nothing")
+    compile_cache: bool = option(True, "JAX's persistent compilation cache: a later run with the same shapes loads "
+                                 "its compiled steps instead of compiling (--no-compile-cache: compile everything)")
+    compile_cache_dir: str | None = option(None, "folder of the compilation cache", metavar="DIR",
+                                           default_text="$EMSEDIT_JAX_COMPILE_CACHE, else ~/.cache/emsedit_jax/xla")
     debug: bool = option(False, "show the traceback of errors in the input")
 
 
@@ -830,9 +830,9 @@ def cmd_plan(args) -> dict:
 def main(argv: Sequence[str] | None = None):
     """Runs one command; returns its result. Errors propagate (console() reports them)."""
     args = parse_args(argv)
-    if hasattr(args, "no_compile_cache") and not args.no_compile_cache:     # JAX's persistent cache
+    if getattr(args, "compile_cache", False):       # JAX's persistent compilation cache
         from .compile_cache import enable
-        enable(args.compile_cache)
+        enable(args.compile_cache_dir)
     return args.func(args)
 
 

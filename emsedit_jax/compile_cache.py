@@ -6,7 +6,7 @@ compiled programs are written to a folder and a later process with the same shap
 configuration, JAX version and XLA flags loads them instead of compiling.
 
 The cache is never switched on by importing this package. The command line switches it
-on (`emsedit-jax ... --compile-cache DIR`, off with `--no-compile-cache`); a library user
+on (`emsedit-jax ... --compile-cache-dir DIR`, off with `--no-compile-cache`); a library user
 calls `enable()`. The folder is, in order: the `path` argument; `$EMSEDIT_JAX_COMPILE_CACHE`
 (a folder, or `off` / `0` / `false` / `no` / an empty string to switch the cache off); else
 `<cache root>/xla`, the cache root being that of the embedded model

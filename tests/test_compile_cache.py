@@ -45,6 +45,13 @@ def test_cache_folder_resolution(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "root" / "xla"      # beside the embedded model's conversion
 
 
+def test_cli_flags():
+    from emsedit_jax.cli import parse_args
+    on = parse_args(["evaluate", "--editor", "e", "--compile-cache-dir", "/somewhere"])
+    assert on.compile_cache is True and on.compile_cache_dir == "/somewhere"
+    assert parse_args(["evaluate", "--editor", "e", "--no-compile-cache"]).compile_cache is False
+
+
 def test_second_process_loads_the_compiled_program(tmp_path):
     env = {**os.environ, "EMSEDIT_JAX_COMPILE_CACHE": str(tmp_path / "xla"), "PYTHONPATH": str(REPO),
            "JAX_PLATFORMS": "cpu"}
