@@ -97,8 +97,7 @@ def check_editor_integrity(model, editor, tmp_path):
     for k in (len(raw) // 2, len(raw) // 2 + 1):
         raw[k] ^= 0xFF
     biggest.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"flipped_editor/state: (the arrays do not match the checksum|cannot "
-                       r"read the editor's arrays)") as e:
+    with pytest.raises(CheckpointError, match=r"flipped_editor/state: the files do not match the checksums") as e:
         load_editor(flipped, model.config)
     assert "\n" not in str(e.value)
     # Another model: one layer more changes the architecture hash.
