@@ -101,19 +101,23 @@ class EditedModel:
 
 
 def load_model(name: str | os.PathLike = "smollm2", *, dtype: str = "float32",
-               residual_dtype: str | None = None, mesh=None) -> Model:
+               residual_dtype: str | None = None, mesh=None, layer_layout: str | None = None) -> Model:
     """`name`: the embedded model ("smollm2"), a local Hugging Face folder, a hub id
     ('org/name', from the local Hugging Face cache or the hub), or 'package.module:function'
     returning a Model (a Flax model: `ej.from_nnx` / `ej.from_linen`). `dtype`: "float32" or
     "bfloat16" parameters; with bfloat16 the residual stream stays float32 unless
     `residual_dtype="bfloat16"` (transformers' all-bfloat16 numerics). `mesh` (a
-    `sharding.make_mesh` mesh) reads every parameter straight into its shards."""
+    `sharding.make_mesh` mesh) reads every parameter straight into its shards.
+    `layer_layout`: "list" or "stacked" (default by backend: `backend.layer_layout`)."""
     import jax.numpy as jnp
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if dtype not in dtypes:
         raise UserError(f"dtype: expected float32 or bfloat16, got {dtype!r}")
     residual = residual_dtype or ("float32" if dtype == "bfloat16" else None)
-    return _load_model_folder(name, dtype=dtypes[dtype], residual=residual, mesh=mesh)
+    if layer_layout not in (None, "list", "stacked"):
+        raise UserError(f"layer_layout: expected list or stacked, got {layer_layout!r}")
+    stacked = None if layer_layout is None else layer_layout == "stacked"
+    return _load_model_folder(name, dtype=dtypes[dtype], residual=residual, mesh=mesh, stacked=stacked)
 
 
 def load_editor(path: str | os.PathLike, model: Model) -> Editor:

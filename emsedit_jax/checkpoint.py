@@ -80,27 +80,42 @@ class CheckpointStore:
 TRAIN_REQUESTS = "train_requests.json"
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: dict[str, Any],
                 train_hashes: list[str] | None = None) -> Path:
     """Writes the editor folder. `meta` should hold "model" (runs.model_identity); the
     checksum of the arrays is added as "state_sha256", and `train_hashes` (content
-    hashes of the training requests, data.request_hash) go to train_requests.json."""
+    hashes of the training requests, data.request_hash) go to train_requests.json. In a
+    multi-process run every process calls it (the arrays may be split over all of them)
+    and process 0 writes the files beside the arrays."""
+    from .sharding import to_host
     directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
     tree = {"nets": state.nets, "stats": state.stats}
-    with ocp.StandardCheckpointer() as ckptr:
-        target = directory / "state"
+    target = directory / "state"
+    first = jax.process_index() == 0
+    if first:
+        directory.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target)
+    _barrier(f"emsedit_jax save_editor {directory}")
+    with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target, tree)
         ckptr.wait_until_finished()
-    if train_hashes is not None:
-        (directory / TRAIN_REQUESTS).write_text(json.dumps({"hashes": list(train_hashes)}))
-    record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"},
-              "state_sha256": tree_sha256(tree), "state_files_sha256": _files_sha256(directory / "state")}
-    tmp = directory / "editor.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(directory / "editor.json")     # written last and whole: the folder is complete once it exists
+    checksum = tree_sha256(to_host(tree))
+    if first:
+        if train_hashes is not None:
+            (directory / TRAIN_REQUESTS).write_text(json.dumps({"hashes": list(train_hashes)}))
+        record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"},
+                  "state_sha256": checksum, "state_files_sha256": _files_sha256(directory / "state")}
+        tmp = directory / "editor.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        tmp.replace(directory / "editor.json")     # written last and whole: the folder is complete once it exists
+    _barrier(f"emsedit_jax save_editor {directory} done")
     return directory
 
 
@@ -154,12 +169,15 @@ def check_model(record: dict, directory, lcfg, model_name: str | None = None) ->
                        f"{'differ' if len(what) > 1 else 'differs'}; pass --model {made_for.get('name')}")
 
 
-def load_editor(directory: str | Path, lcfg, model_name: str | None = None
+def load_editor(directory: str | Path, lcfg, model_name: str | None = None, mesh=None
                 ) -> tuple[EditorConfig, EditorState, dict[str, Any]]:
     """Reads an editor folder written by `save_editor` for the model config `lcfg`
     (`model_name`: how the caller names that model, for messages). Refuses an editor
-    made for another architecture and one whose arrays fail their checksum."""
-    from .editor.steps import init_editor
+    made for another architecture and one whose arrays fail their checksum. With a
+    `mesh` (`sharding.make_mesh`) the arrays are restored straight onto it
+    (`sharding.editor_shardings`); without, onto the default device."""
+    from .editor.steps import empty_key_gram, init_editor
+    from .sharding import editor_shardings, to_host
     directory = Path(directory).absolute()
     record = read_editor_record(directory)
     record_file = directory / "editor.json"
@@ -167,6 +185,8 @@ def load_editor(directory: str | Path, lcfg, model_name: str | None = None
     try:
         fields = dict(record["editor"])
         fields["modules"] = tuple(fields["modules"])
+        for speed_only in ("solve", "hypernet"):        # chosen by the backend that loads it
+            fields.pop(speed_only, None)
         ecfg = EditorConfig(**fields)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{record_file}: invalid editor settings ({e})") from None
@@ -174,11 +194,17 @@ def load_editor(directory: str | Path, lcfg, model_name: str | None = None
     if files is not None and _files_sha256(directory / "state") != files:
         raise CheckpointError(f"{directory / 'state'}: the files do not match the checksums in {record_file} "
                               "(they were changed or damaged after training); retrain or restore a copy")
-    template = init_editor(ecfg, lcfg, jax.random.key(0))
+    template = jax.eval_shape(lambda: init_editor(ecfg, lcfg, jax.random.key(0)))
     target = {"nets": template.nets, "stats": template.stats}
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
+    else:
+        abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), target,
+                                editor_shardings(target, mesh))
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            restored = ckptr.restore(directory / "state", _abstract(target))
+            restored = ckptr.restore(directory / "state", abstract)
         except ValueError as e:
             raise CheckpointError(f"{directory / 'state'}: the saved arrays do not fit the editor described in "
                                   f"{record_file}; for example an editor saved by an emsedit-jax whose hypernetworks "
@@ -189,8 +215,8 @@ def load_editor(directory: str | Path, lcfg, model_name: str | None = None
                                   f"({type(e).__name__}: {str(e)[:200]}); the folder is damaged") from None
     restored = _restore_like(target, restored)
     want = record.get("state_sha256")
-    if want is not None and tree_sha256(restored) != want:
+    if want is not None and tree_sha256(to_host(restored)) != want:
         raise CheckpointError(f"{directory / 'state'}: the arrays do not match the checksum in {record_file} "
                               "(the files were changed or damaged after training); retrain or restore a copy")
     stats = {k: Stats(*v) for k, v in restored["stats"].items()}
-    return ecfg, EditorState(restored["nets"], stats, template.key_gram), record
+    return ecfg, EditorState(restored["nets"], stats, empty_key_gram(ecfg, lcfg)), record

@@ -58,6 +58,9 @@ class ModelOptions:
     chat_template: bool | None = option(
         None, "wrap every prompt in the tokenizer's chat template (one user turn, then the assistant header) for "
         "instruct models", default_text="raw prompts; evaluate and edit: as the editor was trained")
+    layer_layout: Literal["list", "stacked"] | None = option(
+        None, "LLM layers as one tree each (unrolled) or stacked on a layer axis (scanned)",
+        default_text="by backend: list on CPU, stacked on GPU / TPU")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +99,11 @@ class PriorOptions:
 @dataclasses.dataclass(frozen=True)
 class ScaleOptions:
     mesh: str | None = option(None, "device mesh, e.g. 1,4: batch rows split over DATA devices, LLM parameters "
-                              "fully sharded over MODEL devices", metavar="DATA,MODEL", default_text="one device")
+                              "split over MODEL devices as --sharding says", metavar="DATA,MODEL",
+                              default_text="one device")
+    sharding: Literal["fsdp", "tp"] = option(
+        "fsdp", "use of the mesh's MODEL devices: fsdp = fully sharded data parallel (every parameter split along "
+        "the hidden size, batch rows split too), tp = tensor parallel (attention heads and MLP units split, rows not)")
     distributed: bool = option(False, "multi-host run: call jax.distributed.initialize first (TPU pods, SLURM, "
                                "Open MPI)")
     remat: bool = option(False, "recompute LLM layer activations in the backward pass (less memory, more compute)")
@@ -109,6 +116,10 @@ class CommonOptions:
     config: str | None = option(None, "JSON or YAML file of options, e.g. the configuration a run printed or its "
                                 "results.json / editor.json; flags given beside it win", metavar="FILE")
     quiet: bool = option(False, "no progress bars")
+    compile_cache: bool = option(True, "JAX's persistent compilation cache: a later run with the same shapes loads "
+                                 "its compiled steps instead of compiling (--no-compile-cache: compile everything)")
+    compile_cache_dir: str | None = option(None, "folder of the compilation cache", metavar="DIR",
+                                           default_text="$EMSEDIT_JAX_COMPILE_CACHE, else ~/.cache/emsedit_jax/xla")
     debug: bool = option(False, "show the traceback of errors in the input")
 
 
@@ -383,7 +394,8 @@ def _load_model(args, mesh=None):
     if is_factory(args.model) and (args.dtype != "float32" or args.residual_dtype or mesh is not None):
         raise ConfigError("--dtype, --residual-dtype and --mesh apply to checkpoints; a model factory "
                           f"({args.model}) sets its own dtypes")
-    return load_model(args.model, dtype=args.dtype, residual_dtype=args.residual_dtype, mesh=mesh)
+    return load_model(args.model, dtype=args.dtype, residual_dtype=args.residual_dtype, mesh=mesh,
+                      layer_layout=getattr(args, "layer_layout", None))
 
 
 def model_name(name: str) -> str:
@@ -500,7 +512,7 @@ def _scale_setup(args):
     if args.deterministic:
         use_deterministic_ops()
     maybe_initialize_distributed(args.distributed)
-    return mesh_from_spec(args.mesh)
+    return mesh_from_spec(args.mesh, args.sharding)
 
 
 # ---------------------------------------------------------------- commands
@@ -563,7 +575,7 @@ def cmd_train(args) -> dict:
     run_meta = {"model_name": model_name(args.model), "dataset": args.dataset, "data": data["data"]["path"],
                 "test_data": (data["test_data"] or {}).get("path"), **data["split"], "dtype": args.dtype,
                 "residual_dtype": residual, "skip_invalid": args.skip_invalid, "mesh": args.mesh,
-                "remat": args.remat, "chat_template": args.chat_template, "data_files": data,
+                "sharding": args.sharding, "remat": args.remat, "chat_template": args.chat_template, "data_files": data,
                 "prior_source": args.prior_source, "n_val": len(val_reqs), "options": options}
     print("configuration:", json.dumps(options, indent=1))
     t0 = time.perf_counter()
@@ -679,7 +691,8 @@ def cmd_evaluate(args) -> dict:
                           "edit_compile_seconds": res.edit_compile_seconds,
                           "loc_prior_seconds": prior_s},
                "config": options, **info, "n_requests": res.n_requests, "curve": res.curve, "data_files": data}
-        _print_table(res.metrics, res.baseline, f"{args.dataset} {ev.protocol} {ev.num_seq}x{ev.n_edits}")
+        n_seq = 1 if ev.protocol == "batch" else ev.num_seq
+        _print_table(res.metrics, res.baseline, f"{args.dataset} {ev.protocol} {n_seq}x{ev.n_edits}")
         if args.plot and res.curve:
             plot_curve(res.curve, args.plot, res.baseline)
         if args.per_request:
@@ -817,6 +830,9 @@ def cmd_plan(args) -> dict:
 def main(argv: Sequence[str] | None = None):
     """Runs one command; returns its result. Errors propagate (console() reports them)."""
     args = parse_args(argv)
+    if getattr(args, "compile_cache", False):       # JAX's persistent compilation cache
+        from .compile_cache import enable
+        enable(args.compile_cache_dir)
     return args.func(args)
 
 

@@ -31,14 +31,15 @@ import numpy as np
 
 from . import metrics as M
 from .data import TeacherForced, encode_texts, prompt_ids
-from .editor.capture import Batch, answer_slots, capture, edited_logits, first_layer, prefix_hidden
+from .editor.capture import IGNORE, Batch, answer_slots, capture, edited_logits, first_layer, prefix_hidden
 from .editor.config import EditorConfig
 from .editor.steps import Deltas, EditorState, masked_keys, multi_step_edit, new_stream, zero_deltas
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .options import check_fields, option
 from .pipeline import VIEWS, EncodedSplit, Layout, pack, view_layout
-from .sharding import commit
+from .sharding import (constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params,
+                       place_rows, to_host, use_mesh)
 
 Metric = Literal["zsre", "counterfact"]
 
@@ -89,11 +90,15 @@ def edit_batch(state: EditorState, params, batch: Batch, deltas: Deltas, *, ecfg
                ) -> tuple[Deltas, EditorState]:
     """Applies the T-step edit of one batch (its edit view) to params + deltas.
     `remat` recomputes the LLM layers' activations in the backward pass; `chunk` runs
-    the capture in microbatches of that many rows (both save memory, same result)."""
+    the capture in microbatches of that many rows (both save memory, same result).
+    One device or a mesh: the inputs' placement decides (sharding.place_*), and under
+    `sharding.use_mesh(mesh)` the new deltas are split like their kernels and the editor
+    state by `partition.editor_spec`. With `chunk` on a mesh, a multiple of the row axes
+    keeps every microbatch spread over them."""
     prefix = prefix_hidden(lcfg, params, batch, first_layer(lcfg, ecfg.modules), remat)
     deltas, state, _ = multi_step_edit(ecfg, lcfg, params, state, batch, deltas, n_answer=n_answer, prefix=prefix,
                                        remat=remat, chunk=chunk)
-    return deltas, state
+    return constrain_deltas(lcfg, deltas), constrain_editor(state)
 
 
 @functools.partial(jax.jit, static_argnames=("ecfg", "lcfg", "n_answer"))
@@ -234,7 +239,7 @@ def slot_logprobs(params, deltas: Deltas, batch: Batch, *, lcfg: ModelConfig, n_
 
 
 def _probe_values(model: Model, probes: Probes, chunks: list[np.ndarray], layout_chunks: list[np.ndarray],
-                  deltas: Deltas) -> tuple[np.ndarray, np.ndarray]:
+                  deltas: Deltas, mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """Whole-target log-probability and token accuracy of the probes in `chunks` (lists
     of probe indices; NaN for the others). The layout holds every chunk of `layout_chunks`."""
     vl = view_layout(probes.tf, layout_chunks)
@@ -242,8 +247,8 @@ def _probe_values(model: Model, probes: Probes, chunks: list[np.ndarray], layout
     acc = np.full(len(probes.request), np.nan)
     for c in chunks:
         batch, _ = pack(probes.tf, c, vl, "probes")
-        lt, correct, mask, seg = jax.device_get(slot_logprobs(
-            model.params, deltas, Batch(*(jnp.asarray(a) for a in batch)), lcfg=model.config, n_answer=vl.n_answer))
+        lt, correct, mask, seg = to_host(slot_logprobs(
+            model.params, deltas, place_batch(Batch(*batch), mesh), lcfg=model.config, n_answer=vl.n_answer))
         seg = seg[mask] - 1
         n = np.bincount(seg, minlength=len(c))
         lp = np.bincount(seg, weights=lt[mask].astype(np.float64), minlength=len(c))
@@ -341,12 +346,16 @@ def _chunks(rows: np.ndarray, chunk: int) -> list[np.ndarray]:
 
 def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], deltas: Deltas, metric: Metric,
                    chunk: int = SCORE_CHUNK, *, probes: Probes | None = None, fluency_tokens: int = 0,
-                   layout_rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                   layout_rows: Sequence[int] | None = None, mesh=None) -> dict[str, np.ndarray]:
     """Per-request scores (fractions; fluency in bits) of params + deltas on requests
     `rows`: ES / GS / LS, the probes' scores (build_probes) and with `fluency_tokens` > 0
     the fluency of that many generated tokens. Shapes are laid out for the chunks of
-    `layout_rows` (default `rows`; pass a superset to reuse one compile)."""
+    `layout_rows` (default `rows`; pass a superset to reuse one compile). With a `mesh`
+    (model.params placed on it, as run_protocol does) the scored rows are split over it
+    too, built on every process from the rows it holds, and every process gets the
+    scores."""
     rows = np.asarray(rows)
+    deltas = place_deltas(model.config, deltas, mesh)
     chunks = _chunks(rows, chunk)
     layout_chunks = _chunks(np.asarray(rows if layout_rows is None else layout_rows), chunk)
     layout = split.layout(layout_chunks)
@@ -355,9 +364,9 @@ def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], delta
         for view in VIEWS:
             vl = getattr(layout, view)
             batch, alt = split.pack(view, c, vl)
-            batch = Batch(*(jnp.asarray(a) for a in batch))
-            correct, beats, has_alt, mask, seg = jax.device_get(
-                slot_scores(model.params, deltas, batch, jnp.asarray(alt), lcfg=model.config, n_answer=vl.n_answer))
+            batch, alt = place_batch(batch, mesh), place_rows(alt, mesh, IGNORE)
+            correct, beats, has_alt, mask, seg = to_host(
+                slot_scores(model.params, deltas, batch, alt, lcfg=model.config, n_answer=vl.n_answer))
             if metric == "zsre":
                 vals = _per_request(correct, mask, seg, len(c))
             else:
@@ -369,7 +378,7 @@ def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], delta
             return [p for p in (np.flatnonzero(np.isin(probes.request, c)) for c in rs) if len(p)]
         mine = probe_chunks(chunks)
         if mine:
-            logp, acc = _probe_values(model, probes, mine, probe_chunks(layout_chunks) or mine, deltas)
+            logp, acc = _probe_values(model, probes, mine, probe_chunks(layout_chunks) or mine, deltas, mesh)
             scores |= probe_metrics(probes, rows, logp, acc)
     if fluency_tokens > 0:
         scores["fluency"] = fluency_scores(model, split.requests, rows, deltas, fluency_tokens,
@@ -426,16 +435,21 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
     `prob_scores` (default: for the "counterfact" metric) adds ROME's probability
     scores; portability is scored when requests have it; `fluency_tokens` > 0 adds the
     fluency of that many greedily generated tokens (not in the curve: it is slow).
-    `mesh` (a `sharding.make_mesh` mesh; None: one device) shards the LLM parameters
-    and the edit batches; `remat` and `capture_chunk` trade compute for memory;
+    `mesh` (a `sharding.make_mesh` mesh; None: one device) places the LLM parameters,
+    the deltas and the batches on it (the same jitted steps run either way); `remat`
+    and `capture_chunk` trade compute for memory;
     `buckets` > 1 packs the batches in that many layouts (less padding, more compiles);
     `key_prior`: C0 (preserved_gram), needed with ecfg.loc_prior or ecfg.null_space.
     The first batch of each layout compiles it: its time is reported apart."""
-    edit = edit_batch
-    if mesh is not None:
-        from .sharding import place_params, sharded_edit_batch
-        model = dataclasses.replace(model, params=place_params(model.params, mesh))
-        edit = functools.partial(sharded_edit_batch, mesh=mesh)
+    with use_mesh(mesh):
+        return _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, progress,
+                             mesh, remat, capture_chunk, buckets, key_prior, prob_scores, fluency_tokens)
+
+
+def _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, progress, mesh, remat,
+                  capture_chunk, buckets, key_prior, prob_scores, fluency_tokens) -> EvalResult:
+    lcfg = model.config
+    model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
     if protocol == "batch":
         num_seq = 1
     need = num_seq * n_edits
@@ -447,19 +461,21 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
         prob_scores = metric == "counterfact"
     probes = build_probes(model.tokenizer, split.requests[:need], prob_scores=prob_scores,
                           chat_template=split.chat_template)
-    score = functools.partial(score_requests, model, split, metric=metric, probes=probes, layout_rows=edited)
+    score = functools.partial(score_requests, model, split, metric=metric, probes=probes, layout_rows=edited,
+                              mesh=mesh)
     layouts: list[Layout] = split.layouts(batches, buckets=buckets)
-    deltas, state = zero_deltas(ecfg, model.config), new_stream(ecfg, model.config, state, key_prior)
-    if mesh is None:         # committed like edit_batch's outputs: one compile per layout
-        deltas, state = commit((deltas, state))
+    deltas = place_deltas(lcfg, zero_deltas(ecfg, lcfg), mesh)
+    state = new_stream(ecfg, lcfg, state, key_prior)
     from tqdm.auto import tqdm
     times, compile_s, curve, compiled = [], 0.0, [], set()
     for i, rows in enumerate(tqdm(batches, desc=f"{protocol} editing", disable=not progress, unit="batch")):
         layout = layouts[i]
-        batch = split.batch(rows, layout)
+        # Placed like the step's outputs (a no-op for those): one compile per layout.
+        state = place_editor(state, mesh)
+        batch = place_batch(split.batch(rows, layout).edit, mesh)
         t0 = time.perf_counter()
-        deltas, state = edit(state, model.params, batch.edit, deltas, ecfg=ecfg, lcfg=model.config,
-                             n_answer=layout.edit.n_answer, remat=remat, chunk=capture_chunk)
+        deltas, state = edit_batch(state, model.params, batch, deltas, ecfg=ecfg, lcfg=lcfg,
+                                   n_answer=layout.edit.n_answer, remat=remat, chunk=capture_chunk)
         jax.block_until_ready(deltas)
         dt = time.perf_counter() - t0
         if layout not in compiled:

@@ -18,7 +18,8 @@ the accelerator's; arguments and outputs are exact.
 
 Batches are shaped like the packed batches of a run (pipeline.py): `n_edits` requests
 of `seq_len` tokens and `answer_len` answer tokens in each view, laid end to end in rows
-of at most 512 tokens, rows padded to a multiple of the mesh's data axis.
+of at most 512 tokens, rows padded to a multiple of the mesh's row axes (data x fsdp:
+`partition.ROWS`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Plan:
     row_len: int
     steps: tuple[StepPlan, ...]
     device: str | None = None
+    sharding: str = "fsdp"    # use of the model axis: fsdp or tp (partition.py)
 
     def fits(self, device: str | None = None) -> bool | None:
         device = device or self.device
@@ -82,7 +84,8 @@ class Plan:
         return max(s.peak_bytes for s in self.steps) <= USABLE * DEVICE_MEMORY[device]
 
     def table(self) -> str:
-        lines = [f"{self.model}: mesh {self.mesh[0]}x{self.mesh[1]} ({self.devices}), {self.dtype}, "
+        how = "" if self.sharding == "fsdp" else f" {self.sharding}"
+        lines = [f"{self.model}: mesh {self.mesh[0]}x{self.mesh[1]}{how} ({self.devices}), {self.dtype}, "
                  f"{self.n_edits} edits per batch ({self.rows} rows of {self.row_len} tokens per view)",
                  "| step | arguments | outputs | temporaries | aliased | peak per device | GFLOP per edit "
                  "| compile (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -107,7 +110,8 @@ class Plan:
 
 def packed_rows(n_edits: int, seq_len: int, max_row_len: int, data: int) -> tuple[int, int, int]:
     """(rows, row length, answer slots per row) of `n_edits` sequences of `seq_len`
-    tokens packed end to end (pipeline.py), rows a multiple of the data axis."""
+    tokens packed end to end (pipeline.py), rows a multiple of `data` (the number of
+    devices rows are split over)."""
     row_len = min(-(-n_edits * seq_len // 16) * 16, max_row_len)
     per_row = max(1, row_len // seq_len)
     rows = -(-n_edits // per_row)
@@ -128,6 +132,7 @@ def step_inputs(lcfg, ecfg, tcfg, mesh, *, dtype, n_edits: int, seq_len: int = 2
 
     from . import sharding
     from .editor.capture import Batch
+    from .partition import n_row_shards
     from .editor.objective import EditBatch, NAnswer
     from .editor.steps import init_editor, zero_deltas
     from .models import abstract_params
@@ -138,16 +143,16 @@ def step_inputs(lcfg, ecfg, tcfg, mesh, *, dtype, n_edits: int, seq_len: int = 2
     tx = make_optimizer(tcfg)
     opt_state = jax.eval_shape(tx.init, state.nets)
     deltas = jax.eval_shape(lambda: zero_deltas(ecfg, lcfg))
-    rows, row_len, per_row = packed_rows(n_edits, seq_len, tcfg.max_row_len, mesh.shape[sharding.DATA])
+    rows, row_len, per_row = packed_rows(n_edits, seq_len, tcfg.max_row_len, n_row_shards(dict(mesh.shape)))
     n_answer = -(-per_row * answer_len // 8) * 8
     ids = jax.ShapeDtypeStruct((rows, row_len), jnp.int32)
     view = Batch(ids, ids, ids, ids)
     batch = EditBatch(view, view, view)
 
-    params = _abstract(params, sharding.param_shardings(params, mesh))
+    params = _abstract(params, sharding.param_shardings(lcfg, params, mesh))
     state = _abstract(state, sharding.editor_shardings(state, mesh))
     opt_state = _abstract(opt_state, sharding.editor_shardings(opt_state, mesh))
-    deltas = _abstract(deltas, sharding.delta_shardings(deltas, lcfg, mesh))
+    deltas = _abstract(deltas, sharding.delta_shardings(lcfg, deltas, mesh))
     batch = _abstract(batch, sharding.row_shardings(batch, mesh))
     edit = ((state, params, batch.edit, deltas),
             {"ecfg": ecfg, "lcfg": lcfg, "n_answer": n_answer, "remat": False, "chunk": None})
@@ -159,10 +164,17 @@ def step_inputs(lcfg, ecfg, tcfg, mesh, *, dtype, n_edits: int, seq_len: int = 2
 
 def analyse(step: str, fn, args, kwargs, n_edits: int) -> StepPlan:
     """Compiles `fn(*args, **kwargs)` (a jitted step; args abstract or real) and reads
-    its memory analysis and FLOPs."""
+    its memory analysis and FLOPs, under the mesh the arguments are placed on (so the
+    step's sharding constraints apply, as in a run)."""
+    import jax
+
     from .flops import count_flops
+    from .sharding import use_mesh
+    meshes = {getattr(x.sharding, "mesh", None) for x in jax.tree.leaves(args) if getattr(x, "sharding", None)}
+    mesh = next((m for m in meshes if isinstance(m, jax.sharding.Mesh)), None)
     t0 = time.perf_counter()
-    compiled = fn.lower(*args, **kwargs).compile()
+    with use_mesh(mesh):
+        compiled = fn.lower(*args, **kwargs).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     flops = count_flops(fn, *args, cond="mean", **kwargs)
@@ -203,8 +215,10 @@ def make_plan(lcfg, mesh, *, model_name: str, dtype: str = "bfloat16", remat: bo
         out.append(analyse(step, fns[step], args, {**kwargs, "remat": remat}, n_edits))
     kinds = {d.platform for d in mesh.devices.flat}
     devices = f"{mesh.devices.size} {'/'.join(sorted(kinds))} device(s)"
-    return Plan(model_name, tuple(mesh.shape.values()), devices, jnp.dtype(dtype).name, n_edits,
-                inputs["rows"], inputs["row_len"], tuple(out), device)
+    shape = dict(mesh.shape)
+    model_axis, how = (shape["tensor"], "tp") if shape["tensor"] > 1 else (shape["fsdp"], "fsdp")
+    return Plan(model_name, (shape["data"], model_axis), devices, jnp.dtype(dtype).name, n_edits,
+                inputs["rows"], inputs["row_len"], tuple(out), device, how)
 
 
 def largest_batch(plan_at, capacity: int, lo: int = 8, hi: int = 4096) -> tuple[int, list[Plan]]:
@@ -236,6 +250,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "smollm2; only config.json is read")
     p.add_argument("--mesh", default="1,1", metavar="DATA,MODEL", help="device mesh (default 1,1); simulated on "
                    "CPU devices when there are not enough real ones")
+    p.add_argument("--sharding", default="fsdp", choices=["fsdp", "tp"],
+                   help="use of the mesh's MODEL devices: fully sharded data parallel (default) or tensor parallel")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="parameter dtype (default bfloat16; its residual stream in float32, as the CLI loads it)")
     p.add_argument("--remat", action="store_true", help="recompute LLM layer activations in the backward pass")
@@ -287,7 +303,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(proc.returncode)
         print("\n".join(lines[:-1]))
         return json.loads(lines[-1])
-    mesh = make_mesh(data, model)
+    mesh = make_mesh(data, model, strategy=getattr(args, "sharding", "fsdp"))
     modules = tuple(m.strip() for m in args.modules.split(",")) if args.modules else None
     plan = make_plan(cfg, mesh, model_name=str(args.model), dtype=args.dtype, remat=args.remat,
                      n_edits=args.n_edits, protocol=args.protocol, method=args.method, rank=args.rank,

@@ -48,7 +48,8 @@ from .models.hf_io import Model
 from .options import check_fields, option
 from .pipeline import EncodedSplit, Layout
 from .runs import RunLock, claim_run, model_identity
-from .sharding import commit
+from .sharding import (constrain_deltas, constrain_editor, place_batch, place_deltas, place_editor, place_params,
+                       to_host, use_mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,10 @@ def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory:
     """One meta-training update. Returns (nets, stats, opt_state, deltas, metrics, key_gram).
     `memory`: RLEdit's buffer of the stream's earlier batches (None: no backtracking);
     `key_gram`: the key memory of the stream so far (None or {}: none); `protect`: the
-    null-space projections (EditorConfig.null_space; None or {}: none)."""
+    null-space projections (EditorConfig.null_space; None or {}: none). One device or a
+    mesh: the inputs' placement decides (sharding.place_*), and under
+    `sharding.use_mesh(mesh)` the new deltas are split like their kernels and the editor
+    state by `partition.editor_spec`."""
     (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
         nets, stats, ecfg, lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
         only_step=only_step, memory=memory, key_gram=key_gram, remat=remat, protect=protect)
@@ -157,7 +161,8 @@ def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory:
                "grad_norm": optax.tree.norm(grads), "step_norms": aux.step_norms}
     if memory is not None:
         metrics["memory_loss"] = aux.memory_loss
-    return nets, aux.stats, opt_state, aux.deltas, metrics, aux.key_gram
+    nets, stats, opt_state, key_gram = constrain_editor((nets, aux.stats, opt_state, aux.key_gram))
+    return nets, stats, opt_state, constrain_deltas(lcfg, aux.deltas), metrics, key_gram
 
 
 @dataclasses.dataclass
@@ -179,8 +184,9 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     to the model, configs and training requests; `model_name` names the model in it
     (default: its folder). `run_meta` is only recorded in editor.json. `stop_after`
     (batches) simulates an interruption, for tests. `mesh` (a `sharding.make_mesh`
-    mesh; None: one device) shards the LLM parameters and the batches; `remat`
-    recomputes the LLM layers' activations in the backward pass.
+    mesh; None: one device) places the LLM parameters, the batches, deltas and editor
+    state on it (the same jitted step runs either way); `remat` recomputes the LLM
+    layers' activations in the backward pass.
     `key_prior`: C0 (evaluate.preserved_gram of the training requests), needed when
     ecfg.loc_prior or ecfg.null_space is on: every stream starts from it, as at test time.
     Selection by validation (tcfg.select_every > 0 and `val_split`, held-out training
@@ -189,7 +195,7 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     scored ES + GS + LS (`metric`, evaluate.run_protocol); the editor saved is the best
     scored one (each validation is in `history`). Not kept across a resume."""
     out = Path(out_dir)
-    with RunLock(out):
+    with RunLock(out), use_mesh(mesh):
         return _train(model, ecfg, tcfg, split, out, run_meta=run_meta, identity=identity,
                       model_name=model_name, progress=progress, stop_after=stop_after, remat=remat, mesh=mesh,
                       key_prior=key_prior, val_split=val_split, metric=metric)
@@ -205,13 +211,7 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
                 "train_requests_sha256": hashlib.sha256(" ".join(hashes).encode()).hexdigest()}
     identity = claim_run(out, identity)
     lcfg = model.config
-    step = train_step
-    if mesh is not None:
-        if ecfg.null_space:
-            raise ValueError("null_space is not supported with a mesh in training yet; train on one device")
-        from .sharding import place_params, sharded_train_step
-        model = dataclasses.replace(model, params=place_params(model.params, mesh))
-        step = functools.partial(sharded_train_step, mesh=mesh)
+    model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
     plan = batch_plan(len(split), tcfg)
     # A stream of num_seq batches has at most num_seq - 1 earlier batches to remember.
     slots = min(ecfg.memory_slots, tcfg.num_seq - 1) if tcfg.protocol == "sequential" else 0
@@ -240,21 +240,25 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     only_steps = list(range(ecfg.steps)) if (tcfg.schedule == "faithful" and tcfg.protocol == "batch") else [None]
     memory = None
     select = tcfg.select_every > 0 and val_split is not None
-    best = _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, done, history) if select else None
+    best = _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, done, history, mesh) if select else None
     for epoch in range(position[0], tcfg.epochs):
         first = position[1] if epoch == position[0] else 0
         for b in range(first, len(plan[epoch])):
             if tcfg.protocol == "batch" or b % tcfg.num_seq == 0:
                 deltas, state = zero_deltas(ecfg, lcfg), new_stream(ecfg, lcfg, state, key_prior)
-            if mesh is None:     # committed like the step's outputs: one compile per layout
-                state, opt_state, deltas = commit((state, opt_state, deltas))
+            # Placed like the step's outputs (a no-op for those): one compile per layout.
+            state, opt_state = place_editor((state, opt_state), mesh)
+            deltas = place_deltas(lcfg, deltas, mesh)
             layout = layouts[epoch * len(plan[0]) + b]
-            batch = split.batch(plan[epoch][b], layout)
+            raw = split.batch(plan[epoch][b], layout)
             if slots and (b % tcfg.num_seq == 0 or memory is None):
-                memory = _stream_memory(split, layout, plan[epoch], b, tcfg.num_seq, slots, ecfg.time_decay, batch)
+                memory = _stream_memory(split, layout, plan[epoch], b, tcfg.num_seq, slots, ecfg.time_decay, raw)
+            batch = place_batch(raw, mesh)
+            if memory is not None:
+                memory = place_batch(memory, mesh)
             t0 = time.perf_counter()
             for only in only_steps:
-                nets, stats, opt_state, new_deltas, metrics, key_gram = step(
+                nets, stats, opt_state, new_deltas, metrics, key_gram = train_step(
                     state.nets, state.stats, opt_state, model.params, batch, deltas, memory, state.key_gram,
                     **({"protect": state.protect} if state.protect else {}), ecfg=ecfg, lcfg=lcfg, tx=tx,
                     n_answer=layout.n_answer, beta_power=tcfg.beta_power,
@@ -263,7 +267,7 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
             deltas = new_deltas
             if slots:
                 memory = mem.push(memory, batch, b % tcfg.num_seq, ecfg.time_decay)
-            metrics = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
+            metrics = {k: v.tolist() for k, v in to_host(metrics).items()}
             dt = time.perf_counter() - t0
             if layout not in compiled:
                 compile_s += dt     # the first batch of each layout in a process compiles it
@@ -274,7 +278,7 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
             history.append({"epoch": epoch, "batch": b, "seconds": dt, **metrics})
             if select and (done + n_batches_run) % tcfg.select_every == 0 and done + n_batches_run < total:
                 best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior,
-                                           done + n_batches_run, history), key=lambda x: x[0])
+                                           done + n_batches_run, history, mesh), key=lambda x: x[0])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gen=f"{metrics['gen_loss']:.3f}")
             step_no = epoch * len(plan[0]) + b + 1
@@ -290,7 +294,7 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     store.close()
     meta = {}
     if select:
-        best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, total, history),
+        best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, total, history, mesh),
                    key=lambda x: x[0])
         state = best[1]
         meta = {"selected_after_batches": best[2], "selected_score": best[0]}
@@ -301,11 +305,12 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
 
 
 def _validate(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, state: EditorState, val_split: EncodedSplit,
-              metric: str, key_prior, batches: int, history: list) -> tuple[float, EditorState, int]:
+              metric: str, key_prior, batches: int, history: list, mesh=None) -> tuple[float, EditorState, int]:
     """(ES + GS + LS on `val_split`, the editor, batches trained); the scores join `history`."""
     from .evaluate import run_protocol
     res = run_protocol(model, ecfg, state, val_split, protocol=tcfg.protocol, num_seq=tcfg.num_seq,
-                       n_edits=tcfg.n_edits, metric=metric, progress=False, key_prior=key_prior, prob_scores=False)
+                       n_edits=tcfg.n_edits, metric=metric, progress=False, key_prior=key_prior, prob_scores=False,
+                       mesh=mesh)
     score = float(sum(res.metrics.values()))
     history.append({"validation_after_batches": batches, **res.metrics})
     kept = jax.tree.map(lambda x: x.copy(), (state.nets, state.stats))   # train_step donates the nets

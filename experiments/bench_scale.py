@@ -35,6 +35,7 @@ Writes experiments/results/bench_scale.{json,md} (or --out) and prints the table
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -88,7 +89,8 @@ def run_mesh(args, mesh: str, platform_: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mesh", mesh, "--models", args.models,
-               "--n-edits", args.n_edits, "--reps", str(args.reps), "--dtype", args.dtype, "--rank", str(args.rank), "--worker-out", str(out)]
+               "--n-edits", args.n_edits, "--reps", str(args.reps), "--dtype", args.dtype, "--rank", str(args.rank), "--sharding", args.sharding,
+               "--worker-out", str(out)]
         if args.remat:
             cmd.append("--remat")
         if args.capture_chunk:
@@ -150,7 +152,7 @@ def worker(args) -> None:
 
     d, m = (int(x) for x in args.mesh.split("x"))
     from emsedit_jax import sharding
-    mesh = sharding.make_mesh(d, m)
+    mesh = sharding.make_mesh(d, m, strategy=args.sharding)
     args.lm_tokens = args.lm_tokens or (2048 if jax.default_backend() == "cpu" else 16384)
     rows = []
     for name in args.models.split(","):
@@ -158,7 +160,7 @@ def worker(args) -> None:
         peak, source = peak_flops(args.dtype, d * m)
         for n in (int(x) for x in args.n_edits.split(",")):
             row = bench_one(model, name, n, args, mesh)
-            row.update(mesh=args.mesh, n_devices=d * m, dtype=args.dtype, peak_tflops=peak / 1e12, peak_source=source,
+            row.update(mesh=args.mesh, sharding=args.sharding, n_devices=d * m, dtype=args.dtype, peak_tflops=peak / 1e12, peak_source=source,
                        mfu=row["lm_flops_per_s"] / peak if "lm_flops_per_s" in row else None,
                        backend=jax.default_backend())
             rows.append(row)
@@ -186,13 +188,14 @@ def build_model(name: str, dtype: str, mesh):
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     if name == "smollm2":
         model = load_model("smollm2", dtype=jdtype, tokenizer=False)
-        return types.SimpleNamespace(config=model.config, params=sharding.place_params(model.params, mesh))
+        return types.SimpleNamespace(config=model.config,
+                                     params=sharding.place_params(model.config, model.params, mesh))
     if name not in ("tiny", "llama3-8b"):
         raise SystemExit(f"unknown model {name!r} (smollm2, tiny, llama3-8b)")
     cfg = ModelConfig.from_hf(TINY if name == "tiny" else LLAMA3_8B)
     scale = 0.2 if name == "tiny" else 0.02
     # Initialised directly into its shards: a 16 GB model never sits on one device.
-    shardings = sharding.param_shardings(abstract_params(cfg, jdtype), mesh)
+    shardings = sharding.param_shardings(cfg, abstract_params(cfg, jdtype), mesh)
     init = jax.jit(lambda key: init_params(cfg, key, jdtype, scale), out_shardings=shardings)
     return types.SimpleNamespace(config=cfg, params=init(jax.random.key(0)))
 
@@ -240,11 +243,11 @@ def timed(fn, args, reps: int):
     return times[0], statistics.median(times[1:]) if reps else times[0]
 
 
-def compiled_bytes(fn, args) -> int | None:
-    """Per-device footprint of the compiled program: arguments + outputs + temporaries
-    (minus donated buffers reused for outputs)."""
+def compiled_bytes(lower, args) -> int | None:
+    """Per-device footprint of the program `lower(*args)` compiles to: arguments +
+    outputs + temporaries (minus donated buffers reused for outputs)."""
     try:
-        mem = fn.lower(*args).compile().memory_analysis()
+        mem = lower(*args).compile().memory_analysis()
         return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                    - mem.alias_size_in_bytes)
     except Exception:  # noqa: BLE001  (not every backend reports it)
@@ -317,33 +320,34 @@ def bench_one(model, name: str, n: int, args, mesh) -> dict:
            "tokens": layout.edit.n_rows * layout.edit.row_len, "modules": len(ecfg.modules), "rank": args.rank}
     it = iter(range(10 ** 9))
 
+    # The jitted steps themselves, their inputs placed on the mesh (and the mesh set).
+    def edit_args():
+        return (sharding.place_editor(state, mesh), model.params,
+                sharding.place_batch(data[next(it) % len(data)].edit, mesh), sharding.place_deltas(lcfg, zero, mesh))
+
     def edit_phase():
-        kw = {"mesh": mesh, "ecfg": ecfg, "lcfg": lcfg, "n_answer": layout.edit.n_answer, "remat": args.remat,
-              "chunk": args.capture_chunk}
-        fn, placed = sharding.prepare_edit(state, model.params, data[0].edit, zero, **kw)
-        first, steady = timed(lambda *a: fn(*a),
-                              lambda: sharding.prepare_edit(state, model.params, data[next(it) % len(data)].edit,
-                                                            zero, **kw)[1], reps)
+        statics = {"ecfg": ecfg, "lcfg": lcfg, "n_answer": layout.edit.n_answer, "remat": args.remat,
+                   "chunk": args.capture_chunk}
+        first, steady = timed(lambda *a: edit_batch(*a, **statics), edit_args, reps)
         row.update(edit_compile_s=first - steady, edit_s_per_edit=steady / n)
-        row["edit_mem_gb"] = _gb(compiled_bytes(fn, placed))
+        row["edit_mem_gb"] = _gb(compiled_bytes(functools.partial(edit_batch.lower, **statics), edit_args()))
         edit_flops = count_flops(edit_batch, state, model.params, data[0].edit, zero, ecfg=ecfg, lcfg=lcfg,
                                  n_answer=layout.edit.n_answer)
         row["edit_tflops"] = edit_flops / steady / 1e12
 
     def train_phase():
         tx = make_optimizer(TrainConfig(n_edits=n))
-        tkw = {"mesh": mesh, "ecfg": ecfg, "lcfg": lcfg, "tx": tx, "n_answer": layout.n_answer, "remat": args.remat}
+        statics = {"ecfg": ecfg, "lcfg": lcfg, "tx": tx, "n_answer": layout.n_answer, "remat": args.remat}
 
         def train_args():
             st = init_editor(ecfg, lcfg, jax.random.key(0))     # fresh: the step donates nets and opt_state
-            return sharding.prepare_train(st.nets, st.stats, tx.init(st.nets), model.params,
-                                          data[next(it) % len(data)], zero, **tkw)[1]
+            nets, stats, opt = sharding.place_editor((st.nets, st.stats, tx.init(st.nets)), mesh)
+            return (nets, stats, opt, model.params, sharding.place_batch(data[next(it) % len(data)], mesh),
+                    sharding.place_deltas(lcfg, zero, mesh))
 
-        fn, _ = sharding.prepare_train(state.nets, state.stats, tx.init(state.nets), model.params, data[0], zero,
-                                       **tkw)
-        first, steady = timed(lambda *a: fn(*a), train_args, reps)
+        first, steady = timed(lambda *a: train_step(*a, **statics), train_args, reps)
         row.update(train_compile_s=first - steady, train_s_per_edit=steady / n)
-        row["train_mem_gb"] = _gb(compiled_bytes(fn, train_args()))
+        row["train_mem_gb"] = _gb(compiled_bytes(functools.partial(train_step.lower, **statics), train_args()))
         train_flops = count_flops(train_step, state.nets, state.stats, tx.init(state.nets), model.params, data[0],
                                   zero, ecfg=ecfg, lcfg=lcfg, tx=tx, n_answer=layout.n_answer)
         row["train_tflops"] = train_flops / steady / 1e12
@@ -358,9 +362,7 @@ def bench_one(model, name: str, n: int, args, mesh) -> dict:
     def lm_phase():
         k = max(1, min(layout.edit.n_rows, args.lm_tokens // layout.edit.row_len))
         lm_batches = [sharding.place_batch(jax.tree.map(lambda x: x[:k], b.edit), mesh) for b in data]
-        grad = jax.jit(jax.grad(lm_loss), in_shardings=(sharding.param_shardings(model.params, mesh),
-                                                        sharding.row_shardings(lm_batches[0], mesh)),
-                       out_shardings=sharding.param_shardings(model.params, mesh))
+        grad = jax.jit(jax.grad(lm_loss), out_shardings=sharding.param_shardings(lcfg, model.params, mesh))
         first, steady = timed(grad, lambda: (model.params, lm_batches[next(it) % len(lm_batches)]), reps)
         tokens = lm_batches[0].input_ids.shape[0] * lm_batches[0].input_ids.shape[1]
         analytic = lm_flops(lcfg, tokens, layout.edit.row_len)
@@ -372,7 +374,8 @@ def bench_one(model, name: str, n: int, args, mesh) -> dict:
         if phase == "train" and args.skip_train:
             continue
         try:
-            run()
+            with sharding.use_mesh(mesh):
+                run()
         except Exception as e:  # noqa: BLE001  (out of memory at large n_edits: record it, go on)
             row[f"{phase}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             print(f"{name} n_edits={n} {phase}: {row[f'{phase}_error']}", file=sys.stderr, flush=True)
@@ -398,6 +401,8 @@ def main():
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="LLM dtype (default: float32 on CPU, bfloat16 on GPU); the editor is float32")
     ap.add_argument("--rank", type=int, default=1024, help="hypernetwork rank")
+    ap.add_argument("--sharding", default="fsdp", choices=["fsdp", "tp"],
+                    help="use of each mesh's MODEL devices: fully sharded data parallel or tensor parallel")
     ap.add_argument("--remat", action="store_true", help="recompute LLM activations in the backward passes")
     ap.add_argument("--capture-chunk", type=int, default=None, help="capture in microbatches of this many rows")
     ap.add_argument("--skip-train", action="store_true", help="only the edit step and the LLM pass")

@@ -149,7 +149,7 @@ def run_config(name: str, model_kind: str, args) -> dict:
     times = []
     for i in range(args.warmup + args.reps):
         t0 = time.perf_counter()
-        nets, stats, opt, _, metrics = compiled(nets, stats, opt, params, batch, deltas, memory)
+        nets, stats, opt, _, metrics, _ = compiled(nets, stats, opt, params, batch, deltas, memory)
         jax.block_until_ready((nets, metrics))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)

@@ -84,7 +84,7 @@ def measure(folder: str, mode: str) -> dict:
 
     cfg, _ = read_config(Path(folder))
     mesh = sharding.make_mesh(1, 4)
-    shardings = sharding.param_shardings(abstract_params(cfg, jnp.bfloat16, stacked=False), mesh)
+    shardings = sharding.param_shardings(cfg, abstract_params(cfg, jnp.bfloat16, stacked=False), mesh)
     jax.block_until_ready(jax.device_put(jnp.zeros((4, 4)), shardings["embed_tokens"]["embedding"]))  # start the runtime
     before = _rss()
     if mode == "shards":

@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The CLI switches JAX's persistent compilation cache on; tests never write to the
+# user's cache folder (tests/test_compile_cache.py uses its own temporary one).
+os.environ["EMSEDIT_JAX_COMPILE_CACHE"] = "off"
 # The suite's programs are small and its time goes to XLA compiling them: without LLVM's
 # optimisation passes they compile 30-50% faster (the whole suite: about 10 min 20 s
 # against 12 min 50 s on 2 cores). Results are compared within one run, at one

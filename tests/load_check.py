@@ -58,7 +58,7 @@ def main(model_dir: str, work: str, out: str) -> None:
         ref_leaves = jax.tree.leaves_with_path(ref)
         for d, m in MESHES:
             mesh = sharding.make_mesh(d, m)
-            want = sharding.param_shardings(abstract_params(cfg, jnp.bfloat16, stacked=stacked), mesh,
+            want = sharding.param_shardings(cfg, abstract_params(cfg, jnp.bfloat16, stacked=stacked), mesh,
                                             min_size=MIN_SIZE)
             reads.clear()
             got = hf_io.load_params(ckpt, cfg, jnp.bfloat16, stacked=stacked, shardings=want)

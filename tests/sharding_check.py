@@ -1,12 +1,13 @@
-"""Sharded vs single-device edit and meta-training steps on the tiny test model, over
-meshes of 4 host devices. tests/test_sharding.py runs it in a subprocess, because the
-number of host devices is fixed when JAX starts:
+"""The jitted edit and meta-training steps (`evaluate.edit_batch`, `train.train_step`)
+on one device and, the same functions, with their inputs placed on meshes of 4 host
+devices, on the tiny test model. tests/test_sharding.py runs it in a subprocess, because
+the number of host devices is fixed when JAX starts:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharding_check.py MODEL_DIR OUT.json
 
 For each mesh it writes the largest relative difference of every result from the
 single-device run, the shard shapes of LLM parameters, deltas, hypernetwork and batch
-arrays, and how many times each sharded step compiled.
+arrays, and how many times each step compiled for it.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from emsedit_jax.train import train_step
 # One edited layer, two kernel shapes: up_proj (32, 64) is split on its output
 # dimension, down_proj (64, 32) on its input dimension.
 MODULES = ("model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj")
-# (data, model, shard_editor)
-MESHES = [(4, 1, False), (2, 2, True), (1, 4, False)]
-MIN_SIZE = 1024       # small enough that the tiny model's kernels (and hypernetworks) get split
+# (data, model, strategy)
+MESHES = [(4, 1, "fsdp"), (2, 2, "fsdp"), (1, 4, "fsdp"), (1, 4, "tp")]
 
 
 def random_view(rng, n: int, vocab: int) -> TeacherForced:
@@ -78,40 +78,47 @@ def main(model_dir: str, out: str) -> None:
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
     key = jax.random.key(0)
 
-    def run_train(step, **kw):
+    def run_train(mesh):
+        """Two batches of one sequential stream; inputs placed, outputs fed back as they are."""
         state = init_editor(ecfg, lcfg, key)
-        nets, stats, opt, deltas = state.nets, state.stats, tx.init(state.nets), zero_deltas(ecfg, lcfg)
+        nets, stats, opt = sharding.place_editor((state.nets, state.stats, tx.init(state.nets)), mesh)
+        deltas = sharding.place_deltas(lcfg, zero_deltas(ecfg, lcfg), mesh)
         metrics = []
-        for batch in data:          # two batches of one sequential stream
-            nets, stats, opt, deltas, m, _ = step(nets, stats, opt, params, batch, deltas, ecfg=ecfg, lcfg=lcfg,
-                                               tx=tx, n_answer=layout.n_answer, **kw)
+        for batch in data:
+            nets, stats, opt, deltas, m, _ = train_step(nets, stats, opt, params, sharding.place_batch(batch, mesh),
+                                                        deltas, ecfg=ecfg, lcfg=lcfg, tx=tx, n_answer=layout.n_answer)
             metrics.append(m)
         return {"nets": nets, "stats": stats, "deltas": deltas, "metrics": metrics}
 
-    def run_edit(step, **kw):
-        state, deltas = init_editor(ecfg, lcfg, key), zero_deltas(ecfg, lcfg)
-        for batch in data:          # sequential editing: the second batch edits the edited model
-            deltas, state = step(state, params, batch.edit, deltas, ecfg=ecfg, lcfg=lcfg,
-                                 n_answer=layout.edit.n_answer, **kw)
+    def run_edit(mesh):
+        """Sequential editing: the second batch edits the edited model."""
+        state = sharding.place_editor(init_editor(ecfg, lcfg, key), mesh)
+        deltas = sharding.place_deltas(lcfg, zero_deltas(ecfg, lcfg), mesh)
+        for batch in data:
+            deltas, state = edit_batch(state, params, sharding.place_batch(batch.edit, mesh), deltas, ecfg=ecfg,
+                                       lcfg=lcfg, n_answer=layout.edit.n_answer)
         return {"deltas": deltas, "stats": state.stats, "nets": state.nets}
 
-    params = model.params
-    ref_train, ref_edit = run_train(train_step), run_edit(edit_batch)
-    results = {"rows_per_view": layout.edit.n_rows, "meshes": {}}
-    for d, m, shard_editor in MESHES:
-        mesh = sharding.make_mesh(d, m)
-        kw = {"mesh": mesh, "shard_editor": shard_editor, "min_size": MIN_SIZE}
-        before = set(sharding._COMPILED)
-        params = sharding.place_params(model.params, mesh, min_size=MIN_SIZE)
-        train_out, edit_out = run_train(sharding.sharded_train_step, **kw), run_edit(sharding.sharded_edit_batch, **kw)
-        new = [sharding._COMPILED[k] for k in set(sharding._COMPILED) - before]
+    params = sharding.place_params(lcfg, model.params, None)
+    ref_train, ref_edit = run_train(None), run_edit(None)
+    results = {"rows_per_view": layout.edit.n_rows, "meshes": {},
+               "single_device_compilations": [train_step._cache_size(), edit_batch._cache_size()]}
+    for d, m, strategy in MESHES:
+        mesh = sharding.make_mesh(d, m, strategy=strategy)
+        before = [train_step._cache_size(), edit_batch._cache_size()]
+        with sharding.use_mesh(mesh):
+            params = sharding.place_params(lcfg, model.params, mesh)
+            train_out, edit_out = run_train(mesh), run_edit(mesh)
+        after = [train_step._cache_size(), edit_batch._cache_size()]
         layer = params["layers"][3]            # the list layout (load_model's default); layer 3 is edited
         kernel = layer["mlp"]["up_proj"]["kernel"]
-        results["meshes"][f"{d}x{m}"] = {
-            "data": d, "model": m, "shard_editor": shard_editor,
+        results["meshes"][f"{d}x{m} {strategy}"] = {
+            "data": d, "model": m,
             "train_err": {k: rel_err(train_out[k], ref_train[k]) for k in ref_train},
             "edit_err": {k: rel_err(edit_out[k], ref_edit[k]) for k in ("deltas", "stats")},
-            "compilations": [f._cache_size() for f in new],
+            "compilations": [a - b for a, b in zip(after, before)],
+            "delta_specs": sorted({str(x.sharding.spec) for x in edit_out["deltas"].values()}
+                                  | {str(x.sharding.spec) for x in train_out["deltas"].values()}),
             "kernel_spec": str(kernel.sharding.spec),
             "n_kernel_shards": len(kernel.addressable_shards),
             "shards": {
@@ -119,6 +126,8 @@ def main(model_dir: str, out: str) -> None:
                 "down_proj_kernel": shard_shapes(layer["mlp"]["down_proj"]["kernel"]),
                 "embedding": shard_shapes(params["embed_tokens"]["embedding"]),
                 "norm": shard_shapes(layer["input_layernorm"]["weight"]),
+                "q_proj_kernel": shard_shapes(layer["self_attn"]["q_proj"]["kernel"]),
+                "o_proj_kernel": shard_shapes(layer["self_attn"]["o_proj"]["kernel"]),
                 "up_proj_delta": shard_shapes(edit_out["deltas"][MODULES[0]]),
                 "down_proj_delta": shard_shapes(train_out["deltas"][MODULES[1]]),
                 "hypernet_A": shard_shapes(edit_out["nets"]["32x64"][0]["blocks"][0]["A"]),   # step 0's

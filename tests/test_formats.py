@@ -25,7 +25,8 @@ KNOWEDIT_ZSRE = {"subject": "Epaspidoceras", "target_new": "Noctuidae",
                  "rephrase_prompt": "What family are Epaspidoceras?",
                  "locality": {"Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is",
                                                         "ground_truth": ["genus"]},
-                                                       {"prompt": "Epaspidoceras taxon rank", "ground_truth": ["genus"]}]},
+                                                       {"prompt": "Epaspidoceras taxon rank",
+                                                        "ground_truth": ["genus"]}]},
                  "portability": {"Reasoning": [{"prompt": "What is the common name for the family Epaspidoceras "
                                                           "belongs to?", "ground_truth": "Owlet moths"}]}}
 KNOWEDIT_RECENT = {"subject": "Leo Arons", "prompt": "The place of death of Leo Arons is", "target_new": "Berlin",

@@ -69,6 +69,12 @@ class EditorConfig:
                    stream's last back_depth - 1 earlier batches, weighted time_decay **
                    age, join each batch's loss (RLEdit's; None = the method's default:
                    10 for RLEdit, 1 = none for the others).
+    solve:         "looped" (one ridge solve per module), "batched" (one vmapped solve)
+                   or "auto" (by backend: `backend.solve`). Speed only.
+    hypernet:      "unrolled" (each block's arrays used as stored), "scanned" (blocks
+                   stacked, one lax.scan) or "auto" (by backend: `backend.hypernet`).
+                   Speed only. Neither is kept with a trained editor (load_editor
+                   resets both to "auto").
     """
     modules: tuple[str, ...] = option(help="edited linear modules, Hugging Face names", cli=False)
     method: Literal["emsedit", "mend", "malmen", "rledit"] = option("emsedit", "editing method")
@@ -107,6 +113,12 @@ class EditorConfig:
                                     default_text="the method's: rledit 10, the others 1 = none")
     time_decay: float = option(0.95, "weight decay per batch of age in memory backtracking", check="nonneg")
     norm_eps: float = option(1e-5, "epsilon of the hypernetworks' input normalisation", check="nonneg")
+    solve: Literal["auto", "looped", "batched"] = option(
+        "auto", "ridge solves one module at a time (looped) or as one batched solve; speed only",
+        default_text="auto: by backend, looped on CPU, batched on GPU / TPU")
+    hypernet: Literal["auto", "unrolled", "scanned"] = option(
+        "auto", "hypernetwork blocks one after the other (unrolled) or stacked in a scan; speed only",
+        default_text="auto: by backend, unrolled on CPU, scanned on GPU / TPU")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -131,6 +143,16 @@ class EditorConfig:
         if self.null_space and self.update_rule != "ridge":
             raise ConfigError("EditorConfig.null_space projects the ridge solve's update; MEND's rank-1 update has "
                               "none")
+
+    def solve_mode(self) -> str:
+        """"looped" or "batched": `solve`, or the backend's default for "auto"."""
+        from ..backend import solve
+        return solve() if self.solve == "auto" else self.solve
+
+    def hypernet_mode(self) -> str:
+        """"unrolled" or "scanned": `hypernet`, or the backend's default for "auto"."""
+        from ..backend import hypernet
+        return hypernet() if self.hypernet == "auto" else self.hypernet
 
     @property
     def needs_prior(self) -> bool:

@@ -46,10 +46,19 @@ def relu_open(x: Array) -> Array:
     return jnp.where(x >= 0, x, 0.0)
 
 
-def apply_net(net: dict, h: Array) -> Array:
-    """h (K, N, D): rows of the K layers sharing this net -> (K, N, D)."""
+def _block(h: Array, blk: dict) -> Array:
+    z = jnp.einsum("knd,dr->knr", h, blk["A"])
+    z = relu_open(jnp.einsum("knr,re->kne", z, blk["B"]) + blk["b"])
+    return h + blk["scale"][:, None, :] * z + blk["shift"][:, None, :]
+
+
+def apply_net(net: dict, h: Array, scanned: bool = False) -> Array:
+    """h (K, N, D): rows of the K layers sharing this net -> (K, N, D). `scanned`: the
+    blocks stacked and run as one `lax.scan` (the layout for GPU / TPU, see
+    `backend.hypernet`) instead of one after the other; the same function."""
+    if scanned and len(net["blocks"]) > 1:
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *net["blocks"])
+        return jax.lax.scan(lambda h, blk: (_block(h, blk), None), h, stacked)[0]
     for blk in net["blocks"]:
-        z = jnp.einsum("knd,dr->knr", h, blk["A"])
-        z = relu_open(jnp.einsum("knr,re->kne", z, blk["B"]) + blk["b"])
-        h = h + blk["scale"][:, None, :] * z + blk["shift"][:, None, :]
+        h = _block(h, blk)
     return h

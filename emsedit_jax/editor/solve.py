@@ -48,11 +48,21 @@ def ridge_each(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> 
     time and occupy every pool thread (e.g. 2 cores, 2 devices). The updates are
     returned separately, not stacked: the gradient of taking module k out of a stack is
     a zero-padded (K, d_in, d_out) array per module, which XLA on CPU materialises
-    (K x 21 MB per step for the embedded model's up_proj)."""
+    (K x 21 MB per step for the embedded model's up_proj). The default on CPU;
+    `ridge_batched` elsewhere (backend.solve)."""
     chex.assert_rank([u, d, lamda], [3, 3, 1])
     chex.assert_equal_shape_prefix([u, d], 2)
     chex.assert_equal_shape_prefix([u, lamda], 1)
     return [ridge(u[k], d[k], lamda[k], None if prior is None else prior[k]) for k in range(u.shape[0])]
+
+
+def ridge_batched(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> list[Array]:
+    """`ridge_each` as one vmapped (batched) solve; the same K updates."""
+    if prior is None:
+        stack = jax.vmap(ridge)(u, d, lamda)
+    else:
+        stack = jax.vmap(ridge)(u, d, lamda, prior)
+    return [stack[k] for k in range(u.shape[0])]
 
 
 def ridge_primal(u: Array, d: Array, lamda: Array) -> Array:

@@ -136,7 +136,7 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
         new_stats[key] = st
         maskf = mask.astype(dtype)
         h = normalizer.normalise(st, x, ecfg.norm_eps) * maskf[None, :, None]
-        out = apply_net(nets[key], h)
+        out = apply_net(nets[key], h, scanned=ecfg.hypernet_mode() == "scanned")
         u_t, g_t = out[..., :d_in], out[..., d_in:]
         lr = ecfg.step_size(nets[key]["lr"])[:, None]
         if ecfg.update_rule == "rank1":
@@ -145,7 +145,8 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
             coeff = -lr * jnp.sum(u * u_t, axis=-1)                 # (K, N)
             d = coeff[..., None] * g_t * maskf[None, :, None]
             prior = None if not key_gram else (ecfg.key_memory * key_gram[key]).astype(dtype)
-            dws = solve.ridge_each(u * maskf[None, :, None], d, nets[key]["lamda"], prior)
+            ridge = solve.ridge_batched if ecfg.solve_mode() == "batched" else solve.ridge_each
+            dws = ridge(u * maskf[None, :, None], d, nets[key]["lamda"], prior)
             if protect:
                 dws = [protect[key][i].astype(dtype) @ dw for i, dw in enumerate(dws)]
         deltas.update({m: dws[i] for i, m in enumerate(names)})

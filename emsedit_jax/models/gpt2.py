@@ -18,15 +18,16 @@ from .layers import (Tap, TensorSpec, activation, attention, attention_bias, hea
 
 def tensor_specs(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     d, f = cfg.hidden_size, cfg.intermediate_size
-    specs = {("wte", "embedding"): TensorSpec("transformer.wte.weight", (cfg.vocab_size, d)),
-             ("wpe", "embedding"): TensorSpec("transformer.wpe.weight", (cfg.max_position_embeddings, d))}
+    specs = {("wte", "embedding"): TensorSpec("transformer.wte.weight", (cfg.vocab_size, d), role="embedding"),
+             ("wpe", "embedding"): TensorSpec("transformer.wpe.weight", (cfg.max_position_embeddings, d),
+                                              role="position_embedding")}
     specs |= norm_specs("ln_f", d, bias=True, stacked=False, hf_name="transformer.ln_f")
     specs |= norm_specs("ln_1", d, bias=True, stacked=True)
     specs |= norm_specs("ln_2", d, bias=True, stacked=True)
-    specs |= linear_specs("attn.c_attn", d, 3 * d, bias=True, hf_transposed=False)
-    specs |= linear_specs("attn.c_proj", d, d, bias=True, hf_transposed=False)
-    specs |= linear_specs("mlp.c_fc", d, f, bias=True, hf_transposed=False)
-    specs |= linear_specs("mlp.c_proj", f, d, bias=True, hf_transposed=False)
+    specs |= linear_specs("attn.c_attn", d, 3 * d, bias=True, hf_transposed=False, role="attn_qkv")
+    specs |= linear_specs("attn.c_proj", d, d, bias=True, hf_transposed=False, role="attn_o")
+    specs |= linear_specs("mlp.c_fc", d, f, bias=True, hf_transposed=False, role="mlp_in")
+    specs |= linear_specs("mlp.c_proj", f, d, bias=True, hf_transposed=False, role="mlp_out")
     return specs
 
 

@@ -17,15 +17,16 @@ from .layers import (Tap, TensorSpec, activation, attention, attention_bias, hea
 
 def tensor_specs(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     d, f = cfg.hidden_size, cfg.intermediate_size
-    specs = {("wte", "embedding"): TensorSpec("transformer.wte.weight", (cfg.vocab_size, d)),
-             ("lm_head", "kernel"): TensorSpec("lm_head.weight", (d, cfg.vocab_size), transpose=True),
-             ("lm_head", "bias"): TensorSpec("lm_head.bias", (cfg.vocab_size,), init="zeros")}
+    specs = {("wte", "embedding"): TensorSpec("transformer.wte.weight", (cfg.vocab_size, d), role="embedding"),
+             ("lm_head", "kernel"): TensorSpec("lm_head.weight", (d, cfg.vocab_size), transpose=True,
+                                               role="lm_head"),
+             ("lm_head", "bias"): TensorSpec("lm_head.bias", (cfg.vocab_size,), init="zeros", role="lm_head")}
     specs |= norm_specs("ln_f", d, bias=True, stacked=False, hf_name="transformer.ln_f")
     specs |= norm_specs("ln_1", d, bias=True, stacked=True)
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        specs |= linear_specs(f"attn.{name}", d, d, bias=False, hf_transposed=True)
-    specs |= linear_specs("mlp.fc_in", d, f, bias=True, hf_transposed=True)
-    specs |= linear_specs("mlp.fc_out", f, d, bias=True, hf_transposed=True)
+        specs |= linear_specs(f"attn.{name}", d, d, bias=False, hf_transposed=True, role=f"attn_{name[0]}")
+    specs |= linear_specs("mlp.fc_in", d, f, bias=True, hf_transposed=True, role="mlp_in")
+    specs |= linear_specs("mlp.fc_out", f, d, bias=True, hf_transposed=True, role="mlp_out")
     return specs
 
 

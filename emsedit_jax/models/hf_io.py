@@ -234,13 +234,14 @@ def load_tokenizer(folder: Path):
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True,
-               tokenizer: bool = True, residual: str | None = None, stacked: bool = False,
+               tokenizer: bool = True, residual: str | None = None, stacked: bool | None = None,
                mesh=None) -> Model:
     """`dtype`: the parameters' dtype. `residual`: the residual stream's dtype (None: the
     parameters'; "float32" with bfloat16 parameters: mixed precision with the running
     sum of the layers' outputs in float32 and every matmul in bfloat16). `stacked`: the
     per-layer tensors on a leading layer axis (unedited layers run as a `lax.scan`,
-    faster to compile) instead of the default list layout (faster to run on CPU).
+    faster to compile) instead of the list layout (faster to run on CPU); None: the
+    backend's default (`backend.layer_layout`: list on CPU, stacked on GPU / TPU).
     `mesh` (a `sharding.make_mesh` mesh): every parameter is read straight into its
     shards on the mesh (see `load_params`), placed as `sharding.param_shardings` says.
     'package.module:function' (not a path) calls that function for the Model (a Flax
@@ -250,6 +251,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bo
             raise UserError(f"model {name_or_path}: a model factory sets its own dtypes and layout "
                             "(dtype/residual/stacked/mesh apply to checkpoints)")
         return from_factory(name_or_path)
+    if stacked is None:
+        from ..backend import layer_layout
+        stacked = layer_layout() == "stacked"
     folder = resolve(name_or_path)
     cfg, raw = read_config(folder, strict=strict)
     if residual is not None:
@@ -257,7 +261,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=jnp.float32, strict: bo
     shardings = None
     if mesh is not None:
         from ..sharding import param_shardings
-        shardings = param_shardings(abstract_params(cfg, dtype, stacked=stacked), mesh)
+        shardings = param_shardings(cfg, abstract_params(cfg, dtype, stacked=stacked), mesh)
     params = load_params(folder, cfg, dtype, stacked=stacked, shardings=shardings)
     tok = load_tokenizer(folder) if tokenizer else None
     return Model(cfg, params, tok, folder, raw)

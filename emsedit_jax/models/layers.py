@@ -25,21 +25,25 @@ class TensorSpec:
     `hf_name` is the full key for top-level tensors and the suffix after
     `<layer_prefix>.<i>.` for per-layer tensors (`stacked=True`, shape without the
     leading layer axis). `transpose` means HF stores the transpose of our array.
+    `role` says what the tensor does (`partition.ROLES`: embedding, attn_q, mlp_in,
+    norm, lm_head, ...); the sharding rule table maps roles to mesh axes. A bias has
+    its module's role.
     """
     hf_name: str
     shape: tuple[int, ...]
     transpose: bool = False
     stacked: bool = False
     init: str = "normal"      # normal | ones | zeros
+    role: str = "norm"
 
 
-def linear_specs(suffix: str, d_in: int, d_out: int, *, bias: bool, hf_transposed: bool):
+def linear_specs(suffix: str, d_in: int, d_out: int, *, bias: bool, hf_transposed: bool, role: str):
     """Specs of a linear module named `suffix` inside a layer: kernel (d_in, d_out)."""
     path = ("layers", *suffix.split("."))
     specs = {path + ("kernel",): TensorSpec(f"{suffix}.weight", (d_in, d_out),
-                                             transpose=hf_transposed, stacked=True)}
+                                             transpose=hf_transposed, stacked=True, role=role)}
     if bias:
-        specs[path + ("bias",)] = TensorSpec(f"{suffix}.bias", (d_out,), stacked=True, init="zeros")
+        specs[path + ("bias",)] = TensorSpec(f"{suffix}.bias", (d_out,), stacked=True, init="zeros", role=role)
     return specs
 
 

@@ -18,17 +18,21 @@ from .layers import (Tap, TensorSpec, activation, attention, attention_bias, hea
 def tensor_specs(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     hq, hkv = cfg.num_heads * dh, cfg.num_kv_heads * dh
-    specs = {("embed_tokens", "embedding"): TensorSpec("model.embed_tokens.weight", (cfg.vocab_size, d))}
+    specs = {("embed_tokens", "embedding"): TensorSpec("model.embed_tokens.weight", (cfg.vocab_size, d),
+                                                                 role="embedding")}
     specs |= norm_specs("norm", d, bias=False, stacked=False, hf_name="model.norm")
     if not cfg.tie_word_embeddings:
-        specs[("lm_head", "kernel")] = TensorSpec("lm_head.weight", (d, cfg.vocab_size), transpose=True)
+        specs[("lm_head", "kernel")] = TensorSpec("lm_head.weight", (d, cfg.vocab_size), transpose=True,
+                                                      role="lm_head")
     specs |= norm_specs("input_layernorm", d, bias=False, stacked=True)
     specs |= norm_specs("post_attention_layernorm", d, bias=False, stacked=True)
     for name, d_in, d_out, bias in [("q_proj", d, hq, cfg.qkv_bias), ("k_proj", d, hkv, cfg.qkv_bias),
                                     ("v_proj", d, hkv, cfg.qkv_bias), ("o_proj", hq, d, cfg.o_bias)]:
-        specs |= linear_specs(f"self_attn.{name}", d_in, d_out, bias=bias, hf_transposed=True)
-    for name, d_in, d_out in [("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)]:
-        specs |= linear_specs(f"mlp.{name}", d_in, d_out, bias=cfg.mlp_bias, hf_transposed=True)
+        specs |= linear_specs(f"self_attn.{name}", d_in, d_out, bias=bias, hf_transposed=True,
+                              role=f"attn_{name[0]}")
+    for name, d_in, d_out, role in [("gate_proj", d, f, "mlp_in"), ("up_proj", d, f, "mlp_in"),
+                                    ("down_proj", f, d, "mlp_out")]:
+        specs |= linear_specs(f"mlp.{name}", d_in, d_out, bias=cfg.mlp_bias, hf_transposed=True, role=role)
     return specs
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..partition import constrain_rows
 from . import gpt2, gptj, llama
 from .config import ModelConfig
 from .layers import Array, ModuleEdit, Params, Tap, TensorSpec, default_positions, get_path, set_path
@@ -186,16 +187,17 @@ def run_layers(cfg: ModelConfig, params: Params, h: Array, ctx: dict, *, start: 
     keys: dict[tuple[int, str], Array] = {}
 
     def plain(h, lp):
-        return fam.block(cfg, lp, h, ctx, Tap(lp)), None
+        return constrain_rows(fam.block(cfg, lp, h, ctx, Tap(lp))), None
 
     if remat:
         plain = jax.checkpoint(plain)
     i = start
+    h = constrain_rows(h)      # under a mesh: rows split over its row axes (no-op otherwise)
     while i < stop:
         if i in edits:
             lp = layer_params(params, i)
             tap = Tap(lp, edits[i])
-            h = fam.block(cfg, lp, h, ctx, tap)
+            h = constrain_rows(fam.block(cfg, lp, h, ctx, tap))
             keys.update({(i, name): k for name, k in tap.keys.items()})
             i += 1
         elif is_layer_list(params):
