@@ -103,15 +103,22 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
                     run_meta={"method": method, "dataset": dataset, "split_seed": SPLIT_SEED})
         state, train_s, train_compile_s = res.state, res.seconds_per_edit, res.compile_seconds
     t1 = time.perf_counter()
+    if opts.key_memory:          # an extension applied at edit time to the editor as trained
+        ecfg = dataclasses.replace(ecfg, key_memory=opts.key_memory)
     ev = run_protocol(model, ecfg, state, test_split, protocol=protocol, num_seq=num_seq, n_edits=n_edits,
                       metric=cli.DATASET_METRIC[dataset], progress=opts.progress)
-    return {"method": method, "dataset": dataset, "protocol": protocol, "seed": seed,
+    return {"method": label(method, opts.key_memory), "dataset": dataset, "protocol": protocol, "seed": seed,
             "metrics": ev.metrics, "baseline": ev.baseline, "n_requests": ev.n_requests,
             "train_seconds_per_edit": train_s, "train_compile_seconds": train_compile_s,
             "edit_seconds_per_edit": ev.edit_seconds_per_edit, "edit_compile_seconds": ev.edit_compile_seconds,
             "train_wall_seconds": t1 - t0, "eval_wall_seconds": time.perf_counter() - t1,
             "num_seq": num_seq, "n_edits": n_edits, "n_train": len(train_split),
             "editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg)}
+
+
+def label(method: str, key_memory: float) -> str:
+    """How a method's rows are named: with the key memory it was evaluated with, if any."""
+    return f"{method} + key memory {key_memory:g}" if key_memory else method
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -184,6 +191,9 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--out", default="experiments/results/compare")
+    ap.add_argument("--key-memory", type=float, default=0.0, metavar="MU",
+                    help="evaluate each trained editor with key memory MU (an extension; 0: the paper's solve); "
+                         "the editors are trained once and reused, the scores go to result_km<MU>.json")
     ap.add_argument("--progress", action="store_true", help="progress bars within runs")
     opts = ap.parse_args(argv)
     preset = QUICK if opts.quick else {}
@@ -213,7 +223,7 @@ def main(argv=None):
                                   "protocols": protocols, "seeds": seeds, **settings}))
     for i, (dataset, protocol, method, seed) in enumerate(plan, 1):
         run_dir = out / dataset / protocol / method / f"seed{seed}"
-        result_file = run_dir / "result.json"
+        result_file = run_dir / ("result.json" if not opts.key_memory else f"result_km{opts.key_memory:g}.json")
         tag = f"[{i}/{len(plan)}] {dataset} {protocol} {method} seed {seed}"
         if result_file.is_file():
             previous = json.loads(result_file.read_text())
@@ -241,13 +251,14 @@ def main(argv=None):
               f"{res['edit_seconds_per_edit']:.3f} s/edit, {time.perf_counter() - t0:.0f} s", flush=True)
 
     env = f"{opts.model}, jax {jax.__version__} on {jax.default_backend()}, n_train {opts.n_train}"
-    rows = aggregate(results, methods)
+    rows = aggregate(results, [label(m, opts.key_memory) for m in methods])
     table = markdown(rows, env)
     print(table)
-    (out / "compare.md").write_text(table + "\n")
-    (out / "compare.json").write_text(json.dumps({"env": env, "settings": settings, "rows": rows,
+    name = "compare" if not opts.key_memory else f"compare_km{opts.key_memory:g}"
+    (out / f"{name}.md").write_text(table + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"env": env, "settings": settings, "rows": rows,
                                                   "runs": results}, indent=1))
-    print(f"wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    print(f"wrote {out / name}.md and {out / name}.json")
 
 
 if __name__ == "__main__":
