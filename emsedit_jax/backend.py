@@ -34,11 +34,6 @@ from __future__ import annotations
 
 import jax
 
-LAYER_LAYOUTS = ("list", "stacked")
-SOLVES = ("looped", "batched")
-HYPERNETS = ("unrolled", "scanned")
-
-
 def _backend(backend: str | None) -> str:
     return jax.default_backend() if backend is None else backend
 

@@ -213,10 +213,3 @@ def _show(value) -> str:
     if isinstance(value, tuple):
         return ",".join(value) or "none"
     return "none" if value is None else str(value)
-
-
-def from_namespace(cls, namespace, **overrides):
-    """An instance of dataclass `cls` from the parsed flags of its fields (fields without
-    a flag keep their default unless given in `overrides`)."""
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
-    return cls(**{**values, **overrides})

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -219,28 +218,6 @@ def make_plan(lcfg, mesh, *, model_name: str, dtype: str = "bfloat16", remat: bo
     model_axis, how = (shape["tensor"], "tp") if shape["tensor"] > 1 else (shape["fsdp"], "fsdp")
     return Plan(model_name, (shape["data"], model_axis), devices, jnp.dtype(dtype).name, n_edits,
                 inputs["rows"], inputs["row_len"], tuple(out), device, how)
-
-
-def largest_batch(plan_at, capacity: int, lo: int = 8, hi: int = 4096) -> tuple[int, list[Plan]]:
-    """The largest n_edits whose plan's peak is within USABLE * capacity, by bisection
-    between lo and hi over `plan_at(n) -> Plan` (each call compiles). Returns
-    (n, the plans made), n = 0 when even `lo` does not fit."""
-    plans = []
-
-    def ok(n: int) -> bool:
-        p = plan_at(n)
-        plans.append(p)
-        return max(s.peak_bytes for s in p.steps) <= USABLE * capacity
-
-    if not ok(lo):
-        return 0, plans
-    while hi - lo > max(1, lo // 8):        # within 1/8 of the answer
-        mid = math.isqrt(lo * hi)
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, plans
 
 
 # ---------------------------------------------------------------- command line
