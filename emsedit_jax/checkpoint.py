@@ -28,7 +28,7 @@ from .editor.config import EditorConfig
 from .editor.normalizer import Stats
 from .editor.steps import EditorState
 from .models.hf_io import CheckpointError
-from .runs import RunError, model_identity, tree_sha256
+from .runs import RunError, model_identity, tree_sha256, write_json
 
 
 def _abstract(tree):
@@ -112,9 +112,8 @@ def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: d
             (directory / TRAIN_REQUESTS).write_text(json.dumps({"hashes": list(train_hashes)}))
         record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"},
                   "state_sha256": checksum, "state_files_sha256": _files_sha256(directory / "state")}
-        tmp = directory / "editor.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1, default=str))
-        tmp.replace(directory / "editor.json")     # written last and whole: the folder is complete once it exists
+        # written last and whole: the folder is complete once editor.json exists
+        write_json(directory / "editor.json", record, indent=1, default=str)
     _barrier(f"emsedit_jax save_editor {directory} done")
     return directory
 

@@ -636,6 +636,7 @@ def cmd_evaluate(args) -> dict:
     from .checkpoint import read_editor_record
     from .evaluate import mquake_accuracy, preserved_gram, run_protocol
     from .pipeline import encode_split
+    from .runs import write_json
     record = read_editor_record(args.editor)
     _editor_defaults(args, record)
     args.model = args.model or DEFAULT_MODEL
@@ -704,9 +705,7 @@ def cmd_evaluate(args) -> dict:
             print(f"wrote {args.per_request} ({res.n_requests} requests)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(args.out)              # never a half-written results file
+        write_json(args.out, out, indent=1)    # never a half-written results file
         print(f"wrote {args.out}")
     return out
 

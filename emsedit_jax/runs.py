@@ -52,6 +52,15 @@ class RunError(UserError):
     """A training folder or editor that does not belong to the run or model asked for."""
 
 
+def write_json(path: str | Path, obj: Any, **dumps) -> None:
+    """Writes `obj` as JSON to `path` through a temporary file renamed into place, so
+    the file is either absent, the old one, or whole (never half written)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, **dumps))
+    os.replace(tmp, path)
+
+
 def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -132,9 +141,7 @@ def claim_run(folder: str | Path, identity: dict) -> dict:
     record = folder / "run.json"
     if check_run(folder, identity, partial=False) is None:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
-        os.replace(tmp, record)
+        write_json(record, identity, indent=1, sort_keys=True)
     return identity
 
 
