@@ -42,7 +42,7 @@ from emsedit_jax import cli
 from emsedit_jax.checkpoint import load_editor
 from emsedit_jax.data import check_lengths, load_requests, split_requests
 from emsedit_jax.editor.config import default_modules, parse_method
-from emsedit_jax.evaluate import run_protocol
+from emsedit_jax.evaluate import preserved_gram, run_protocol
 from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
 from emsedit_jax.pipeline import encode_split
@@ -76,21 +76,40 @@ def load_dataset(name: str, data_root: Path, n_train: int, n_test: int, tokenize
 
 
 def editor_and_train_config(method: str, protocol: str, n_edits: int, num_seq: int, epochs: int | None,
-                            seed: int, rank: int | None, blocks: int | None, model_cfg, preset: str = "default"):
+                            seed: int, rank: int | None, blocks: int | None, model_cfg, preset: str = "default",
+                            layers: str | None = None, overrides: dict | None = None):
     """The configs `emsedit-jax train` resolves for these options: the library defaults
-    under `preset`, step-specific hypernetworks for the sequential protocol."""
+    under `preset`, step-specific hypernetworks for the sequential protocol, then
+    `overrides` (any EditorConfig / TrainConfig field)."""
     fields = {"protocol": protocol, "n_edits": n_edits, "num_seq": num_seq, "seed": seed,
-              "step_specific": protocol == "sequential", "epochs": epochs, "rank": rank, "n_blocks": blocks}
-    return configs(default_modules(model_cfg), method, preset=preset,
-                   **{k: v for k, v in fields.items() if v is not None})
+              "step_specific": protocol == "sequential", "epochs": epochs, "rank": rank, "n_blocks": blocks,
+              **(overrides or {})}
+    modules = default_modules(model_cfg)
+    if layers:
+        modules = cli.parse_modules(None, layers, None, model_cfg)
+    return configs(modules, method, preset=preset, **{k: v for k, v in fields.items() if v is not None})
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """--set FIELD=VALUE pairs -> {field: value}, values parsed as JSON where they can be."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            out[name.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name.replace("-", "_")] = value
+    return out
 
 
 def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed: int, splits, opts) -> dict:
     """Trains (or resumes, or reuses a finished editor) and evaluates one run."""
     num_seq, n_edits = (opts.num_seq, opts.n_edits) if protocol == "sequential" else (1, opts.batch_n_edits)
     ecfg, tcfg = editor_and_train_config(method, protocol, n_edits, num_seq, opts.epochs, seed, opts.rank,
-                                         opts.blocks, model.config, opts.preset)
-    train_split, test_split = splits
+                                         opts.blocks, model.config, opts.preset, opts.layers, opts.overrides)
+    train_split, test_split, train_reqs = splits
     t0 = time.perf_counter()
     editor_dir = run_dir / "editor"
     if (editor_dir / "editor.json").is_file():
@@ -99,15 +118,20 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
             raise ValueError(f"{editor_dir} holds an editor of another configuration; delete it")
         train_s, train_compile_s = record.get("train_seconds_per_edit"), None
     else:
-        res = train(model, ecfg, tcfg, train_split, run_dir, progress=opts.progress,
+        prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) if ecfg.needs_prior \
+            else None
+        res = train(model, ecfg, tcfg, train_split, run_dir, progress=opts.progress, key_prior=prior,
                     run_meta={"method": method, "dataset": dataset, "split_seed": SPLIT_SEED})
         state, train_s, train_compile_s = res.state, res.seconds_per_edit, res.compile_seconds
     t1 = time.perf_counter()
     if opts.key_memory:          # an extension applied at edit time to the editor as trained
         ecfg = dataclasses.replace(ecfg, key_memory=opts.key_memory)
+    if opts.edit_overrides:      # editor fields changed at edit time only
+        ecfg = dataclasses.replace(ecfg, **opts.edit_overrides)
+    prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) if ecfg.needs_prior else None
     ev = run_protocol(model, ecfg, state, test_split, protocol=protocol, num_seq=num_seq, n_edits=n_edits,
-                      metric=cli.DATASET_METRIC[dataset], progress=opts.progress)
-    return {"method": label(method, opts.key_memory), "dataset": dataset, "protocol": protocol, "seed": seed,
+                      metric=cli.DATASET_METRIC[dataset], progress=opts.progress, key_prior=prior)
+    return {"method": label(method, opts.key_memory, opts.tag), "dataset": dataset, "protocol": protocol, "seed": seed,
             "metrics": ev.metrics, "baseline": ev.baseline, "n_requests": ev.n_requests,
             "train_seconds_per_edit": train_s, "train_compile_seconds": train_compile_s,
             "edit_seconds_per_edit": ev.edit_seconds_per_edit, "edit_compile_seconds": ev.edit_compile_seconds,
@@ -116,9 +140,9 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
             "editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg)}
 
 
-def label(method: str, key_memory: float) -> str:
-    """How a method's rows are named: with the key memory it was evaluated with, if any."""
-    return f"{method} + key memory {key_memory:g}" if key_memory else method
+def label(method: str, key_memory: float, tag: str | None = None) -> str:
+    """How a method's rows are named: with the edit-time variant it was evaluated with, if any."""
+    return method + (f" + key memory {key_memory:g}" if key_memory else "") + (f" + {tag}" if tag else "")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -194,8 +218,19 @@ def main(argv=None):
     ap.add_argument("--key-memory", type=float, default=0.0, metavar="MU",
                     help="evaluate each trained editor with key memory MU (an extension; 0: the paper's solve); "
                          "the editors are trained once and reused, the scores go to result_km<MU>.json")
+    ap.add_argument("--layers", help="edited layer range like 27-29 (default: the library's modules)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                    help="any EditorConfig / TrainConfig field, e.g. --set beta=3e-3 (repeatable)")
+    ap.add_argument("--edit-set", action="append", default=[], metavar="FIELD=VALUE", dest="edit_overrides",
+                    help="an EditorConfig field changed at edit time only (repeatable); scores go to "
+                         "result_<tag>.json with --tag")
+    ap.add_argument("--tag", help="name of the edit-time variant (result_<tag>.json, compare_<tag>.md)")
     ap.add_argument("--progress", action="store_true", help="progress bars within runs")
     opts = ap.parse_args(argv)
+    opts.overrides = parse_overrides(opts.overrides)
+    opts.edit_overrides = parse_overrides(opts.edit_overrides)
+    if opts.edit_overrides and not opts.tag:
+        raise SystemExit("--edit-set needs --tag (the trained editors are reused; their scores are kept apart)")
     preset = QUICK if opts.quick else {}
     for key, value in FULL.items():
         if getattr(opts, key) is None:
@@ -218,12 +253,13 @@ def main(argv=None):
     plan = [(d, p, m, s) for d in datasets for p in protocols for m in methods for s in seeds]
     results, splits = [], {}
     settings = {k: getattr(opts, k) for k in ("n_train", "epochs", "num_seq", "n_edits", "batch_n_edits", "rank",
-                                              "blocks", "model")}
+                                              "blocks", "model", "layers", "overrides")}
+    variant = (f"_km{opts.key_memory:g}" if opts.key_memory else "") + (f"_{opts.tag}" if opts.tag else "")
     print("compare:", json.dumps({"runs": len(plan), "n_test": n_test, "methods": methods, "datasets": datasets,
                                   "protocols": protocols, "seeds": seeds, **settings}))
     for i, (dataset, protocol, method, seed) in enumerate(plan, 1):
         run_dir = out / dataset / protocol / method / f"seed{seed}"
-        result_file = run_dir / ("result.json" if not opts.key_memory else f"result_km{opts.key_memory:g}.json")
+        result_file = run_dir / f"result{variant}.json"
         tag = f"[{i}/{len(plan)}] {dataset} {protocol} {method} seed {seed}"
         if result_file.is_file():
             previous = json.loads(result_file.read_text())
@@ -237,7 +273,7 @@ def main(argv=None):
             tr, te = load_dataset(dataset, Path(opts.data_root), opts.n_train, n_test, model.tokenizer)
             if len(te) < n_test:
                 raise SystemExit(f"{dataset}: {len(te)} test requests, the protocols need {n_test}")
-            splits[dataset] = (encode_split(model.tokenizer, tr), encode_split(model.tokenizer, te))
+            splits[dataset] = (encode_split(model.tokenizer, tr), encode_split(model.tokenizer, te), tr)
         t0 = time.perf_counter()
         res = run_one(model, run_dir, method, dataset, protocol, seed, splits[dataset], opts)
         res["settings"] = settings
@@ -251,10 +287,10 @@ def main(argv=None):
               f"{res['edit_seconds_per_edit']:.3f} s/edit, {time.perf_counter() - t0:.0f} s", flush=True)
 
     env = f"{opts.model}, jax {jax.__version__} on {jax.default_backend()}, n_train {opts.n_train}"
-    rows = aggregate(results, [label(m, opts.key_memory) for m in methods])
+    rows = aggregate(results, [label(m, opts.key_memory, opts.tag) for m in methods])
     table = markdown(rows, env)
     print(table)
-    name = "compare" if not opts.key_memory else f"compare_km{opts.key_memory:g}"
+    name = f"compare{variant}"
     (out / f"{name}.md").write_text(table + "\n")
     (out / f"{name}.json").write_text(json.dumps({"env": env, "settings": settings, "rows": rows,
                                                   "runs": results}, indent=1))
