@@ -220,8 +220,9 @@ def evaluate_editor(model: Model, editor: Editor, data, config: EvalConfig | Non
     EvalResult (.metrics, .baseline in %, timings, the final deltas)."""
     ev = dataclasses.replace(config, **fields) if config else EvalConfig(**fields)
     ecfg = ev.editor_config(editor.config)
-    if ecfg.needs_prior:
-        raise UserError("evaluate_editor: loc_prior / null_space need C0 of training requests; use the command line")
+    if ecfg.needs_prior and not editor.state.prior:
+        raise UserError("evaluate_editor: loc_prior / null_space need C0, which this editor does not hold (it was "
+                        "trained without a locality prior); the command line estimates it from the training data")
     split = encode_split(model.tokenizer, _data(model, data, format))
     return run_protocol(model, ecfg, editor.state, split, protocol=ev.protocol, num_seq=ev.num_seq,
                         n_edits=ev.n_edits, metric=metric, full_curve=ev.full_curve, progress=progress,

@@ -7,7 +7,8 @@
   into the same folder is an error.
 - `save_editor` / `load_editor`: the final editor, one folder: `editor.json` (every
   resolved setting of the run, the model it is made for, a checksum of its arrays),
-  `state/` (parameters and statistics) and `train_requests.json` (content hashes of the
+  `state/` (parameters, statistics and, for an editor trained with a locality prior,
+  the C0 it was trained with) and `train_requests.json` (content hashes of the
   requests it was trained on). `load_editor` refuses an editor whose arrays do not match
   their checksum or that was made for a model of another architecture.
 """
@@ -95,7 +96,7 @@ def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: d
     and process 0 writes the files beside the arrays."""
     from .sharding import to_host
     directory = Path(directory).absolute()
-    tree = {"nets": state.nets, "stats": state.stats}
+    tree = {"nets": state.nets, "stats": state.stats, **({"prior": state.prior} if state.prior else {})}
     target = directory / "state"
     first = jax.process_index() == 0
     if first:
@@ -111,7 +112,8 @@ def save_editor(directory: Path, ecfg: EditorConfig, state: EditorState, meta: d
         if train_hashes is not None:
             (directory / TRAIN_REQUESTS).write_text(json.dumps({"hashes": list(train_hashes)}))
         record = {"editor": dataclasses.asdict(ecfg), **{k: v for k, v in meta.items() if k != "editor"},
-                  "state_sha256": checksum, "state_files_sha256": _files_sha256(directory / "state")}
+                  "state_sha256": checksum, "state_files_sha256": _files_sha256(directory / "state"),
+                  "has_prior": bool(state.prior)}
         # written last and whole: the folder is complete once editor.json exists
         write_json(directory / "editor.json", record, indent=1, default=str)
     _barrier(f"emsedit_jax save_editor {directory} done")
@@ -195,6 +197,8 @@ def load_editor(directory: str | Path, lcfg, model_name: str | None = None, mesh
                               "(they were changed or damaged after training); retrain or restore a copy")
     template = jax.eval_shape(lambda: init_editor(ecfg, lcfg, jax.random.key(0)))
     target = {"nets": template.nets, "stats": template.stats}
+    if record.get("has_prior"):      # C0 of an editor trained with a locality prior: the key memory's shapes
+        target["prior"] = jax.eval_shape(lambda: empty_key_gram(dataclasses.replace(ecfg, key_memory=1.0), lcfg))
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
@@ -218,4 +222,4 @@ def load_editor(directory: str | Path, lcfg, model_name: str | None = None, mesh
         raise CheckpointError(f"{directory / 'state'}: the arrays do not match the checksum in {record_file} "
                               "(the files were changed or damaged after training); retrain or restore a copy")
     stats = {k: Stats(*v) for k, v in restored["stats"].items()}
-    return ecfg, EditorState(restored["nets"], stats, empty_key_gram(ecfg, lcfg)), record
+    return ecfg, EditorState(restored["nets"], stats, empty_key_gram(ecfg, lcfg), {}, restored.get("prior", {})), record

@@ -173,8 +173,6 @@ class DemoRun:
     n_train: int = option(361, "training requests", check="positive")
     n_test: int = option(100, "test requests", check="positive")
     num_seq: int = option(10, "batches of 10 edits in the evaluated stream", check="positive")
-    key_memory: float = option(1.0, "also evaluate with this key memory MU (0: only the paper's solve)",
-                               check="nonneg", metavar="MU")
 
 
 # command -> its option groups as (section of the printed configuration, dataclass, fields left out)
@@ -667,7 +665,11 @@ def cmd_evaluate(args) -> dict:
             "prob_scores": ev.prob_scores if ev.prob_scores is not None else
             DATASET_METRIC.get(args.dataset) == "counterfact", **overlap}
     key_prior, prior_s = None, None
-    if ecfg.needs_prior:       # C0 from the training requests' preserved facts, never the test ones
+    # The C0 the editor was trained with, unless this evaluation asks for another one.
+    own_prior = bool(state.prior) and args.prior_source == (record.get("prior_source") or "loc") \
+        and ecfg.key_positions == record["editor"].get("key_positions", "answer")
+    info["prior_from_editor"] = ecfg.needs_prior and own_prior
+    if ecfg.needs_prior and not own_prior:  # C0 from the training requests' preserved facts, never the test ones
         if not train_reqs:
             raise ConfigError("--loc-prior / --null-space need training requests (the editor's --data split, or "
                               "--data with --test-data) to estimate C0 from")
@@ -801,9 +803,9 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    """Train EMSEdit on the shipped demo data with the embedded model, then evaluate
-    sequential editing on held-out requests and print the table: with the paper's ridge
-    solve, and (unless --key-memory 0) again with the key memory extension."""
+    """Train EMSEdit at the defaults on the shipped demo data with the embedded model,
+    then evaluate sequential editing on held-out requests and print the table, the
+    unedited model beside."""
     out = Path(args.out)
     common = ["--model", args.model, "--dataset", "demo", "--n-train", str(args.n_train), "--n-test",
               str(args.n_test), "--split-seed", "0"]
@@ -812,12 +814,8 @@ def cmd_demo(args) -> dict:
     epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     main(["train", *common, "--out", str(out), "--preset", args.preset, *epochs, "--n-edits", "10",
           "--num-seq", "10"])
-    evaluate = ["evaluate", "--editor", str(out / "editor"), *common, "--num-seq", str(args.num_seq), "--n-edits", "10"]
-    result = main([*evaluate, "--out", str(out / "results.json")])
-    if args.key_memory:
-        print(f"\nthe same editor with key memory {args.key_memory:g} (an extension, see README):")
-        result = main([*evaluate, "--key-memory", str(args.key_memory), "--out", str(out / "results_key_memory.json")])
-    return result
+    return main(["evaluate", "--editor", str(out / "editor"), *common, "--num-seq", str(args.num_seq), "--n-edits",
+                 "10", "--out", str(out / "results.json")])
 
 
 def cmd_plan(args) -> dict:

@@ -79,6 +79,8 @@ class EvalConfig:
         """The editor's config with this evaluation's key memory / locality prior."""
         overrides = {k: getattr(self, k) for k in ("key_memory", "loc_prior", "null_space")
                      if getattr(self, k) is not None}
+        if self.key_memory == 0 and self.loc_prior is None:
+            overrides["loc_prior"] = 0.0          # the paper's solve: the prior goes with the memory
         return dataclasses.replace(ecfg, **overrides) if overrides else ecfg
 SCORE_CHUNK = 25
 METRIC_NAMES = {"edit": "ES", "rephrase": "GS", "loc": "LS"}

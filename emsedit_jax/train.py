@@ -83,13 +83,14 @@ class TrainConfig:
 
 
 # Named sets of EditorConfig and TrainConfig values. "faithful" is the authors' setting:
-# linear step size eta_0 1e-6, beta 0.5 (applied squared), meta learning rate 1e-5 and
-# one Adam step per stream; with the embedded model it barely edits, so the defaults
-# use a larger step size, learnt in log space, and a weaker regulariser.
+# linear step size eta_0 1e-6, beta 0.5 (applied squared), meta learning rate 1e-5, one
+# Adam step per stream, rank 1024 and the paper's ridge solve (no key memory); with the
+# embedded model it barely edits, so the defaults use a larger step size, learnt in log
+# space, a weaker regulariser, rank 256 and the key memory with its locality prior.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "faithful": {"lr_init": 1e-6, "log_step_size": False, "beta": 0.5, "schedule": "faithful", "meta_lr": 1e-5,
-                 "epochs": 1},
+                 "epochs": 1, "rank": 1024, "key_memory": 0.0},
 }
 
 
@@ -187,8 +188,9 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     mesh; None: one device) places the LLM parameters, the batches, deltas and editor
     state on it (the same jitted step runs either way); `remat` recomputes the LLM
     layers' activations in the backward pass.
-    `key_prior`: C0 (evaluate.preserved_gram of the training requests), needed when
-    ecfg.loc_prior or ecfg.null_space is on: every stream starts from it, as at test time.
+    `key_prior`: C0 for ecfg.loc_prior / ecfg.null_space (None: evaluate.preserved_gram of
+    the training requests' locality prompts): every stream starts from it, as at test
+    time, and the saved editor keeps it (EditorState.prior).
     Selection by validation (tcfg.select_every > 0 and `val_split`, held-out training
     requests): before the first batch (the untrained editor), every select_every batches
     and at the end, the editor edits `val_split` with the training protocol and is
@@ -211,6 +213,10 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
                 "train_requests_sha256": hashlib.sha256(" ".join(hashes).encode()).hexdigest()}
     identity = claim_run(out, identity)
     lcfg = model.config
+    if ecfg.needs_prior and key_prior is None:
+        from .evaluate import preserved_gram
+        key_prior = preserved_gram(model, ecfg, split.requests, n_edits=tcfg.n_edits, progress=False,
+                                   chat_template=split.chat_template)
     model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
     plan = batch_plan(len(split), tcfg)
     # A stream of num_seq batches has at most num_seq - 1 earlier batches to remember.
@@ -298,6 +304,8 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
                    key=lambda x: x[0])
         state = best[1]
         meta = {"selected_after_batches": best[2], "selected_score": best[0]}
+    if ecfg.needs_prior:
+        state = state._replace(prior=dict(key_prior))
     if n_batches_run or not (out / "editor" / "editor.json").is_file():    # else: finished before, same run
         save_editor(out / "editor", ecfg, state, {**(run_meta or {}), **identity, **meta,
                                                   "train_seconds_per_edit": _per_edit(times, tcfg)}, hashes)

@@ -33,7 +33,7 @@ from emsedit_jax.models import load_model
 from emsedit_jax.models.layers import set_path
 from emsedit_jax.models.transformer import tensor_specs
 from emsedit_jax.pipeline import encode_split
-from emsedit_jax.train import TrainConfig, batch_plan, make_optimizer, train, train_step
+from emsedit_jax.train import TrainConfig, batch_plan, configs, make_optimizer, train, train_step
 
 # Two modules share the 16x24 hypernetwork (per-layer eta and lambda); one has its own (24x16).
 MODULES = ("model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj")
@@ -216,8 +216,13 @@ def test_cli_train_resolves_method_defaults():
     r2 = resolved("--method", "rledit", "--steps", "2", "--protocol", "batch")
     assert (r2.steps, r2.regulariser, r2.step_specific, r2.n_param_sets) == (2, "kl", False, 1)
     assert resolved("--method", "malmen", "--steps", "2").n_param_sets == 2
-    # The extensions are off unless asked for (RLEdit keeps its own memory depth).
-    assert (resolved().key_memory, resolved().back_depth, r.back_depth) == (0.0, 1, 10)
+    # EMSEdit's default solve has the key memory and its locality prior; the baselines keep
+    # their papers' solve, and --key-memory 0 is EMSEdit's (the prior goes with the memory).
+    # The other extensions are off unless asked for (RLEdit keeps its own memory depth).
+    assert (resolved().key_memory, resolved().loc_prior, r.key_memory, r.loc_prior) == (1.0, 20.0, 0.0, 0.0)
+    faithful = configs(MODULES, preset="faithful")[0]
+    assert (resolved("--key-memory", "0").loc_prior, faithful.key_memory, faithful.loc_prior) == (0.0, 0.0, 0.0)
+    assert (resolved().back_depth, r.back_depth) == (1, 10)
     assert (resolved("--key-memory", "1").key_memory, resolved("--back-depth", "4").memory_slots) == (1.0, 3)
     with pytest.raises(ValueError, match="rank-1"):
         resolved("--method", "mend", "--key-memory", "1")

@@ -140,7 +140,7 @@ def _dot(a, b):
 @pytest.mark.parametrize("step_specific", [True, False])
 def test_msbp_exact_gradient_matches_finite_differences(step_specific):
     with jax.enable_x64(True):
-        ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=2, steps=2, msbp="exact", step_specific=step_specific)
+        ecfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=4, n_blocks=2, steps=2, msbp="exact", step_specific=step_specific)
         params, state = _setup(ecfg, jnp.float64)
         edit, gen = tiny_batch(0), tiny_batch(1)
         loss, loss_grad = _loss_fns(ecfg)
@@ -156,7 +156,7 @@ def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
     """Detached MSBP differentiates the edit with every step's keys and value gradients
     held at their current values: check against finite differences of exactly that."""
     with jax.enable_x64(True):
-        ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=2, steps=2, msbp="detached")
+        ecfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=4, n_blocks=2, steps=2, msbp="detached")
         params, state = _setup(ecfg, jnp.float64)
         edit, gen = tiny_batch(0), tiny_batch(1)
         # Record the captures of each step at the current editor parameters.
@@ -195,9 +195,9 @@ def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
 
 
 def test_step_ranks_keep_each_step_at_its_rank():
-    ecfg = EditorConfig(modules=MODULES, rank=8, n_blocks=2, steps=3)
+    ecfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=8, n_blocks=2, steps=3)
     assert ecfg.step_ranks() == (8, 4, 2)
-    assert EditorConfig(modules=MODULES, rank=8, steps=3, step_specific=False).step_ranks() == (8,)
+    assert EditorConfig(key_memory=0.0, modules=MODULES, rank=8, steps=3, step_specific=False).step_ranks() == (8,)
     # Every kernel shape has one parameter set per step, each at its step's rank.
     state = init_editor(ecfg, TINY, jax.random.key(0))
     for sets in state.nets.values():
@@ -205,7 +205,7 @@ def test_step_ranks_keep_each_step_at_its_rank():
             [(r, r) for r in (8, 4, 2) for _ in range(2)]
     # In the T-step edit, step t runs parameter set t: changing set 1 leaves step 0's
     # update unchanged and changes step 1's.
-    ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2)
+    ecfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=4, n_blocks=1, steps=2)
     params, state = _setup(ecfg, jnp.float32)
     edit = jax.jit(lambda nets: multi_step_edit(ecfg, TINY, params, state._replace(nets=nets), tiny_batch(0),
                                                 zero_deltas(ecfg, TINY), n_answer=2)[2])
@@ -216,7 +216,7 @@ def test_step_ranks_keep_each_step_at_its_rank():
 
 
 def test_rollback_and_apply_are_exact():
-    ecfg = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.3)
+    ecfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.3)
     params, state = _setup(ecfg)
     original = jax.tree.map(lambda a: np.array(a), params)
     deltas, _, per_step = _edit(ecfg, TINY, params, state, tiny_batch(0), zero_deltas(ecfg, TINY), n_answer=2)
@@ -259,7 +259,7 @@ def test_key_memory_accumulates_the_streams_keys_and_shields_them():
     """Editing batch A then batch B: the memory after A is the Gram matrix of A's keys at
     its last step; with it, B's update moves the module outputs at A's keys less than the
     paper's solve does; a new stream starts from an empty memory."""
-    plain = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.5)
+    plain = EditorConfig(key_memory=0.0, modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.5)
     cfg = EditorConfig(**{**plain.__dict__, "key_memory": 10.0})
     params, state = _setup(cfg)
     assert init_editor(plain, TINY, jax.random.key(0)).key_gram == {}
@@ -316,8 +316,8 @@ def test_null_space_projection_leaves_the_protected_keys_outputs_unchanged():
     modules' outputs k^T (W + dW) at C0's keys equal k^T W to 1e-5, while the edit
     still moves the outputs at its own keys; P itself is an orthogonal projection."""
     with pytest.raises(ValueError, match="null_space"):
-        EditorConfig(modules=MODULES, null_space=1.0)
-    cfg = EditorConfig(modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.5, null_space=1e-4)
+        EditorConfig(key_memory=0.0, modules=MODULES, null_space=1.0)
+    cfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=4, n_blocks=1, steps=2, lr_init=0.5, null_space=1e-4)
     params, state = _setup(cfg)
     with pytest.raises(ValueError, match="preserved_gram"):
         new_stream(cfg, TINY, state)
@@ -359,7 +359,7 @@ def test_subject_key_slots_feed_the_edit_and_the_key_memory():
     token and at the answer slots (2 A slots per row), the value gradients there are
     the loss's gradients (nonzero at the subject token, which precedes the answer), and
     the key memory accumulates exactly those keys."""
-    cfg = EditorConfig(modules=MODULES[:1], rank=4, n_blocks=1, steps=1, lr_init=0.5, key_memory=1.0,
+    cfg = EditorConfig(modules=MODULES[:1], rank=4, n_blocks=1, steps=1, lr_init=0.5, key_memory=1.0, loc_prior=0.0,
                        key_positions="both")
     params, state = _setup(cfg)
     batch = tiny_batch(0)

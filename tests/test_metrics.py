@@ -74,7 +74,7 @@ def test_probability_scores_equal_hand_computed(tiny, torch_model):
                                       paraphrases=("w21 w20",), neighbours=("w30 w31", "w32"))]
     split = encode_split(tiny.tokenizer, reqs)
     probes = build_probes(tiny.tokenizer, reqs, prob_scores=True)
-    deltas = zero_deltas(EditorConfig(modules=MODULES), tiny.config)
+    deltas = zero_deltas(EditorConfig(key_memory=0.0, modules=MODULES), tiny.config)
     got = score_requests(tiny, split, [0, 1], deltas, "counterfact", probes=probes)
     tok = tiny.tokenizer
     for k, r in enumerate(reqs):
@@ -105,7 +105,7 @@ def test_portability_per_kind_and_lines_add_up(tiny, tmp_path):
             3: (("reasoning", "w46 w47 w48", "w49"),), 4: (("Subject_Aliasing", "w50", "w51 w52"),)}
     reqs = [dataclasses.replace(r, portability=port.get(i, ())) for i, r in enumerate(base)]
     split = encode_split(tiny.tokenizer, reqs)
-    cfg = EditorConfig(modules=MODULES, rank=8, n_blocks=1, lr_init=0.1)
+    cfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=8, n_blocks=1, lr_init=0.1)
     state = init_editor(cfg, tiny.config, jax.random.key(0))
     res = run_protocol(tiny, cfg, state, split, protocol="sequential", num_seq=2, n_edits=3, metric="counterfact",
                        progress=False, fluency_tokens=4)
@@ -143,7 +143,7 @@ def test_fluency_is_entropy_of_greedy_generation(tiny, torch_model):
         ids = torch.tensor([tok(p)["input_ids"]])
         ref = torch_model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert t == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
-    got = fluency_scores(tiny, reqs, np.array([0, 1]), zero_deltas(EditorConfig(modules=MODULES), tiny.config), 4)
+    got = fluency_scores(tiny, reqs, np.array([0, 1]), zero_deltas(EditorConfig(key_memory=0.0, modules=MODULES), tiny.config), 4)
     want0 = np.mean([M.generation_entropy(p + t) for p, t in zip(["w1 w2", "w3 w4 w5 w6"], texts[:2])])
     assert got[0] == pytest.approx(want0) and got[1] == pytest.approx(M.generation_entropy("w1 w2 w3" + texts[2]))
 

@@ -109,7 +109,7 @@ BAD_FLAGS = [
     (["--buckets", "0"], "argument --buckets: expected a whole number > 0, got '0'"),
     (["--n-edits", "0"], "argument --n-edits: expected a whole number > 0, got '0'"),
     (["--epochs", "1.5"], "argument --epochs: expected a whole number > 0, got '1.5'"),
-    (["--key-memory", "nan"], "argument --key-memory: expected a finite number >= 0, got 'nan'"),
+    (["--key-memory", "nan"], "argument --key-memory: expected a finite number >= 0 (or none), got 'nan'"),
 ]
 
 
@@ -137,7 +137,7 @@ def test_modules_and_paths_checked_before_the_model_loads(tiny_model_dir, tmp_pa
     base = ["train", "--model", str(tiny_model_dir), "--dataset", "demo", "--out", str(tmp_path / "run")]
     cases = [(["--layers", "abc"], "--layers abc: expected a layer or a range like 18-23"),
              (["--layers", "2-9"], "--layers: module 'model.layers.4.mlp.up_proj': layer 4 out of range"),
-             (["--module", "mlp.nope"], "--module: module 'model.layers.0.mlp.nope': 'mlp.nope' is not a linear"),
+             (["--module", "mlp.nope"], "--module: module 'model.layers.1.mlp.nope': 'mlp.nope' is not a linear"),
              (["--modules", "transformer.h.1.mlp.c_fc"], "--modules: module 'transformer.h.1.mlp.c_fc' is not of"),
              (["--method", "mend", "--key-memory", "1"], "--key-memory applies to the ridge solve")]
     for flags, message in cases:

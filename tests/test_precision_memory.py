@@ -40,7 +40,7 @@ def models(tiny_model_dir):
 
 
 def ecfg(**kw):
-    return EditorConfig(modules=MODULES, rank=8, n_blocks=1, lr_init=0.1, **kw)
+    return EditorConfig(modules=MODULES, rank=8, n_blocks=1, lr_init=0.1, **{"key_memory": 0.0, **kw})
 
 
 def batch_of(model, n, seed, max_row_len=512):

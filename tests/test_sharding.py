@@ -170,7 +170,7 @@ def test_cli_passes_mesh_remat_and_chunk(tiny_model_dir, tmp_path, monkeypatch):
     assert dict(seen["train"]["mesh"].shape) == {"data": 1, "fsdp": 1, "tensor": 1} and seen["train"]["remat"] is True
 
     model = load_model(tiny_model_dir, tokenizer=False)
-    ecfg = EditorConfig(modules=("model.layers.3.mlp.up_proj",), rank=4, n_blocks=1)
+    ecfg = EditorConfig(key_memory=0.0, modules=("model.layers.3.mlp.up_proj",), rank=4, n_blocks=1)
     save_editor(tmp_path / "editor", ecfg, init_editor(ecfg, model.config, jax.random.key(0)), {})
     out = main(["evaluate", *common, "--editor", str(tmp_path / "editor"), "--n-edits", "4", "--num-seq", "2",
                 "--mesh", "1x1", "--sharding", "tp", "--capture-chunk", "2"])

@@ -38,7 +38,7 @@ def tiny(tiny_model_dir):
 
 def ecfg(**kw):
     # The authors' linear step size and regulariser weight, which these tests were sized for.
-    return EditorConfig(modules=MODULES, rank=8, n_blocks=2, lr_init=0.1, log_step_size=False, beta=0.5, **kw)
+    return EditorConfig(modules=MODULES, rank=8, n_blocks=2, lr_init=0.1, log_step_size=False, beta=0.5, **{"key_memory": 0.0, **kw})
 
 
 def test_batch_plan_is_seeded_and_covers_epochs():
@@ -253,7 +253,7 @@ def test_key_memory_run_resumes_mid_stream(tiny, tmp_path):
     batch of a stream on, not before."""
     model, split = tiny
     tcfg = TrainConfig(n_edits=4, num_seq=3, epochs=1, meta_lr=1e-3, checkpoint_every=2)
-    cfg = ecfg(key_memory=1.0)
+    cfg = ecfg(key_memory=1.0, loc_prior=0.0)
     full = train(model, cfg, tcfg, split, tmp_path / "full", progress=False)
     # Killed after 5 batches: the checkpoint after batch 4 is in the middle of a stream.
     train(model, cfg, tcfg, split, tmp_path / "resumed", progress=False, stop_after=5)
@@ -283,6 +283,32 @@ def test_locality_gram_is_the_mean_outer_product_of_locality_keys(tiny):
     for i, m in enumerate(MODULES):
         u = np.asarray(cap.keys[m], np.float64).reshape(mask.size, -1)[mask]
         np.testing.assert_allclose(gram[i], u.T @ u / len(u), rtol=1e-4, atol=1e-6)
+
+
+def test_editor_keeps_the_prior_it_was_trained_with(tiny, tmp_path):
+    """Trained with a locality prior and no C0 given, `train` estimates C0 from the
+    training requests' locality prompts, saves it with the editor, and `load_editor`
+    gives it back: editing with the stored C0 is editing with the C0 computed again."""
+    from emsedit_jax.evaluate import preserved_gram
+    model, split = tiny
+    cfg = ecfg(key_memory=1.0, loc_prior=5.0)
+    res = train(model, cfg, TrainConfig(n_edits=4, num_seq=2, epochs=1, meta_lr=1e-3), split, tmp_path / "p",
+                progress=False)
+    c0 = preserved_gram(model, cfg, split.requests, n_edits=4, progress=False)
+    _, state, record = load_editor(tmp_path / "p" / "editor", model.config)
+    assert record["has_prior"] and set(state.prior) == set(c0)
+    for key in c0:
+        np.testing.assert_allclose(state.prior[key], c0[key], rtol=1e-6)
+        np.testing.assert_allclose(res.state.prior[key], c0[key], rtol=1e-6)
+    test = encode_split(model.tokenizer, synthetic_requests(8, seed=11))
+    kw = dict(protocol="sequential", num_seq=2, n_edits=4, metric="zsre", progress=False)
+    own = run_protocol(model, cfg, state, test, **kw)
+    given = run_protocol(model, cfg, state._replace(prior={}), test, key_prior=c0, **kw)
+    assert float(np.abs(np.asarray(own.deltas[MODULES[0]])).max()) > 0
+    for m in own.deltas:
+        np.testing.assert_allclose(own.deltas[m], given.deltas[m], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="holds no C0"):
+        run_protocol(model, cfg, state._replace(prior={}), test, **kw)
 
 
 def test_selection_by_validation_keeps_the_best_scored_editor(tiny, tmp_path):

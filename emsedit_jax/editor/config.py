@@ -16,11 +16,13 @@ METHODS = ("emsedit", "mend", "malmen", "rledit")
 
 # What distinguishes the methods when nothing else is overridden. Every other field
 # (rank, blocks, step size, ...) is shared, so the methods differ by configuration alone.
+# EMSEdit's default solve is the extension that keeps edits local (key memory 1 with
+# locality prior 20: experiments/README.md, "Defaults"); the baselines keep their papers'.
 METHOD_DEFAULTS: dict[str, dict] = {
-    "emsedit": {"steps": 2, "regulariser": "norm"},
-    "mend": {"steps": 1, "regulariser": "kl"},
-    "malmen": {"steps": 1, "regulariser": "kl"},
-    "rledit": {"steps": 1, "regulariser": "kl"},
+    "emsedit": {"steps": 2, "regulariser": "norm", "key_memory": 1.0, "loc_prior": 20.0},
+    "mend": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
+    "malmen": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
+    "rledit": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
 }
 
 
@@ -82,19 +84,21 @@ class EditorConfig:
                                check="positive", default_text="the method's: emsedit 2, the others 1")
     step_specific: bool = option(True, "one hypernetwork per edit step (sequential editing) instead of one shared",
                                  cli=False)
-    rank: int = option(1024, "rank of the hypernetworks (step t of a step-specific editor: rank // (t+1))",
+    rank: int = option(256, "rank of the hypernetworks (step t of a step-specific editor: rank // (t+1))",
                        check="positive")
     n_blocks: int = option(4, "residual blocks per hypernetwork", check="positive", flag="--blocks")
     lr_init: float = option(1e-3, "initial step size eta", check="positive")
     log_step_size: bool = option(True, "learn log(eta) rather than eta (the authors': off)")
     lamda_init: float = option(0.0, "initial log ridge weight lamda")
-    key_memory: float = option(0.0, "MU: ridge solve against the stream's earlier keys: dW = (U^T U + e^lamda I + "
-                               "MU G)^-1 U^T D, G = sum of the earlier batches' U^T U (0: the paper's solve; "
-                               "an extension)", check="nonneg", metavar="MU")
-    loc_prior: float = option(0.0, "NU: start each stream's key memory at NU C0, C0 the mean k k^T of the keys of "
-                              "the training requests' preserved facts (--prior-source): dW = (U^T U + e^lamda I + "
-                              "NU C0 + MU G)^-1 U^T D (needs --key-memory; an extension)", check="nonneg",
-                              metavar="NU")
+    key_memory: float | None = option(None, "MU: ridge solve against the stream's earlier keys: dW = (U^T U + "
+                                      "e^lamda I + MU G)^-1 U^T D, G = sum of the earlier batches' U^T U (0: the "
+                                      "paper's solve; an extension)", check="nonneg", metavar="MU",
+                                      default_text="the method's: emsedit 1, the others 0")
+    loc_prior: float | None = option(None, "NU: start each stream's key memory at NU C0, C0 the mean k k^T of the "
+                                     "keys of the training requests' preserved facts (--prior-source): dW = (U^T U "
+                                     "+ e^lamda I + NU C0 + MU G)^-1 U^T D (needs --key-memory; an extension)",
+                                     check="nonneg", metavar="NU",
+                                     default_text="the method's: emsedit 20, the others 0; 0 with --key-memory 0")
     null_space: float = option(0.0, "TAU: project every update onto the null space of C0: dW <- (I - V V^T) dW, V the "
                                "eigenvectors of C0 with eigenvalue above TAU times the largest (AlphaEdit's "
                                "projection; an extension; 0: none)", check="nonneg", metavar="TAU")
@@ -105,7 +109,7 @@ class EditorConfig:
                                                 "keys and value gradients, or exact gradients through them")
     regulariser: Literal["norm", "kl"] | None = option(None, "training regulariser",
                                                        default_text="the method's: emsedit norm, the others kl")
-    beta: float = option(1e-2, "weight of the norm regulariser (the authors': 0.5, squared)", check="nonneg")
+    beta: float = option(3e-3, "weight of the norm regulariser (the authors': 0.5, squared)", check="nonneg")
     loc_coef: float = option(0.6, "weight of the KL regulariser on locality prompts", check="nonneg")
     delta_coef: float = option(1e-4, "weight of sum ||dW||^2 beside the KL regulariser", check="nonneg")
     back_depth: int | None = option(None, "memory backtracking: add the weighted losses of the stream's last N-1 "
@@ -123,8 +127,10 @@ class EditorConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"EditorConfig.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
-        defaults = METHOD_DEFAULTS[self.method]
-        for name in ("steps", "regulariser"):
+        defaults = dict(METHOD_DEFAULTS[self.method])
+        if self.key_memory == 0 or (self.key_memory is None and defaults["key_memory"] == 0):
+            defaults["loc_prior"] = 0.0                # the paper's solve: no memory, no prior
+        for name in ("steps", "regulariser", "key_memory", "loc_prior"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, defaults[name])
         if self.back_depth is None:
@@ -217,16 +223,15 @@ def method_config(method: str, modules, steps: int | None = None, **overrides) -
 
 
 def default_modules(model_cfg) -> tuple[str, ...]:
-    """Six consecutive MLP input projections: layers 18-23 of a 30-layer LLaMA-style
-    model (0.6 of the depth), the last six layers of GPT-2 / GPT-J; for a Flax model
-    (--model package.module:factory), the edit paths its factory gave `from_nnx` /
-    `from_linen`."""
+    """The MLP input projections of the last three layers of a LLaMA-style model (27-29
+    of the embedded 30-layer model: experiments/README.md, "Defaults"), of the last six
+    of GPT-2 / GPT-J (the paper's); for a Flax model (--model package.module:factory),
+    the edit paths its factory gave `from_nnx` / `from_linen`."""
     from ..models.transformer import builtin
     if not builtin(model_cfg):
         return model_cfg.modules
     n = model_cfg.num_layers
     if model_cfg.family == "llama":
-        start = min(max(0, round(0.6 * n)), max(0, n - 6))
-        return tuple(f"model.layers.{i}.mlp.up_proj" for i in range(start, min(n, start + 6)))
+        return tuple(f"model.layers.{i}.mlp.up_proj" for i in range(max(0, n - 3), n))
     module = "mlp.c_fc" if model_cfg.family == "gpt2" else "mlp.fc_in"
     return tuple(f"transformer.h.{i}.{module}" for i in range(max(0, n - 6), n))

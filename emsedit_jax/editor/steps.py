@@ -8,7 +8,10 @@ parameter sets per kernel shape), `stats` (normaliser statistics, stacked on a l
 P axis) and, with key memory (EditorConfig.key_memory > 0), `key_gram`: per kernel shape,
 the Gram matrices (K, d_in, d_in) of the keys edited so far in the current stream, and
 with EditorConfig.null_space > 0, `protect`: the projections P (K, d_in, d_in) applied
-to every update (null_space_projection). All plain pytrees.
+to every update (null_space_projection). A trained editor with a locality prior
+(EditorConfig.loc_prior / null_space) also holds `prior`: C0, the preserved keys' mean
+k k^T it was trained with, from which `new_stream` starts every stream (and which the
+stream's own state then drops). All plain pytrees.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class EditorState(NamedTuple):
     stats: dict[str, normalizer.Stats]     # shape key -> normaliser stats, leading axis P
     key_gram: dict[str, Array] = {}        # shape key -> (K, d_in, d_in); {} without key memory
     protect: dict[str, Array] = {}         # shape key -> (K, d_in, d_in) projections P; {} without null_space
+    prior: dict[str, Array] = {}           # shape key -> C0 (K, d_in, d_in) of a trained editor; {} otherwise
 
 
 def groups(ecfg: EditorConfig, lcfg: ModelConfig) -> dict[str, tuple[str, ...]]:
@@ -82,14 +86,18 @@ def new_stream(ecfg: EditorConfig, lcfg: ModelConfig, state: EditorState,
                prior: Mapping[str, Array] | None = None) -> EditorState:
     """`state` for editing a fresh model: the key memory emptied (nets, stats kept), or,
     with ecfg.loc_prior = nu > 0, set to (nu / mu) * prior, `prior` mapping shape key ->
-    (K, d_in, d_in) mean k k^T of unrelated prompts' keys (evaluate.preserved_gram);
-    with ecfg.null_space > 0 also the projections onto the null space of `prior`."""
-    state = state._replace(key_gram=empty_key_gram(ecfg, lcfg), protect={})
+    (K, d_in, d_in) mean k k^T of unrelated prompts' keys (evaluate.preserved_gram;
+    None: the editor's own, `state.prior`); with ecfg.null_space > 0 also the
+    projections onto the null space of `prior`. The returned stream state holds no
+    `prior` (the jitted steps never need it)."""
+    if prior is None and state.prior:
+        prior = state.prior
+    state = state._replace(key_gram=empty_key_gram(ecfg, lcfg), protect={}, prior={})
     if not ecfg.needs_prior:
         return state
     if prior is None:
-        raise ValueError("loc_prior / null_space is on but no prior Gram matrices were given: compute them with "
-                         "evaluate.preserved_gram(model, ecfg, requests)")
+        raise ValueError("loc_prior / null_space is on but the editor holds no C0 and none was given: compute it "
+                         "with evaluate.preserved_gram(model, ecfg, requests)")
     shapes = {key: (len(names), *(module_shape(lcfg, names[0])[0],) * 2) for key, names in groups(ecfg, lcfg).items()}
     if set(prior) != set(shapes) or any(tuple(prior[k].shape) != shapes[k] for k in shapes):
         raise ValueError(f"prior Gram matrices of shapes { {k: v.shape for k, v in prior.items()} } do not match "
