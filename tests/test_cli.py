@@ -67,16 +67,20 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "curve.png").stat().st_size > 0 and len(out["curve"]) == 2
     printed = capsys.readouterr().out
     assert "| unedited |" in printed and "configuration:" in printed
-    # The key memory and the locality prior are test-time choices: the same editor
-    # evaluated with them, recorded; C0 comes from the 24 training requests.
+    # The default solve has the key memory and the locality prior, whose C0 the editor
+    # keeps from training; the paper's solve is one flag away, and another C0 source is
+    # estimated again from the 24 training requests.
+    ev = ["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4", "--quiet"]
+    assert (saved["editor"]["key_memory"], saved["editor"]["loc_prior"], saved["prior_from_editor"]) == (1.0, 20.0, True)
+    assert saved["timing"]["loc_prior_seconds"] is None
     with pytest.raises(ConfigError, match="needs --key-memory"):
-        main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--loc-prior", "3", "--quiet"])
-    km = main(["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4",
-               "--key-memory", "1", "--loc-prior", "3", "--quiet"])
-    assert saved["editor"]["key_memory"] == 0 and km["editor"]["key_memory"] == 1.0
-    assert saved["editor"]["loc_prior"] == 0 and km["editor"]["loc_prior"] == 3.0
-    assert km["config"]["evaluate"]["key_memory"] == 1.0 and km["loc_prior_requests"] == 24 and km["timing"]["loc_prior_seconds"] > 0
-    assert km["baseline"] == out["baseline"] and km["n_requests"] == 8
+        main([*ev, "--key-memory", "0", "--loc-prior", "3"])
+    paper = main([*ev, "--key-memory", "0"])
+    assert (paper["editor"]["key_memory"], paper["editor"]["loc_prior"], paper["prior_from_editor"]) == (0, 0, False)
+    assert paper["metrics"] != saved["metrics"] and paper["baseline"] == out["baseline"]
+    wide = main([*ev, "--loc-prior", "3", "--prior-source", "wide"])
+    assert wide["editor"]["loc_prior"] == 3.0 and wide["loc_prior_requests"] == 24
+    assert wide["timing"]["loc_prior_seconds"] > 0 and wide["n_requests"] == 8
 
     res = main(["edit", "--editor", str(tmp_path / "run" / "editor"),     # --model: the editor's
                 "--fact", "w1 w2 w3", "w4", "--save", str(tmp_path / "edited")])
@@ -109,7 +113,7 @@ def test_cli_bad_data_stops_before_work(tiny_model_dir, tmp_path):
 def test_module_selection():
     cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
                                    num_hidden_layers=30, num_attention_heads=2))
-    assert default_modules(cfg) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(18, 24))
+    assert default_modules(cfg) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(27, 30))
     assert parse_modules(None, "3-4", "mlp.down_proj", cfg) == ("model.layers.3.mlp.down_proj", "model.layers.4.mlp.down_proj")
     assert parse_modules("model.layers.1.self_attn.o_proj", None, None, cfg) == ("model.layers.1.self_attn.o_proj",)
 
