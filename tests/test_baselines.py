@@ -223,6 +223,9 @@ def test_cli_train_resolves_method_defaults():
     faithful = configs(MODULES, preset="faithful")[0]
     assert (resolved("--key-memory", "0").loc_prior, faithful.key_memory, faithful.loc_prior) == (0.0, 0.0, 0.0)
     assert (resolved().back_depth, r.back_depth) == (1, 10)
+    # EMSEdit's batch editor (one shared hypernetwork) takes 8 steps unless told otherwise.
+    assert (resolved("--protocol", "batch").steps, resolved("--protocol", "batch", "--steps", "3").steps) == (8, 3)
+    assert resolved("--method", "malmen", "--protocol", "batch").steps == 1
     assert (resolved("--key-memory", "1").key_memory, resolved("--back-depth", "4").memory_slots) == (1.0, 3)
     with pytest.raises(ValueError, match="rank-1"):
         resolved("--method", "mend", "--key-memory", "1")

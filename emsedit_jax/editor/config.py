@@ -18,8 +18,10 @@ METHODS = ("emsedit", "mend", "malmen", "rledit")
 # (rank, blocks, step size, ...) is shared, so the methods differ by configuration alone.
 # EMSEdit's default solve is the extension that keeps edits local (key memory 1 with
 # locality prior 20: experiments/README.md, "Defaults"); the baselines keep their papers'.
+# A shared hypernetwork (step_specific=False, the batch protocol's) takes "shared_steps"
+# steps: one batch of hundreds of edits needs more steps than a batch of ten.
 METHOD_DEFAULTS: dict[str, dict] = {
-    "emsedit": {"steps": 2, "regulariser": "norm", "key_memory": 1.0, "loc_prior": 20.0},
+    "emsedit": {"steps": 2, "shared_steps": 8, "regulariser": "norm", "key_memory": 1.0, "loc_prior": 20.0},
     "mend": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
     "malmen": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
     "rledit": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
@@ -32,8 +34,8 @@ class EditorConfig:
 
     method:        emsedit | mend | malmen | rledit.
     modules:       edited linear modules, Hugging Face names.
-    steps:         T, edit steps per request batch (EMSEdit default 2; baselines 1,
-                   "Method²" = the same method with steps=2).
+    steps:         T, edit steps per request batch (EMSEdit default 2, 8 with a shared
+                   hypernetwork; baselines 1, "Method²" = the same method with steps=2).
     step_specific: one hypernetwork per step (sequential editing; step t has rank
                    rank // (t+1)) or one shared by all steps (batch editing).
     msbp:          "detached" (the paper's: keys and value gradients of each step are
@@ -81,7 +83,8 @@ class EditorConfig:
     modules: tuple[str, ...] = option(help="edited linear modules, Hugging Face names", cli=False)
     method: Literal["emsedit", "mend", "malmen", "rledit"] = option("emsedit", "editing method")
     steps: int | None = option(None, "edit steps T per batch (--method malmen --steps 2 is MALMEN²)",
-                               check="positive", default_text="the method's: emsedit 2, the others 1")
+                               check="positive",
+                               default_text="the method's: emsedit 2 (8 for the batch protocol), the others 1")
     step_specific: bool = option(True, "one hypernetwork per edit step (sequential editing) instead of one shared",
                                  cli=False)
     rank: int = option(256, "rank of the hypernetworks (step t of a step-specific editor: rank // (t+1))",
@@ -130,6 +133,8 @@ class EditorConfig:
         defaults = dict(METHOD_DEFAULTS[self.method])
         if self.key_memory == 0 or (self.key_memory is None and defaults["key_memory"] == 0):
             defaults["loc_prior"] = 0.0                # the paper's solve: no memory, no prior
+        if not self.step_specific:
+            defaults["steps"] = defaults.get("shared_steps", defaults["steps"])
         for name in ("steps", "regulariser", "key_memory", "loc_prior"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, defaults[name])
