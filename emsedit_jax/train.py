@@ -84,13 +84,14 @@ class TrainConfig:
 
 # Named sets of EditorConfig and TrainConfig values. "faithful" is the authors' setting:
 # linear step size eta_0 1e-6, beta 0.5 (applied squared), meta learning rate 1e-5, one
-# Adam step per stream, rank 1024 and the paper's ridge solve (no key memory); with the
-# embedded model it barely edits, so the defaults use a larger step size, learnt in log
-# space, a weaker regulariser, rank 256 and the key memory with its locality prior.
+# Adam step per stream, rank 1024, T = 2 and the paper's ridge solve (no key memory);
+# with the embedded model it barely edits, so the defaults use a larger step size, learnt
+# in log space, a weaker regulariser, rank 256, T = 3 and the key memory with its
+# locality prior.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "faithful": {"lr_init": 1e-6, "log_step_size": False, "beta": 0.5, "schedule": "faithful", "meta_lr": 1e-5,
-                 "epochs": 1, "rank": 1024, "key_memory": 0.0},
+                 "epochs": 1, "rank": 1024, "key_memory": 0.0, "steps": 2},
 }
 
 

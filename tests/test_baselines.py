@@ -181,7 +181,7 @@ def test_method_squared_differs_by_configuration_alone():
         two = method_config(name, MODULES, steps=2)
         assert two == dataclasses.replace(base, steps=2) == method_config(f"{name}2", MODULES)
     ems = method_config("emsedit", MODULES)
-    assert (ems.steps, ems.regulariser) == (2, "norm")
+    assert (ems.steps, ems.regulariser) == (3, "norm")
     assert parse_method("rledit2") == ("rledit", 2) and parse_method("mend") == ("mend", None)
     with pytest.raises(ValueError):
         method_config("malmen2", MODULES, steps=3)
@@ -210,7 +210,7 @@ def test_cli_train_resolves_method_defaults():
         args = parser.parse_args(["train", "--out", "x", *extra])
         return cli.train_editor_config(args, TINY)
 
-    assert (resolved().method, resolved().steps, resolved().regulariser) == ("emsedit", 2, "norm")
+    assert (resolved().method, resolved().steps, resolved().regulariser) == ("emsedit", 3, "norm")
     r = resolved("--method", "rledit")
     assert (r.steps, r.regulariser, r.step_specific) == (1, "kl", True)
     r2 = resolved("--method", "rledit", "--steps", "2", "--protocol", "batch")

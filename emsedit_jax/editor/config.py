@@ -21,7 +21,7 @@ METHODS = ("emsedit", "mend", "malmen", "rledit")
 # A shared hypernetwork (step_specific=False, the batch protocol's) takes "shared_steps"
 # steps: one batch of hundreds of edits needs more steps than a batch of ten.
 METHOD_DEFAULTS: dict[str, dict] = {
-    "emsedit": {"steps": 2, "shared_steps": 8, "regulariser": "norm", "key_memory": 1.0, "loc_prior": 20.0},
+    "emsedit": {"steps": 3, "shared_steps": 8, "regulariser": "norm", "key_memory": 1.0, "loc_prior": 20.0},
     "mend": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
     "malmen": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
     "rledit": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
@@ -34,8 +34,9 @@ class EditorConfig:
 
     method:        emsedit | mend | malmen | rledit.
     modules:       edited linear modules, Hugging Face names.
-    steps:         T, edit steps per request batch (EMSEdit default 2, 8 with a shared
-                   hypernetwork; baselines 1, "Method²" = the same method with steps=2).
+    steps:         T, edit steps per request batch (EMSEdit default 3, the paper's 2, and 8
+                   with a shared hypernetwork; baselines 1, "Method²" = the same method
+                   with steps=2).
     step_specific: one hypernetwork per step (sequential editing; step t has rank
                    rank // (t+1)) or one shared by all steps (batch editing).
     msbp:          "detached" (the paper's: keys and value gradients of each step are
@@ -84,7 +85,7 @@ class EditorConfig:
     method: Literal["emsedit", "mend", "malmen", "rledit"] = option("emsedit", "editing method")
     steps: int | None = option(None, "edit steps T per batch (--method malmen --steps 2 is MALMEN²)",
                                check="positive",
-                               default_text="the method's: emsedit 2 (8 for the batch protocol), the others 1")
+                               default_text="the method's: emsedit 3 (8 for the batch protocol), the others 1")
     step_specific: bool = option(True, "one hypernetwork per edit step (sequential editing) instead of one shared",
                                  cli=False)
     rank: int = option(256, "rank of the hypernetworks (step t of a step-specific editor: rank // (t+1))",
