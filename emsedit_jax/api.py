@@ -196,16 +196,23 @@ def train_editor(model: Model, data, config: TrainConfig | None = None, *,
     (default: EMSEdit on `default_modules(model.config)`, step-specific for the
     sequential protocol); `ej.configs(modules, preset="faithful")` gives both for a
     preset. `out`: run folder (checkpoints, then out/editor); None trains in a
-    temporary folder."""
+    temporary folder. With `config.select_every` (the batch protocol's default) the last
+    requests (one validation stream or batch) are held out and the best scored editor
+    is kept, as `emsedit-jax train` does."""
     config = config or TrainConfig()
     if editor_config is None:
         editor_config = method_config("emsedit", default_modules(model.config),
                                       step_specific=config.protocol == "sequential")
     requests = _data(model, data, format)
+    val = None
+    n_val = config.n_edits * (config.num_seq if config.protocol == "sequential" else 1)
+    if config.select_every and len(requests) >= n_val + config.n_edits:
+        requests, val = requests[:-n_val], encode_split(model.tokenizer, requests[-n_val:])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if out is None else out)
         _train(model, editor_config, config, encode_split(model.tokenizer, requests), folder,
-               run_meta={"model_name": str(model.path)}, model_name=str(model.path), progress=progress)
+               run_meta={"model_name": str(model.path)}, model_name=str(model.path), progress=progress,
+               val_split=val)
         hashes = trained_hashes(folder / "editor")
         ecfg, state, record = _load_editor_folder(folder / "editor", model.config, model_name=str(model.path))
     return Editor(ecfg, state, record, None if hashes is None else sorted(hashes))

@@ -70,11 +70,14 @@ class TrainConfig:
     max_row_len: int = option(512, "packed row length cap (tokens)", check="positive")
     buckets: int = option(1, "distinct batch shapes to compile: more buckets, less padding, more compiles "
                           "(RLEdit's memory needs 1)", check="positive")
-    select_every: int = option(0, "hold out the last --n-val training requests and score the editor on them before "
-                               "training and every BATCHES batches; keep the best (ES + GS + LS) editor (0: none)",
-                               check="nonneg", metavar="BATCHES")
+    select_every: int | None = option(
+        None, "hold out the last --n-val training requests and score the editor on them before training and every "
+        "BATCHES batches; keep the best (ES + GS + LS) editor (0: none)", check="nonneg", metavar="BATCHES",
+        default_text="1 for the batch protocol (meta-training can make its editor worse), 0 for sequential")
 
     def __post_init__(self):
+        if self.select_every is None:
+            object.__setattr__(self, "select_every", 1 if self.protocol == "batch" else 0)
         check_fields(self)
 
     @property
@@ -246,7 +249,7 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     times, compile_s, n_batches_run, compiled = [], 0.0, 0, set()
     only_steps = list(range(ecfg.steps)) if (tcfg.schedule == "faithful" and tcfg.protocol == "batch") else [None]
     memory = None
-    select = tcfg.select_every > 0 and val_split is not None
+    select = tcfg.select_every > 0 and val_split is not None and len(val_split) > 0
     best = _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, done, history, mesh) if select else None
     for epoch in range(position[0], tcfg.epochs):
         first = position[1] if epoch == position[0] else 0
