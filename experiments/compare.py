@@ -107,6 +107,8 @@ def parse_overrides(items: list[str]) -> dict:
 def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed: int, splits, opts) -> dict:
     """Trains (or resumes, or reuses a finished editor) and evaluates one run."""
     num_seq, n_edits = (opts.num_seq, opts.n_edits) if protocol == "sequential" else (1, opts.batch_n_edits)
+    eval_seq, eval_edits = (opts.eval_num_seq or num_seq, n_edits) if protocol == "sequential" else \
+        (1, opts.eval_batch_n_edits or n_edits)
     ecfg, tcfg = editor_and_train_config(method, protocol, n_edits, num_seq, opts.epochs, seed, opts.rank,
                                          opts.blocks, model.config, opts.preset, opts.layers, opts.overrides)
     train_split, test_split, train_reqs = splits
@@ -120,7 +122,14 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
     else:
         prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) if ecfg.needs_prior \
             else None
+        val_split = None
+        if tcfg.select_every:     # as `emsedit-jax train --select-every`: the last requests are held out
+            n_val = n_edits * num_seq
+            keep = list(range(len(train_split) - n_val))
+            val_split = encode_split(model.tokenizer, train_reqs[len(keep):])
+            train_split = encode_split(model.tokenizer, train_reqs[:len(keep)])
         res = train(model, ecfg, tcfg, train_split, run_dir, progress=opts.progress, key_prior=prior,
+                    val_split=val_split, metric=cli.DATASET_METRIC[dataset],
                     run_meta={"method": method, "dataset": dataset, "split_seed": SPLIT_SEED})
         state, train_s, train_compile_s = res.state, res.seconds_per_edit, res.compile_seconds
     t1 = time.perf_counter()
@@ -129,14 +138,14 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
     if opts.edit_overrides:      # editor fields changed at edit time only
         ecfg = dataclasses.replace(ecfg, **opts.edit_overrides)
     prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) if ecfg.needs_prior else None
-    ev = run_protocol(model, ecfg, state, test_split, protocol=protocol, num_seq=num_seq, n_edits=n_edits,
+    ev = run_protocol(model, ecfg, state, test_split, protocol=protocol, num_seq=eval_seq, n_edits=eval_edits,
                       metric=cli.DATASET_METRIC[dataset], progress=opts.progress, key_prior=prior)
     return {"method": label(method, opts.key_memory, opts.tag), "dataset": dataset, "protocol": protocol, "seed": seed,
             "metrics": ev.metrics, "baseline": ev.baseline, "n_requests": ev.n_requests,
             "train_seconds_per_edit": train_s, "train_compile_seconds": train_compile_s,
             "edit_seconds_per_edit": ev.edit_seconds_per_edit, "edit_compile_seconds": ev.edit_compile_seconds,
             "train_wall_seconds": t1 - t0, "eval_wall_seconds": time.perf_counter() - t1,
-            "num_seq": num_seq, "n_edits": n_edits, "n_train": len(train_split),
+            "num_seq": eval_seq, "n_edits": eval_edits, "n_train": len(train_split),
             "editor": dataclasses.asdict(ecfg), "train": dataclasses.asdict(tcfg)}
 
 
@@ -222,14 +231,19 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                     help="any EditorConfig / TrainConfig field, e.g. --set beta=3e-3 (repeatable)")
     ap.add_argument("--edit-set", action="append", default=[], metavar="FIELD=VALUE", dest="edit_overrides",
-                    help="an EditorConfig field changed at edit time only (repeatable); scores go to "
-                         "result_<tag>.json with --tag")
-    ap.add_argument("--tag", help="name of the edit-time variant (result_<tag>.json, compare_<tag>.md)")
+                    help="an EditorConfig field changed at edit time only (repeatable; needs --tag)")
+    ap.add_argument("--eval-num-seq", type=int, metavar="N",
+                    help="sequential protocol: evaluate the editors (trained on --num-seq streams) on streams of N "
+                         "batches (needs --tag)")
+    ap.add_argument("--eval-batch-n-edits", type=int, metavar="N",
+                    help="batch protocol: evaluate the editors on one batch of N requests (needs --tag)")
+    ap.add_argument("--tag", help="name of an evaluation variant (--edit-set, --eval-*): the trained editors are "
+                                  "reused and the scores go to result_<tag>.json and compare_<tag>.md")
     ap.add_argument("--progress", action="store_true", help="progress bars within runs")
     opts = ap.parse_args(argv)
     opts.overrides = parse_overrides(opts.overrides)
     opts.edit_overrides = parse_overrides(opts.edit_overrides)
-    if opts.edit_overrides and not opts.tag:
+    if (opts.edit_overrides or opts.eval_num_seq or opts.eval_batch_n_edits) and not opts.tag:
         raise SystemExit("--edit-set needs --tag (the trained editors are reused; their scores are kept apart)")
     preset = QUICK if opts.quick else {}
     for key, value in FULL.items():
@@ -244,8 +258,8 @@ def main(argv=None):
         raise SystemExit(f"unknown dataset(s) {unknown}; choose from {', '.join(DATASETS)}")
     protocols = [p.strip() for p in opts.protocols.split(",") if p.strip()]
     seeds = [int(s) for s in opts.seeds.split(",") if s.strip()]
-    n_test = max(opts.num_seq * opts.n_edits if "sequential" in protocols else 0,
-                 opts.batch_n_edits if "batch" in protocols else 0)
+    n_test = max((opts.eval_num_seq or opts.num_seq) * opts.n_edits if "sequential" in protocols else 0,
+                 (opts.eval_batch_n_edits or opts.batch_n_edits) if "batch" in protocols else 0)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
 
