@@ -90,7 +90,7 @@ def test_nnx_model_equals_builtin_llama(pair):
 
     # The deltas of a two-step EMSEdit edit with the key memory.
     def deltas_of(m, modules):
-        ecfg = method_config("emsedit", modules, rank=8, n_blocks=1, lr_init=0.1, key_memory=1.0)
+        ecfg = method_config("emsedit", modules, steps=2, rank=8, n_blocks=1, lr_init=0.1, key_memory=1.0)
         state = init_editor(ecfg, m.config, jax.random.key(0))
         out, _ = edit_batch(state, m.params, batch, zero_deltas(ecfg, m.config), ecfg=ecfg, lcfg=m.config,
                             n_answer=n_answer)
