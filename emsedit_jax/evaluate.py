@@ -53,6 +53,8 @@ class EvalConfig:
     num_seq: int = option(10, "batches of a sequential stream (batch protocol: 1)", check="positive")
     n_edits: int = option(10, "requests per edit batch", check="positive")
     full_curve: bool = option(False, "score after every batch of the stream")
+    curve_every: int = option(1, "with --full-curve (or --plot), score after every N-th batch (and the last)",
+                              check="positive", metavar="N")
     buckets: int = option(1, "distinct edit-batch shapes to compile (less padding, more compiles)", check="positive")
     capture_chunk: int | None = option(None, "capture keys and value gradients in microbatches of ROWS packed rows "
                                        "(less memory, same result)", check="positive", metavar="ROWS",
@@ -429,6 +431,7 @@ def per_request_lines(result: EvalResult, requests) -> list[dict[str, Any]]:
 def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: EncodedSplit, *,
                  protocol: Literal["sequential", "batch"], num_seq: int, n_edits: int, metric: Metric,
                  full_curve: bool = False, progress: bool = True, mesh=None, remat: bool = False,
+                 curve_every: int = 1,
                  capture_chunk: int | None = None, buckets: int = 1,
                  key_prior: dict[str, jax.Array] | None = None, prob_scores: bool | None = None,
                  fluency_tokens: int = 0) -> EvalResult:
@@ -444,11 +447,13 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
     `key_prior`: C0 (preserved_gram), needed with ecfg.loc_prior or ecfg.null_space.
     The first batch of each layout compiles it: its time is reported apart."""
     with use_mesh(mesh):
-        return _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, progress,
+        return _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, curve_every,
+                             progress,
                              mesh, remat, capture_chunk, buckets, key_prior, prob_scores, fluency_tokens)
 
 
-def _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, progress, mesh, remat,
+def _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, curve_every, progress,
+                  mesh, remat,
                   capture_chunk, buckets, key_prior, prob_scores, fluency_tokens) -> EvalResult:
     lcfg = model.config
     model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
@@ -485,7 +490,7 @@ def _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric,
             compiled.add(layout)
         else:
             times.append(dt)
-        if full_curve and i < num_seq - 1:
+        if full_curve and i < num_seq - 1 and (i + 1) % curve_every == 0:
             curve.append({"batches": i + 1, **summarise(score(np.arange((i + 1) * n_edits), deltas))})
     per_request = score(edited, deltas, fluency_tokens=fluency_tokens)
     per_request_baseline = score(edited, zero_deltas(ecfg, model.config), fluency_tokens=fluency_tokens)

@@ -36,6 +36,10 @@ def tiny(tiny_model_dir):
     return model, encode_split(model.tokenizer, synthetic_requests(40, seed=1))
 
 
+def synthetic_split(model, n, seed=11):
+    return encode_split(model.tokenizer, synthetic_requests(n, seed=seed))
+
+
 def ecfg(**kw):
     # The authors' linear step size and regulariser weight, which these tests were sized for.
     return EditorConfig(modules=MODULES, rank=8, n_blocks=2, lr_init=0.1, log_step_size=False, beta=0.5, **{"key_memory": 0.0, **kw})
@@ -309,6 +313,13 @@ def test_editor_keeps_the_prior_it_was_trained_with(tiny, tmp_path):
         np.testing.assert_allclose(own.deltas[m], given.deltas[m], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="holds no C0"):
         run_protocol(model, cfg, state._replace(prior={}), test, **kw)
+    # A sparser curve: every second batch and the last, each point the edited requests so far.
+    sparse = run_protocol(model, cfg, state, test, **{**kw, "num_seq": 2, "n_edits": 3}, full_curve=True,
+                          curve_every=2)
+    assert [p["batches"] for p in sparse.curve] == [2]
+    every = run_protocol(model, cfg, state, synthetic_split(model, 9), protocol="sequential", num_seq=3, n_edits=3,
+                         metric="zsre", progress=False, full_curve=True, curve_every=2)
+    assert [p["batches"] for p in every.curve] == [2, 3]
 
 
 def test_selection_by_validation_keeps_the_best_scored_editor(tiny, tmp_path):
