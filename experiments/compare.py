@@ -42,6 +42,7 @@ from emsedit_jax import cli
 from emsedit_jax.checkpoint import load_editor
 from emsedit_jax.data import check_lengths, load_requests, split_requests
 from emsedit_jax.editor.config import default_modules, parse_method
+from emsedit_jax.editor.steps import init_editor
 from emsedit_jax.evaluate import preserved_gram, run_protocol
 from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
@@ -114,7 +115,9 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
     train_split, test_split, train_reqs = splits
     t0 = time.perf_counter()
     editor_dir = run_dir / "editor"
-    if (editor_dir / "editor.json").is_file():
+    if opts.untrained:          # the identity hypernetworks at the initial step size: what training starts from
+        state, train_s, train_compile_s = init_editor(ecfg, model.config, jax.random.key(seed)), None, None
+    elif (editor_dir / "editor.json").is_file():
         ecfg_saved, state, record = load_editor(editor_dir, model.config)
         if ecfg_saved != ecfg:
             raise ValueError(f"{editor_dir} holds an editor of another configuration; delete it")
@@ -239,11 +242,13 @@ def main(argv=None):
                     help="batch protocol: evaluate the editors on one batch of N requests (needs --tag)")
     ap.add_argument("--tag", help="name of an evaluation variant (--edit-set, --eval-*): the trained editors are "
                                   "reused and the scores go to result_<tag>.json and compare_<tag>.md")
+    ap.add_argument("--untrained", action="store_true",
+                    help="evaluate untrained editors (identity hypernetworks; needs --tag)")
     ap.add_argument("--progress", action="store_true", help="progress bars within runs")
     opts = ap.parse_args(argv)
     opts.overrides = parse_overrides(opts.overrides)
     opts.edit_overrides = parse_overrides(opts.edit_overrides)
-    if (opts.edit_overrides or opts.eval_num_seq or opts.eval_batch_n_edits) and not opts.tag:
+    if (opts.edit_overrides or opts.eval_num_seq or opts.eval_batch_n_edits or opts.untrained) and not opts.tag:
         raise SystemExit("--edit-set needs --tag (the trained editors are reused; their scores are kept apart)")
     preset = QUICK if opts.quick else {}
     for key, value in FULL.items():
@@ -297,7 +302,7 @@ def main(argv=None):
         tmp.replace(result_file)
         results.append(res)
         scores = " ".join(f"{k} {res['metrics'][k]:.1f} (unedited {res['baseline'][k]:.1f})" for k in METRICS)
-        print(f"{tag}: {scores}; train {res['train_seconds_per_edit']:.3f} s/edit, edit "
+        print(f"{tag}: {scores}; train {res['train_seconds_per_edit'] or float('nan'):.3f} s/edit, edit "
               f"{res['edit_seconds_per_edit']:.3f} s/edit, {time.perf_counter() - t0:.0f} s", flush=True)
 
     env = f"{opts.model}, jax {jax.__version__} on {jax.default_backend()}, n_train {opts.n_train}"
