@@ -2,7 +2,7 @@
 
 The ZsRE sequential protocol as the CLI runs it: the 500 training requests of the seeded
 split in the batches of one epoch of the training plan (batches of `--n-edits`), and the
-10 test batches of the 10 x 10 protocol; T = 2 edit steps. The jitted training step
+10 test batches of the 10 x 10 protocol; T edit steps per configuration. The jitted training step
 (edit + paraphrase loss + gradient + Adam update) and the jitted edit step (T steps of
 capture -> hypernetwork -> ridge solve) cost the same for every batch of one shape, so
 each distinct batch layout is timed `--reps` times after its compiling call, and the
@@ -47,22 +47,25 @@ from emsedit_jax.train import TrainConfig, batch_plan, make_optimizer, train_ste
 from report import write_report
 
 CONFIGS = {   # the locality prior only sets where the key memory starts: it costs nothing per edit
-    "default: layers 27-29 rank 256 key memory 1": dict(layers=range(27, 30), rank=256, key_memory=1.0),
-    "earlier default: layers 18-23 rank 1024": dict(layers=range(18, 24), rank=1024),
+    "default: layers 27-29 rank 256 key memory 1 steps 3": dict(layers=range(27, 30), rank=256, key_memory=1.0,
+                                                                 steps=3),
+    "earlier default: layers 18-23 rank 1024 steps 2": dict(layers=range(18, 24), rank=1024, steps=2),
 }
 
 
 def parse_config(name: str) -> dict:
     """A row's editor configuration: a name from CONFIGS, or 'layers A-B rank R' with an
-    optional ' key memory MU' (mlp.up_proj of layers A..B)."""
+    optional ' key memory MU' and ' steps T' (mlp.up_proj of layers A..B; T = 2 unless
+    given)."""
     if name in CONFIGS:
         return CONFIGS[name]
-    m = re.fullmatch(r"layers (\d+)-(\d+) rank (\d+)(?: key memory ([\d.e+-]+))?", name.strip())
+    m = re.fullmatch(r"layers (\d+)-(\d+) rank (\d+)(?: key memory ([\d.e+-]+))?(?: steps (\d+))?", name.strip())
     if not m:
         raise SystemExit(f"--configs: {name!r} is neither one of {sorted(CONFIGS)} "
-                         "nor 'layers A-B rank R [key memory MU]'")
-    lo, hi, rank, mu = m.groups()
-    return dict(layers=range(int(lo), int(hi) + 1), rank=int(rank), key_memory=float(mu or 0.0))
+                         "nor 'layers A-B rank R [key memory MU] [steps T]'")
+    lo, hi, rank, mu, steps = m.groups()
+    return dict(layers=range(int(lo), int(hi) + 1), rank=int(rank), key_memory=float(mu or 0.0),
+                steps=int(steps or 2))
 
 
 def _timed(fn, reps: int) -> tuple[float, float]:
@@ -77,9 +80,10 @@ def _timed(fn, reps: int) -> tuple[float, float]:
     return times[0], min(times[1:])
 
 
-def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets, param_layout, key_memory=0.0):
+def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets, param_layout, key_memory=0.0,
+          steps=2):
     ecfg = EditorConfig(modules=tuple(f"model.layers.{i}.mlp.up_proj" for i in layers), rank=rank, lr_init=1e-3,
-                        log_step_size=True, key_memory=key_memory, loc_prior=0.0)
+                        log_step_size=True, key_memory=key_memory, loc_prior=0.0, steps=steps)
     tcfg = TrainConfig(n_edits=n_edits, buckets=buckets)
     tx = make_optimizer(tcfg)
     state = init_editor(ecfg, model.config, jax.random.key(0))
@@ -150,7 +154,7 @@ def main():
     ap.add_argument("--param-layouts", default="list", help="comma-separated LLM layer layouts to compare: list, stacked "
                     "(see emsedit_jax/models/transformer.py)")
     ap.add_argument("--configs", default=next(iter(CONFIGS)), help="comma-separated configurations: names from CONFIGS or "
-                    "'layers A-B rank R [key memory MU]'")
+                    "'layers A-B rank R [key memory MU] [steps T]'")
     ap.add_argument("--out", default="results/bench_edit_speed")
     args = ap.parse_args()
     model = load_model("smollm2")
