@@ -175,7 +175,7 @@ def main():
              f"{r['train_gflop_per_edit'] / peak:.3f} | {r['edit_gflop_per_edit'] / peak:.3f} |" for r in rows]
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
            f"backend {jax.default_backend()}; ZsRE, {args.n_train} training requests in batches of {args.n_edits} "
-           f"(one epoch's plan), the 10 test batches of the 10 x {args.n_edits} protocol, T = 2; each layout's fastest of "
+           f"(one epoch's plan), the 10 test batches of the 10 x {args.n_edits} protocol, T as named; each layout's fastest of "
            f"{args.reps} calls after compiling; float32 matmul rate {peak:.0f} GFLOP/s (2048^3); FLOPs: matmuls "
            "counted on the jaxpr")
     table = "\n".join([f"## EMSEdit seconds per edit ({env})", "", head, *lines])
