@@ -233,6 +233,5 @@ def evaluate_editor(model: Model, editor: Editor, data, config: EvalConfig | Non
     split = encode_split(model.tokenizer, _data(model, data, format))
     return run_protocol(model, ecfg, editor.state, split, protocol=ev.protocol, num_seq=ev.num_seq,
                         n_edits=ev.n_edits, metric=metric, full_curve=ev.full_curve, curve_every=ev.curve_every,
-                        progress=progress,
-                        capture_chunk=ev.capture_chunk, buckets=ev.buckets, fluency_tokens=ev.fluency,
+                        progress=progress, capture_chunk=ev.capture_chunk, buckets=ev.buckets, fluency_tokens=ev.fluency,
                         prob_scores=ev.prob_scores)

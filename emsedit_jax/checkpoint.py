@@ -222,4 +222,5 @@ def load_editor(directory: str | Path, lcfg, model_name: str | None = None, mesh
         raise CheckpointError(f"{directory / 'state'}: the arrays do not match the checksum in {record_file} "
                               "(the files were changed or damaged after training); retrain or restore a copy")
     stats = {k: Stats(*v) for k, v in restored["stats"].items()}
-    return ecfg, EditorState(restored["nets"], stats, empty_key_gram(ecfg, lcfg), {}, restored.get("prior", {})), record
+    state = EditorState(restored["nets"], stats, empty_key_gram(ecfg, lcfg), {}, restored.get("prior", {}))
+    return ecfg, state, record

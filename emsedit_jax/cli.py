@@ -684,8 +684,8 @@ def cmd_evaluate(args) -> dict:
     else:
         split = encode_split(model.tokenizer, test_reqs, chat_template=chat)
         res = run_protocol(model, ecfg, state, split, protocol=ev.protocol, num_seq=ev.num_seq,
-                           n_edits=ev.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=ev.full_curve, curve_every=ev.curve_every,
-                           progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=ev.capture_chunk,
+                           n_edits=ev.n_edits, metric=DATASET_METRIC[args.dataset], full_curve=ev.full_curve,
+                           curve_every=ev.curve_every, progress=not args.quiet, mesh=mesh, remat=args.remat, capture_chunk=ev.capture_chunk,
                            buckets=ev.buckets, key_prior=key_prior, fluency_tokens=ev.fluency,
                            prob_scores=ev.prob_scores)
         out = {"metrics": res.metrics, "baseline": res.baseline,

@@ -448,13 +448,11 @@ def run_protocol(model: Model, ecfg: EditorConfig, state: EditorState, split: En
     The first batch of each layout compiles it: its time is reported apart."""
     with use_mesh(mesh):
         return _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, curve_every,
-                             progress,
-                             mesh, remat, capture_chunk, buckets, key_prior, prob_scores, fluency_tokens)
+                             progress, mesh, remat, capture_chunk, buckets, key_prior, prob_scores, fluency_tokens)
 
 
 def _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric, full_curve, curve_every, progress,
-                  mesh, remat,
-                  capture_chunk, buckets, key_prior, prob_scores, fluency_tokens) -> EvalResult:
+                  mesh, remat, capture_chunk, buckets, key_prior, prob_scores, fluency_tokens) -> EvalResult:
     lcfg = model.config
     model = dataclasses.replace(model, params=place_params(lcfg, model.params, mesh))
     if protocol == "batch":
