@@ -140,7 +140,9 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
         ecfg = dataclasses.replace(ecfg, key_memory=opts.key_memory)
     if opts.edit_overrides:      # editor fields changed at edit time only
         ecfg = dataclasses.replace(ecfg, **opts.edit_overrides)
-    prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) if ecfg.needs_prior else None
+    # The C0 the editor keeps from training (EditorState.prior), else estimated the same way.
+    prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) \
+        if ecfg.needs_prior and not state.prior else None
     ev = run_protocol(model, ecfg, state, test_split, protocol=protocol, num_seq=eval_seq, n_edits=eval_edits,
                       metric=cli.DATASET_METRIC[dataset], progress=opts.progress, key_prior=prior)
     return {"method": label(method, opts.key_memory, opts.tag), "dataset": dataset, "protocol": protocol, "seed": seed,
