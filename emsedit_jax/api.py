@@ -13,7 +13,8 @@ batch is edited on top of the earlier ones, with the stream's key memory. An
 dict of module name -> array): rolling back is dropping them. `ej.train_editor`
 meta-trains an editor and `ej.evaluate_editor` scores one with a protocol; both take the same configuration
 dataclasses as the command line (EditorConfig, TrainConfig, EvalConfig) and the same
-presets (`ej.configs(..., preset="faithful")`).
+presets (`ej.train_editor(model, data, preset="counterfact")`, `ej.configs(preset="faithful",
+model_cfg=model.config)`).
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ import numpy as np
 from .checkpoint import load_editor as _load_editor_folder
 from .checkpoint import save_editor, trained_hashes
 from .data import EditRequest, check_lengths, load_requests
-from .editor.config import EditorConfig, default_modules, method_config
+from .editor.config import EditorConfig
 from .editor.steps import Deltas, EditorState, new_stream, zero_deltas
 from .errors import UserError
 from .evaluate import EvalConfig, EvalResult, edit_batch, run_protocol
 from .models import Model, apply_deltas, save_hf
 from .models import load_model as _load_model_folder
 from .pipeline import encode_split
-from .train import TrainConfig
+from .train import TrainConfig, configs
 from .train import train as _train
 
 __all__ = ["EditedModel", "Editor", "Fact", "edit", "evaluate_editor", "generate", "load_editor", "load_model",
@@ -189,20 +190,22 @@ def _data(model: Model, data, fmt: str) -> list[EditRequest]:
 
 
 def train_editor(model: Model, data, config: TrainConfig | None = None, *,
-                 editor_config: EditorConfig | None = None, out: str | os.PathLike | None = None,
-                 format: str = "auto", progress: bool = False) -> Editor:
+                 editor_config: EditorConfig | None = None, preset: str = "default",
+                 out: str | os.PathLike | None = None, format: str = "auto", progress: bool = False) -> Editor:
     """Meta-trains an editor on `data` (EditRequests, or a data file in `format`).
-    `config`: TrainConfig (default: its defaults); `editor_config`: EditorConfig
-    (default: EMSEdit on `default_modules(model.config)`, step-specific for the
-    sequential protocol); `ej.configs(modules, preset="faithful")` gives both for a
-    preset. `out`: run folder (checkpoints, then out/editor); None trains in a
+    `config`: TrainConfig (default: `preset`'s); `editor_config`: EditorConfig (default:
+    EMSEdit under `preset` on its default modules, step-specific for the sequential
+    protocol). `preset`: "default", "counterfact" (keys at the subject in the middle
+    layers: what `emsedit-jax train --dataset counterfact` uses, the better editor for
+    counterfactual data scored by logit comparison) or "faithful" (the authors' setting).
+    `out`: run folder (checkpoints, then out/editor); None trains in a
     temporary folder. With `config.select_every` (the batch protocol's default) the last
     requests (one validation stream or batch) are held out and the best scored editor
     is kept, as `emsedit-jax train` does."""
-    config = config or TrainConfig()
-    if editor_config is None:
-        editor_config = method_config("emsedit", default_modules(model.config),
-                                      step_specific=config.protocol == "sequential")
+    protocol = (config or TrainConfig()).protocol
+    preset_editor, preset_train = configs(preset=preset, model_cfg=model.config, protocol=protocol,
+                                          step_specific=protocol == "sequential")
+    config, editor_config = config or preset_train, editor_config or preset_editor
     requests = _data(model, data, format)
     val = None
     n_val = config.n_edits * (config.num_seq if config.protocol == "sequential" else 1)

@@ -32,8 +32,8 @@ from .evaluate import EvalConfig
 from .options import CliField, add_options, coerce, expected, option
 from .train import PRESETS, TrainConfig
 
-__all__ = ["DATASET_FORMAT", "DATASET_METRIC", "build_parser", "console", "default_modules", "main", "parse_args",
-           "parse_modules"]
+__all__ = ["DATASET_FORMAT", "DATASET_METRIC", "DATASET_PRESET", "build_parser", "console", "dataset_preset", "default_modules",
+           "main", "parse_args", "parse_modules"]
 
 # Token accuracy ("zsre") for data whose locality prompts are unrelated facts with their
 # own answers (the demo); the logit comparison for CounterFact.
@@ -41,6 +41,9 @@ DATASET_METRIC = {"zsre": "zsre", "counterfact": "counterfact", "mquake": "count
                   "user": "zsre", "knowedit": "zsre"}
 DATASET_FORMAT = {"zsre": "zsre", "counterfact": "auto", "mquake": "mquake", "demo": "counterfact", "user": "user",
                   "knowedit": "knowedit"}
+# The preset a dataset trains with when --preset is not given (train.PRESETS): keys at the
+# subject for CounterFact (experiments/README.md, "Defaults").
+DATASET_PRESET = {"counterfact": "counterfact"}
 DEFAULT_MODEL = "smollm2"
 
 
@@ -128,7 +131,8 @@ class TrainRun:
     out: str | None = option(None, "run folder (checkpoints/, editor/)", required=True, default_text="required")
     preset: Literal[tuple(PRESETS)] | None = option(  # type: ignore[valid-type]
         None, "named set of editor and training values under the flags (faithful: the authors' step size, "
-        "regulariser, meta learning rate and schedule)", default_text="default")
+        "regulariser, meta learning rate and schedule; counterfact: keys at the subject in the middle layers, "
+        "T = 6)", default_text="the dataset's: counterfact for --dataset counterfact, else default")
     n_val: int | None = option(None, "held-out training requests for --select-every", check="positive",
                                default_text="one validation stream or batch")
 
@@ -237,7 +241,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     fields = ap.fields[args.command]
     file_values = read_config_file(args.config, args.command, fields) if getattr(args, "config", None) else {}
-    preset = getattr(args, "preset", None) or file_values.get("preset") or "default"
+    preset = getattr(args, "preset", None) or file_values.get("preset") or dataset_preset(
+        getattr(args, "dataset", None) or file_values.get("dataset"),
+        getattr(args, "method", None) or file_values.get("method"))
     defaults = {k: v for k, v in PRESETS[preset].items() if k in fields} if "preset" in fields else {}
     defaults.update(file_values)
     if defaults:
@@ -247,9 +253,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                if (f.required or f.name in REQUIRED.get(args.command, ())) and getattr(args, f.name) is None]
     if missing:
         ap.commands[args.command].error(f"the following arguments are required: {', '.join(missing)}")
+    if "preset" in fields:
+        args.preset = preset
     if getattr(args, "plot", None):
         args.full_curve = True
     return args
+
+
+def dataset_preset(dataset: str | None, method: str | None = None) -> str:
+    """The preset a run trains with when none is named: DATASET_PRESET's for EMSEdit; the
+    baselines keep their papers' setting on every dataset."""
+    from .editor.config import parse_method
+    if method and parse_method(method)[0] != "emsedit":
+        return "default"
+    return DATASET_PRESET.get(dataset, "default")
 
 
 def read_config_file(path: str, command: str, fields: dict[str, tuple[str, CliField]]) -> dict[str, Any]:
@@ -349,9 +366,11 @@ def model_config(name: str):
     return None if is_factory(name) else read_config(resolve(name))[0]
 
 
-def parse_modules(spec, layers: str | None, module: str | None, cfg) -> tuple[str, ...]:
+def parse_modules(spec, layers: str | None, module: str | None, cfg, key_positions: str = "answer"
+                  ) -> tuple[str, ...]:
     """--modules / --layers / --module -> module names, each checked against the model's
-    config (layer in range, a linear module of the family)."""
+    config (layer in range, a linear module of the family); the defaults are those of
+    `key_positions` (default_modules)."""
     from .models import parse_module
     from .models.transformer import builtin
     if not builtin(cfg) and (layers is not None or module is not None):
@@ -361,7 +380,7 @@ def parse_modules(spec, layers: str | None, module: str | None, cfg) -> tuple[st
         names = tuple(s.strip() for s in spec.split(",") if s.strip()) if isinstance(spec, str) else tuple(spec)
         flag = "--modules"
     else:
-        base = default_modules(cfg)
+        base = default_modules(cfg, key_positions)
         names, flag = base, "--layers" if layers else "--module"
         if layers is not None or module is not None:
             suffix = module or base[0].split(".", 3)[-1]
@@ -519,7 +538,7 @@ def train_editor_config(args, model_cfg) -> EditorConfig:
     regulariser, MEND / MALMEN / RLEdit 1 step + KL), step-specific hypernetworks for
     the sequential protocol (they matter only when steps > 1), the modules checked
     against the model's config."""
-    modules = parse_modules(args.modules, args.layers, args.module, model_cfg)
+    modules = parse_modules(args.modules, args.layers, args.module, model_cfg, args.key_positions)
     step_specific = args.protocol == "sequential" if args.step_specific is None else args.step_specific
     return _config(EditorConfig, args, modules=modules, step_specific=step_specific)
 

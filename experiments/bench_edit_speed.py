@@ -50,22 +50,25 @@ CONFIGS = {   # the locality prior only sets where the key memory starts: it cos
     "default: layers 27-29 rank 256 key memory 1 steps 3": dict(layers=range(27, 30), rank=256, key_memory=1.0,
                                                                  steps=3),
     "earlier default: layers 18-23 rank 1024 steps 2": dict(layers=range(18, 24), rank=1024, steps=2),
+    "counterfact: layers 3-8 rank 256 key memory 1 steps 6 subject keys": dict(
+        layers=range(3, 9), rank=256, key_memory=1.0, steps=6, key_positions="subject"),
 }
 
 
 def parse_config(name: str) -> dict:
     """A row's editor configuration: a name from CONFIGS, or 'layers A-B rank R' with an
-    optional ' key memory MU' and ' steps T' (mlp.up_proj of layers A..B; T = 2 unless
-    given)."""
+    optional ' key memory MU', ' steps T' and ' subject keys' (mlp.up_proj of layers A..B;
+    T = 2 unless given; keys at the answer positions unless 'subject keys')."""
     if name in CONFIGS:
         return CONFIGS[name]
-    m = re.fullmatch(r"layers (\d+)-(\d+) rank (\d+)(?: key memory ([\d.e+-]+))?(?: steps (\d+))?", name.strip())
+    m = re.fullmatch(r"layers (\d+)-(\d+) rank (\d+)(?: key memory ([\d.e+-]+))?(?: steps (\d+))?( subject keys)?",
+                     name.strip())
     if not m:
         raise SystemExit(f"--configs: {name!r} is neither one of {sorted(CONFIGS)} "
-                         "nor 'layers A-B rank R [key memory MU] [steps T]'")
-    lo, hi, rank, mu, steps = m.groups()
+                         "nor 'layers A-B rank R [key memory MU] [steps T] [subject keys]'")
+    lo, hi, rank, mu, steps, subject = m.groups()
     return dict(layers=range(int(lo), int(hi) + 1), rank=int(rank), key_memory=float(mu or 0.0),
-                steps=int(steps or 2))
+                steps=int(steps or 2), key_positions="subject" if subject else "answer")
 
 
 def _timed(fn, reps: int) -> tuple[float, float]:
@@ -81,9 +84,10 @@ def _timed(fn, reps: int) -> tuple[float, float]:
 
 
 def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buckets, param_layout, key_memory=0.0,
-          steps=2):
+          steps=2, key_positions="answer"):
     ecfg = EditorConfig(modules=tuple(f"model.layers.{i}.mlp.up_proj" for i in layers), rank=rank, lr_init=1e-3,
-                        log_step_size=True, key_memory=key_memory, loc_prior=0.0, steps=steps)
+                        log_step_size=True, key_memory=key_memory, loc_prior=0.0, steps=steps,
+                        key_positions=key_positions)
     tcfg = TrainConfig(n_edits=n_edits, buckets=buckets)
     tx = make_optimizer(tcfg)
     state = init_editor(ecfg, model.config, jax.random.key(0))
@@ -154,7 +158,7 @@ def main():
     ap.add_argument("--param-layouts", default="list", help="comma-separated LLM layer layouts to compare: list, stacked "
                     "(see emsedit_jax/models/transformer.py)")
     ap.add_argument("--configs", default=next(iter(CONFIGS)), help="comma-separated configurations: names from CONFIGS or "
-                    "'layers A-B rank R [key memory MU] [steps T]'")
+                    "'layers A-B rank R [key memory MU] [steps T] [subject keys]'")
     ap.add_argument("--out", default="results/bench_edit_speed")
     args = ap.parse_args()
     model = load_model("smollm2")

@@ -8,10 +8,11 @@ is method X with T = 2 edit steps (MSBP plugged in: `editor.config.method_config
 - Data: ZsRE (the 1k MEND-format file, invalid records skipped, split into train and test
   with a fixed seed) and CounterFact (train on counterfact-train.json, test on
   counterfact-val.json), read from `--data-root` (default ../shared/data).
-- Model: the embedded `smollm2`, six MLP up-projections at 0.6 of the depth
-  (`editor.config.default_modules`).
+- Model: the embedded `smollm2`, the library's edited modules (`editor.config.default_modules`:
+  the MLP up-projections of the last three layers, of layers 3-8 with keys at the subject).
 - Hyperparameters: the library's defaults, which the CLI shows and uses
-  (`train.configs`, `--preset` for a named preset), the same for every method:
+  (`train.configs`; `--preset` for a named preset, by default the dataset's as in the CLI:
+  EMSEdit on CounterFact takes "counterfact"), the same for every method:
   step size, meta learning rate, rank, epochs. Each method keeps its own steps and
   regulariser (EMSEdit: norm; the baselines: KL on locality prompts).
 - Protocols: sequential `--num-seq` x `--n-edits` (default 10 x 10) and batch 1 x
@@ -41,7 +42,7 @@ import jax
 from emsedit_jax import cli
 from emsedit_jax.checkpoint import load_editor
 from emsedit_jax.data import check_lengths, load_requests, split_requests
-from emsedit_jax.editor.config import default_modules, parse_method
+from emsedit_jax.editor.config import parse_method
 from emsedit_jax.editor.steps import init_editor
 from emsedit_jax.evaluate import preserved_gram, run_protocol
 from emsedit_jax.lapack_threads import limit as limit_lapack_threads
@@ -85,10 +86,10 @@ def editor_and_train_config(method: str, protocol: str, n_edits: int, num_seq: i
     fields = {"protocol": protocol, "n_edits": n_edits, "num_seq": num_seq, "seed": seed,
               "step_specific": protocol == "sequential", "epochs": epochs, "rank": rank, "n_blocks": blocks,
               **(overrides or {})}
-    modules = default_modules(model_cfg)
-    if layers:
-        modules = cli.parse_modules(None, layers, None, model_cfg)
-    return configs(modules, method, preset=preset, **{k: v for k, v in fields.items() if v is not None})
+    positions = fields.get("key_positions") or PRESETS[preset].get("key_positions", "answer")
+    modules = cli.parse_modules(None, layers, None, model_cfg, positions) if layers else None
+    return configs(modules, method, preset=preset, model_cfg=model_cfg,
+                   **{k: v for k, v in fields.items() if v is not None})
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -111,7 +112,8 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
     eval_seq, eval_edits = (opts.eval_num_seq or num_seq, n_edits) if protocol == "sequential" else \
         (1, opts.eval_batch_n_edits or n_edits)
     ecfg, tcfg = editor_and_train_config(method, protocol, n_edits, num_seq, opts.epochs, seed, opts.rank,
-                                         opts.blocks, model.config, opts.preset, opts.layers, opts.overrides)
+                                         opts.blocks, model.config, opts.preset or cli.dataset_preset(dataset, method),
+                                         opts.layers, opts.overrides)
     train_split, test_split, train_reqs = splits
     t0 = time.perf_counter()
     editor_dir = run_dir / "editor"
@@ -219,8 +221,9 @@ def main(argv=None):
     ap.add_argument("--seeds", help="comma-separated training seeds (default 0,1,2)")
     ap.add_argument("--n-train", type=int, help=f"training requests (default {FULL['n_train']})")
     ap.add_argument("--epochs", type=int, help="default: TrainConfig's")
-    ap.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                    help="named set of editor and training values (train.PRESETS)")
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="named set of editor and training values (train.PRESETS; default: the dataset's, "
+                         "cli.dataset_preset)")
     ap.add_argument("--num-seq", type=int, help="sequential protocol: batches (default 10)")
     ap.add_argument("--n-edits", type=int, help="sequential protocol: requests per batch (default 10)")
     ap.add_argument("--batch-n-edits", type=int, help="batch protocol: requests (default 100)")

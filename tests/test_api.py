@@ -103,3 +103,18 @@ def test_evaluate_returns_scores(tiny_model_dir, tiny_editor_dir):
     assert set(res.metrics) == set(res.baseline) == {"ES", "GS", "LS"}
     with pytest.raises(ej.ConfigError, match="EvalConfig.n_edits"):
         ej.evaluate_editor(model, editor, synthetic_requests(4), n_edits=0)
+
+
+def test_train_editor_takes_a_preset(tiny_model_dir):
+    """preset="counterfact" trains the CLI's CounterFact editor: keys at the subject, the
+    middle layers' modules, T = 6, with C0 kept."""
+    import emsedit_jax as ej
+    model = ej.load_model(tiny_model_dir)
+    tcfg = ej.TrainConfig(n_edits=4, num_seq=1)
+    editor = ej.train_editor(model, synthetic_requests(8, seed=5), tcfg, preset="counterfact")
+    want = ej.configs(preset="counterfact", model_cfg=model.config)[0]
+    assert editor.config == want and want.key_positions == "subject" and want.steps == 6
+    assert want.modules == ej.default_modules(model.config, "subject") != ej.default_modules(model.config)
+    assert editor.state.prior
+    with pytest.raises(ej.ConfigError, match="unknown preset 'zsre'"):
+        ej.train_editor(model, synthetic_requests(8, seed=5), tcfg, preset="zsre")

@@ -114,6 +114,15 @@ def test_module_selection():
     cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
                                    num_hidden_layers=30, num_attention_heads=2))
     assert default_modules(cfg) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(27, 30))
+    # keys at the subject are read in the middle layers: 3-8 of 30 layers, and of GPT-J's 28 (MEMIT's)
+    assert default_modules(cfg, "subject") == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(3, 9))
+    gptj = ModelConfig.from_hf(dict(model_type="gptj", vocab_size=10, n_embd=8, n_layer=28, n_head=2, rotary_dim=2))
+    assert default_modules(gptj, "subject") == tuple(f"transformer.h.{i}.mlp.fc_in" for i in range(3, 9))
+    assert default_modules(gptj) == tuple(f"transformer.h.{i}.mlp.fc_in" for i in range(22, 28))
+    gpt2 = ModelConfig.from_hf(dict(model_type="gpt2", vocab_size=10, n_embd=8, n_layer=12, n_head=2))
+    assert default_modules(gpt2, "subject") == tuple(f"transformer.h.{i}.mlp.c_fc" for i in range(1, 4))
+    one = ModelConfig.from_hf(dict(model_type="gpt2", vocab_size=10, n_embd=8, n_layer=1, n_head=2))
+    assert default_modules(one, "subject") == default_modules(one) == ("transformer.h.0.mlp.c_fc",)
     assert parse_modules(None, "3-4", "mlp.down_proj", cfg) == ("model.layers.3.mlp.down_proj", "model.layers.4.mlp.down_proj")
     assert parse_modules("model.layers.1.self_attn.o_proj", None, None, cfg) == ("model.layers.1.self_attn.o_proj",)
 

@@ -40,8 +40,26 @@ def test_cli_defaults_are_the_dataclass_defaults():
                     assert getattr(args, f.name) == field_default(f), (cls.__name__, f.name)
     for preset in PRESETS:
         args = cli.parse_args([*TRAIN, "--preset", preset])
-        ecfg, tcfg = configs(default_modules(TINY), preset=preset)
+        ecfg, tcfg = configs(preset=preset, model_cfg=TINY)
         assert cli.train_editor_config(args, TINY) == ecfg and cli.train_config(args) == tcfg
+    assert configs(default_modules(TINY))[0] == configs(model_cfg=TINY)[0]
+
+
+def test_dataset_presets():
+    """CounterFact trains EMSEdit with its preset unless another is named: keys at the
+    subject, layers 3-8 of 30, T = 6; the baselines and other datasets keep the defaults."""
+    cf = ["train", "--dataset", "counterfact", "--data", "x.json", "--out", "unused"]
+    args = cli.parse_args(cf)
+    ecfg = cli.train_editor_config(args, TINY)
+    assert args.preset == "counterfact" and ecfg == configs(preset="counterfact", model_cfg=TINY)[0]
+    assert ecfg.key_positions == "subject" and ecfg.steps == 6 and ecfg.key_memory == 1 and ecfg.loc_prior == 20
+    assert ecfg.modules == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(3, 9))
+    for argv in ([*cf, "--preset", "default"], [*cf, "--method", "malmen"], TRAIN):
+        args = cli.parse_args(argv)
+        ecfg = cli.train_editor_config(args, TINY)
+        assert args.preset == "default" and ecfg.key_positions == "answer" and ecfg.modules[0] == "model.layers.27.mlp.up_proj"
+    batch = cli.train_editor_config(cli.parse_args([*cf, "--protocol", "batch"]), TINY)
+    assert batch.key_positions == "subject" and batch.steps == 8          # a shared network keeps its T
     faithful = cli.parse_args([*TRAIN, "--preset", "faithful", "--lr-init", "0.01"])   # flags beat the preset
     assert (faithful.lr_init, faithful.beta, faithful.schedule, faithful.log_step_size) == (0.01, 0.5, "faithful", False)
 

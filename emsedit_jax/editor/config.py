@@ -19,9 +19,12 @@ METHODS = ("emsedit", "mend", "malmen", "rledit")
 # EMSEdit's default solve is the extension that keeps edits local (key memory 1 with
 # locality prior 20: experiments/README.md, "Defaults"); the baselines keep their papers'.
 # A shared hypernetwork (step_specific=False, the batch protocol's) takes "shared_steps"
-# steps: one batch of hundreds of edits needs more steps than a batch of ten.
+# steps: one batch of hundreds of edits needs more steps than a batch of ten. Keys at the
+# subject (key_positions="subject", read in middle layers: default_modules) take
+# "subject_steps": the edit sits about twenty layers below the answer it must move.
 METHOD_DEFAULTS: dict[str, dict] = {
-    "emsedit": {"steps": 3, "shared_steps": 8, "regulariser": "norm", "key_memory": 1.0, "loc_prior": 20.0},
+    "emsedit": {"steps": 3, "shared_steps": 8, "subject_steps": 6, "regulariser": "norm", "key_memory": 1.0,
+                "loc_prior": 20.0},
     "mend": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
     "malmen": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
     "rledit": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
@@ -34,9 +37,9 @@ class EditorConfig:
 
     method:        emsedit | mend | malmen | rledit.
     modules:       edited linear modules, Hugging Face names.
-    steps:         T, edit steps per request batch (EMSEdit default 3, the paper's 2, and 8
-                   with a shared hypernetwork; baselines 1, "Method²" = the same method
-                   with steps=2).
+    steps:         T, edit steps per request batch (EMSEdit default 3, the paper's 2, 8
+                   with a shared hypernetwork and 6 with subject keys; baselines 1,
+                   "Method²" = the same method with steps=2).
     step_specific: one hypernetwork per step (sequential editing; step t has rank
                    rank // (t+1)) or one shared by all steps (batch editing).
     msbp:          "detached" (the paper's: keys and value gradients of each step are
@@ -70,6 +73,10 @@ class EditorConfig:
                    request's subject, as in MEMIT / AlphaEdit; requests without a
                    subject in the prompt fall back to their answer positions) or
                    "both" (the union). An extension; the loss is always the answer's.
+                   With "subject" the default modules are those of the middle layers
+                   (default_modules) and EMSEdit's default T is 5: the CounterFact
+                   preset (train.PRESETS), where edits at the answer positions also
+                   flip unrelated facts of the same relation.
     back_depth:    memory backtracking in sequential training: the losses of the
                    stream's last back_depth - 1 earlier batches, weighted time_decay **
                    age, join each batch's loss (RLEdit's; None = the method's default:
@@ -85,7 +92,8 @@ class EditorConfig:
     method: Literal["emsedit", "mend", "malmen", "rledit"] = option("emsedit", "editing method")
     steps: int | None = option(None, "edit steps T per batch (--method malmen --steps 2 is MALMEN²)",
                                check="positive",
-                               default_text="the method's: emsedit 3 (8 for the batch protocol), the others 1")
+                               default_text="the method's: emsedit 3 (8 for the batch protocol, 6 with subject "
+                               "keys), the others 1")
     step_specific: bool = option(True, "one hypernetwork per edit step (sequential editing) instead of one shared",
                                  cli=False)
     rank: int = option(256, "rank of the hypernetworks (step t of a step-specific editor: rank // (t+1))",
@@ -136,6 +144,8 @@ class EditorConfig:
             defaults["loc_prior"] = 0.0                # the paper's solve: no memory, no prior
         if not self.step_specific:
             defaults["steps"] = defaults.get("shared_steps", defaults["steps"])
+        elif self.key_positions == "subject":
+            defaults["steps"] = defaults.get("subject_steps", defaults["steps"])
         for name in ("steps", "regulariser", "key_memory", "loc_prior"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, defaults[name])
@@ -228,16 +238,21 @@ def method_config(method: str, modules, steps: int | None = None, **overrides) -
                         **overrides)
 
 
-def default_modules(model_cfg) -> tuple[str, ...]:
+def default_modules(model_cfg, key_positions: str = "answer") -> tuple[str, ...]:
     """The MLP input projections of the last three layers of a LLaMA-style model (27-29
     of the embedded 30-layer model: experiments/README.md, "Defaults"), of the last six
-    of GPT-2 / GPT-J (the paper's); for a Flax model (--model package.module:factory),
-    the edit paths its factory gave `from_nnx` / `from_linen`."""
+    of GPT-2 / GPT-J (the paper's); with keys at the subject (`key_positions`
+    "subject"), the same projections in the middle layers where factual recall is
+    located (10% to 27% of the depth: 3-8 of the embedded model and of GPT-J, MEMIT's
+    range for GPT-J). For a Flax model (--model package.module:factory), the edit paths
+    its factory gave `from_nnx` / `from_linen`."""
     from ..models.transformer import builtin
     if not builtin(model_cfg):
         return model_cfg.modules
     n = model_cfg.num_layers
-    if model_cfg.family == "llama":
-        return tuple(f"model.layers.{i}.mlp.up_proj" for i in range(max(0, n - 3), n))
-    module = "mlp.c_fc" if model_cfg.family == "gpt2" else "mlp.fc_in"
-    return tuple(f"transformer.h.{i}.{module}" for i in range(max(0, n - 6), n))
+    module = {"llama": "mlp.up_proj", "gpt2": "mlp.c_fc"}.get(model_cfg.family, "mlp.fc_in")
+    if key_positions == "subject":
+        layers = range(round(0.1 * n), max(round(0.1 * n), round(0.27 * n)) + 1)
+    else:
+        layers = range(max(0, n - (3 if model_cfg.family == "llama" else 6)), n)
+    return tuple(f"{model_cfg.layer_prefix}.{i}.{module}" for i in layers)
