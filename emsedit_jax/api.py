@@ -47,7 +47,9 @@ __all__ = ["EditedModel", "Editor", "Fact", "edit", "evaluate_editor", "generate
 @dataclasses.dataclass(frozen=True)
 class Fact:
     """A fact to write into the model: the completion of `prompt` becomes `target`.
-    `subject` (the entity the prompt is about) is optional and only recorded."""
+    `subject` (the entity the prompt is about, as it appears in the prompt) is where an
+    editor with keys at the subject (EditorConfig.key_positions, the "counterfact"
+    preset) reads its keys; such an editor needs it, the others ignore it."""
     prompt: str
     target: str
     subject: str | None = None
@@ -129,7 +131,7 @@ def load_editor(path: str | os.PathLike, model: Model) -> Editor:
     return Editor(ecfg, state, record, None if hashes is None else sorted(hashes))
 
 
-def _requests(facts: Sequence[Fact | tuple[str, str]]) -> list[EditRequest]:
+def _requests(facts: Sequence[Fact | tuple[str, str]], key_positions: str = "answer") -> list[EditRequest]:
     out = []
     for i, f in enumerate(facts):
         if not isinstance(f, Fact):
@@ -138,6 +140,11 @@ def _requests(facts: Sequence[Fact | tuple[str, str]]) -> list[EditRequest]:
             value = getattr(f, name)
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"fact {i}: {name} must be a non-empty string, got {value!r}")
+        if key_positions != "answer" and not (isinstance(f.subject, str) and f.subject.strip()
+                                              and f.subject.strip().lower() in f.prompt.lower()):
+            raise UserError(f"fact {i}: this editor reads its keys at the subject (key_positions={key_positions!r}): "
+                            f"give Fact(prompt, target, subject) with the subject as it appears in the prompt, "
+                            f"got subject {f.subject!r}")
         out.append(EditRequest(prompt=f.prompt, target_new=f.target, rephrase=f.prompt, loc_prompt=f.prompt,
                                loc_answer=f.target, subject=f.subject, source=f"fact {i}"))
     return out
@@ -159,7 +166,7 @@ def edit(model: Model | EditedModel, editor: Editor, facts: Sequence[Fact | tupl
     if not facts:
         return EditedModel(base, editor, deltas, stream, done)
     chat = editor.chat_template if chat_template is None else chat_template
-    requests = check_lengths(base.tokenizer, _requests(facts), chat_template=chat).requests
+    requests = check_lengths(base.tokenizer, _requests(facts, editor.config.key_positions), chat_template=chat).requests
     split = encode_split(base.tokenizer, requests, chat_template=chat)
     rows = np.arange(len(requests))
     layout = split.layout([rows])

@@ -154,6 +154,8 @@ class EditRun:
     editor: str | None = option(None, "editor folder written by train", required=True, default_text="required")
     fact: list | None = option(None, "a fact to edit (repeatable)", required=True, default_text="required",
                                action="append", nargs=2, metavar=("PROMPT", "NEW_TARGET"))
+    subject: list | None = option(None, "the subject of each --fact, in their order (editors with keys at the "
+                                  "subject, like CounterFact's, need one per fact)", action="append")
     prompt: list | None = option(None, "extra prompt to complete before and after (repeatable)", action="append")
     max_new_tokens: int = option(8, "tokens to generate per prompt", check="positive")
     save: str | None = option(None, "save the edited model as a Hugging Face folder", metavar="FOLDER")
@@ -787,13 +789,17 @@ def cmd_edit(args) -> dict:
     _model_from_editor(args)
     if args.save:
         check_writable(args.save, "--save", folder=True)
+    subjects = list(args.subject or [])
+    if subjects and len(subjects) != len(args.fact):
+        raise ConfigError(f"--subject: {len(subjects)} given for {len(args.fact)} --fact; give one per fact, in order")
     model = _load_model(args)
     if args.save and model.config.family in ("nnx", "linen"):
         raise ConfigError("--save writes a Hugging Face checkpoint; a Flax model's edited parameters are "
                           "models.apply_deltas(model.config, model.params, deltas), to save as you save that model")
     editor = api.load_editor(args.editor, model)
     chat = bool(args.chat_template or editor.chat_template)     # as the editor was trained
-    edited = api.edit(model, editor, [api.Fact(p, t) for p, t in args.fact], chat_template=chat)
+    facts = [api.Fact(p, t, subjects[i] if subjects else None) for i, (p, t) in enumerate(args.fact)]
+    edited = api.edit(model, editor, facts, chat_template=chat)
     prompts = [p for p, _ in args.fact] + list(args.prompt or [])
     before = api.generate(model, prompts, max_new_tokens=args.max_new_tokens, chat_template=chat)
     after = api.generate(edited, prompts, max_new_tokens=args.max_new_tokens, chat_template=chat)

@@ -116,5 +116,12 @@ def test_train_editor_takes_a_preset(tiny_model_dir):
     assert editor.config == want and want.key_positions == "subject" and want.steps == 6
     assert want.modules == ej.default_modules(model.config, "subject") != ej.default_modules(model.config)
     assert editor.state.prior
+    prompt = "w1 w2 w3 w4"
+    with pytest.raises(ej.UserError, match=r"fact 0: this editor reads its keys at the subject"):
+        ej.edit(model, editor, [ej.Fact(prompt, "w5")])
+    with pytest.raises(ej.UserError, match=r"fact 1: .*subject 'w9'"):
+        ej.edit(model, editor, [ej.Fact(prompt, "w5", "w2"), ej.Fact(prompt, "w6", "w9")])
+    edited = ej.edit(model, editor, [ej.Fact(prompt, "w5", "W2")])       # found ignoring case
+    assert set(edited.deltas) == set(want.modules) and all(float(abs(d).max()) > 0 for d in edited.deltas.values())
     with pytest.raises(ej.ConfigError, match="unknown preset 'zsre'"):
         ej.train_editor(model, synthetic_requests(8, seed=5), tcfg, preset="zsre")

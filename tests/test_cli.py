@@ -91,6 +91,9 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert k in default_modules(base.config)
     diff = abs(get_kernel(edited.config, edited.params, k) - get_kernel(base.config, base.params, k)).max()
     assert float(diff) > 0
+    with pytest.raises(ConfigError, match=r"--subject: 2 given for 1 --fact"):
+        main(["edit", "--editor", str(tmp_path / "run" / "editor"), "--fact", "w1 w2 w3", "w4",
+              "--subject", "w1", "--subject", "w2"])
 
 
 def test_cli_bad_data_stops_before_work(tiny_model_dir, tmp_path):
