@@ -143,8 +143,8 @@ def _requests(facts: Sequence[Fact | tuple[str, str]], key_positions: str = "ans
         if key_positions != "answer" and not (isinstance(f.subject, str) and f.subject.strip()
                                               and f.subject.strip().lower() in f.prompt.lower()):
             raise UserError(f"fact {i}: this editor reads its keys at the subject (key_positions={key_positions!r}): "
-                            f"give Fact(prompt, target, subject) with the subject as it appears in the prompt, "
-                            f"got subject {f.subject!r}")
+                            f"give the subject as it appears in the prompt (Fact(prompt, target, subject); "
+                            f"emsedit-jax edit --subject), got subject {f.subject!r}")
         out.append(EditRequest(prompt=f.prompt, target_new=f.target, rephrase=f.prompt, loc_prompt=f.prompt,
                                loc_answer=f.target, subject=f.subject, source=f"fact {i}"))
     return out

@@ -277,7 +277,7 @@ def main(argv=None):
     plan = [(d, p, m, s) for d in datasets for p in protocols for m in methods for s in seeds]
     results, splits = [], {}
     settings = {k: getattr(opts, k) for k in ("n_train", "epochs", "num_seq", "n_edits", "batch_n_edits", "rank",
-                                              "blocks", "model", "layers", "overrides")}
+                                              "blocks", "model", "preset", "layers", "overrides")}
     variant = (f"_km{opts.key_memory:g}" if opts.key_memory else "") + (f"_{opts.tag}" if opts.tag else "")
     print("compare:", json.dumps({"runs": len(plan), "n_test": n_test, "methods": methods, "datasets": datasets,
                                   "protocols": protocols, "seeds": seeds, **settings}))
