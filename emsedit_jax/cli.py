@@ -32,8 +32,8 @@ from .evaluate import EvalConfig
 from .options import CliField, add_options, coerce, expected, option
 from .train import PRESETS, TrainConfig
 
-__all__ = ["DATASET_FORMAT", "DATASET_METRIC", "DATASET_PRESET", "build_parser", "console", "dataset_preset", "default_modules",
-           "main", "parse_args", "parse_modules"]
+__all__ = ["DATASET_FORMAT", "DATASET_METRIC", "DATASET_PRESET", "build_parser", "console", "dataset_preset",
+           "default_modules", "main", "parse_args", "parse_modules"]
 
 # Token accuracy ("zsre") for data whose locality prompts are unrelated facts with their
 # own answers (the demo); the logit comparison for CounterFact.

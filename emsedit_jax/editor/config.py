@@ -74,7 +74,7 @@ class EditorConfig:
                    subject in the prompt fall back to their answer positions) or
                    "both" (the union). An extension; the loss is always the answer's.
                    With "subject" the default modules are those of the middle layers
-                   (default_modules) and EMSEdit's default T is 5: the CounterFact
+                   (default_modules) and EMSEdit's default T is 6: the CounterFact
                    preset (train.PRESETS), where edits at the answer positions also
                    flip unrelated facts of the same relation.
     back_depth:    memory backtracking in sequential training: the losses of the
