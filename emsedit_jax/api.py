@@ -131,7 +131,7 @@ def load_editor(path: str | os.PathLike, model: Model) -> Editor:
     return Editor(ecfg, state, record, None if hashes is None else sorted(hashes))
 
 
-def _requests(facts: Sequence[Fact | tuple[str, str]], key_positions: str = "answer") -> list[EditRequest]:
+def _requests(facts: Sequence[Fact | tuple[str, str]]) -> list[EditRequest]:
     out = []
     for i, f in enumerate(facts):
         if not isinstance(f, Fact):
@@ -140,11 +140,6 @@ def _requests(facts: Sequence[Fact | tuple[str, str]], key_positions: str = "ans
             value = getattr(f, name)
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"fact {i}: {name} must be a non-empty string, got {value!r}")
-        if key_positions != "answer" and not (isinstance(f.subject, str) and f.subject.strip()
-                                              and f.subject.strip().lower() in f.prompt.lower()):
-            raise UserError(f"fact {i}: this editor reads its keys at the subject (key_positions={key_positions!r}): "
-                            f"give the subject as it appears in the prompt (Fact(prompt, target, subject); "
-                            f"emsedit-jax edit --subject), got subject {f.subject!r}")
         out.append(EditRequest(prompt=f.prompt, target_new=f.target, rephrase=f.prompt, loc_prompt=f.prompt,
                                loc_answer=f.target, subject=f.subject, source=f"fact {i}"))
     return out
@@ -166,8 +161,15 @@ def edit(model: Model | EditedModel, editor: Editor, facts: Sequence[Fact | tupl
     if not facts:
         return EditedModel(base, editor, deltas, stream, done)
     chat = editor.chat_template if chat_template is None else chat_template
-    requests = check_lengths(base.tokenizer, _requests(facts, editor.config.key_positions), chat_template=chat).requests
+    requests = check_lengths(base.tokenizer, _requests(facts), chat_template=chat).requests
     split = encode_split(base.tokenizer, requests, chat_template=chat)
+    positions = editor.config.key_positions
+    missing = np.flatnonzero(split.views["edit"].subject_pos < 0) if positions != "answer" else ()
+    if len(missing):          # the pipeline would fall back to the answer positions
+        i = int(missing[0])
+        raise UserError(f"fact {i}: this editor reads its keys at the subject (key_positions={positions!r}): give "
+                        f"the subject as it appears in the prompt (Fact(prompt, target, subject); emsedit-jax edit "
+                        f"--subject), got subject {facts[i].subject!r}")
     rows = np.arange(len(requests))
     layout = split.layout([rows])
     deltas, stream = edit_batch(stream, base.params, split.batch(rows, layout).edit, deltas, ecfg=editor.config,

@@ -86,8 +86,7 @@ def editor_and_train_config(method: str, protocol: str, n_edits: int, num_seq: i
     fields = {"protocol": protocol, "n_edits": n_edits, "num_seq": num_seq, "seed": seed,
               "step_specific": protocol == "sequential", "epochs": epochs, "rank": rank, "n_blocks": blocks,
               **(overrides or {})}
-    positions = fields.get("key_positions") or PRESETS[preset].get("key_positions", "answer")
-    modules = cli.parse_modules(None, layers, None, model_cfg, positions) if layers else None
+    modules = cli.parse_modules(None, layers, None, model_cfg) if layers else None   # None: the preset's defaults
     return configs(modules, method, preset=preset, model_cfg=model_cfg,
                    **{k: v for k, v in fields.items() if v is not None})
 

@@ -304,7 +304,7 @@ def test_editor_keeps_the_prior_it_was_trained_with(tiny, tmp_path):
     for key in c0:
         np.testing.assert_allclose(state.prior[key], c0[key], rtol=1e-6)
         np.testing.assert_allclose(res.state.prior[key], c0[key], rtol=1e-6)
-    test = encode_split(model.tokenizer, synthetic_requests(8, seed=11))
+    test = synthetic_split(model, 8)
     kw = dict(protocol="sequential", num_seq=2, n_edits=4, metric="zsre", progress=False)
     own = run_protocol(model, cfg, state, test, **kw)
     given = run_protocol(model, cfg, state._replace(prior={}), test, key_prior=c0, **kw)
