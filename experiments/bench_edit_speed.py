@@ -47,8 +47,10 @@ from emsedit_jax.train import TrainConfig, batch_plan, make_optimizer, train_ste
 from report import write_report
 
 CONFIGS = {   # the locality prior only sets where the key memory starts: it costs nothing per edit
-    "default: layers 27-29 rank 256 key memory 1 steps 3": dict(layers=range(27, 30), rank=256, key_memory=1.0,
+    "default: layers 21-29 rank 256 key memory 1 steps 3": dict(layers=range(21, 30), rank=256, key_memory=1.0,
                                                                  steps=3),
+    "previous default: layers 27-29 rank 256 key memory 1 steps 3": dict(layers=range(27, 30), rank=256,
+                                                                          key_memory=1.0, steps=3),
     "earlier default: layers 18-23 rank 1024 steps 2": dict(layers=range(18, 24), rank=1024, steps=2),
     "counterfact: layers 3-8 rank 256 key memory 1 steps 6 subject keys": dict(
         layers=range(3, 9), rank=256, key_memory=1.0, steps=6, key_positions="subject"),

@@ -219,7 +219,10 @@ def test_cli_train_resolves_method_defaults():
     # EMSEdit's default solve has the key memory and its locality prior; the baselines keep
     # their papers' solve, and --key-memory 0 is EMSEdit's (the prior goes with the memory).
     # The other extensions are off unless asked for (RLEdit keeps its own memory depth).
-    assert (resolved().key_memory, resolved().loc_prior, r.key_memory, r.loc_prior) == (1.0, 20.0, 0.0, 0.0)
+    assert (resolved().key_memory, resolved().loc_prior, r.key_memory, r.loc_prior) == (1.0, 100.0, 0.0, 0.0)
+    # keys at the subject keep the prior they were measured with, and drop it with the memory
+    subj = ("--key-positions", "subject")
+    assert (resolved(*subj).loc_prior, resolved(*subj, "--key-memory", "0").loc_prior) == (20.0, 0.0)
     faithful = configs(MODULES, preset="faithful")[0]
     assert (resolved("--key-memory", "0").loc_prior, faithful.key_memory, faithful.loc_prior) == (0.0, 0.0, 0.0)
     assert (resolved().back_depth, r.back_depth) == (1, 10)

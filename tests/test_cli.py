@@ -4,6 +4,7 @@ before any work with the file, record and field named."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -71,7 +72,7 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
     # keeps from training; the paper's solve is one flag away, and another C0 source is
     # estimated again from the 24 training requests.
     ev = ["evaluate", "--editor", str(tmp_path / "run" / "editor"), "--num-seq", "2", "--n-edits", "4", "--quiet"]
-    assert (saved["editor"]["key_memory"], saved["editor"]["loc_prior"], saved["prior_from_editor"]) == (1.0, 20.0, True)
+    assert (saved["editor"]["key_memory"], saved["editor"]["loc_prior"], saved["prior_from_editor"]) == (1.0, 100.0, True)
     assert saved["timing"]["loc_prior_seconds"] is None
     with pytest.raises(ConfigError, match="needs --key-memory"):
         main([*ev, "--key-memory", "0", "--loc-prior", "3"])
@@ -116,7 +117,9 @@ def test_cli_bad_data_stops_before_work(tiny_model_dir, tmp_path):
 def test_module_selection():
     cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
                                    num_hidden_layers=30, num_attention_heads=2))
-    assert default_modules(cfg) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(27, 30))
+    assert default_modules(cfg) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(21, 30))   # the last 30%
+    llama32 = dataclasses.replace(cfg, num_layers=32)
+    assert default_modules(llama32) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(22, 32))
     # keys at the subject are read in the middle layers: 3-8 of 30 layers, and of GPT-J's 28 (MEMIT's)
     assert default_modules(cfg, "subject") == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(3, 9))
     gptj = ModelConfig.from_hf(dict(model_type="gptj", vocab_size=10, n_embd=8, n_layer=28, n_head=2, rotary_dim=2))

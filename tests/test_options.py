@@ -58,7 +58,7 @@ def test_dataset_presets():
         args = cli.parse_args(argv)
         ecfg = cli.train_editor_config(args, TINY)
         assert args.preset == "default" and ecfg.key_positions == "answer"
-        assert ecfg.modules[0] == "model.layers.27.mlp.up_proj"
+        assert ecfg.modules[0] == "model.layers.21.mlp.up_proj"
     batch = cli.train_editor_config(cli.parse_args([*cf, "--protocol", "batch"]), TINY)
     assert batch.key_positions == "subject" and batch.steps == 8          # a shared network keeps its T
     faithful = cli.parse_args([*TRAIN, "--preset", "faithful", "--lr-init", "0.01"])   # flags beat the preset

@@ -17,14 +17,15 @@ METHODS = ("emsedit", "mend", "malmen", "rledit")
 # What distinguishes the methods when nothing else is overridden. Every other field
 # (rank, blocks, step size, ...) is shared, so the methods differ by configuration alone.
 # EMSEdit's default solve is the extension that keeps edits local (key memory 1 with
-# locality prior 20: experiments/README.md, "Defaults"); the baselines keep their papers'.
+# locality prior 100, 20 with keys at the subject: experiments/README.md, "Defaults");
+# the baselines keep their papers'.
 # A shared hypernetwork (step_specific=False, the batch protocol's) takes "shared_steps"
 # steps: one batch of hundreds of edits needs more steps than a batch of ten. Keys at the
 # subject (key_positions="subject", read in middle layers: default_modules) take
 # "subject_steps": the edit sits about twenty layers below the answer it must move.
 METHOD_DEFAULTS: dict[str, dict] = {
     "emsedit": {"steps": 3, "shared_steps": 8, "subject_steps": 6, "regulariser": "norm", "key_memory": 1.0,
-                "loc_prior": 20.0},
+                "loc_prior": 100.0, "subject_loc_prior": 20.0},
     "mend": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
     "malmen": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
     "rledit": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
@@ -110,7 +111,8 @@ class EditorConfig:
                                      "keys of the training requests' preserved facts (--prior-source): dW = (U^T U "
                                      "+ e^lamda I + NU C0 + MU G)^-1 U^T D (needs --key-memory; an extension)",
                                      check="nonneg", metavar="NU",
-                                     default_text="the method's: emsedit 20, the others 0; 0 with --key-memory 0")
+                                     default_text="the method's: emsedit 100 (20 with subject keys), the others 0; 0 with "
+                                                  "--key-memory 0")
     null_space: float = option(0.0, "TAU: project every update onto the null space of C0: dW <- (I - V V^T) dW, V the "
                                "eigenvectors of C0 with eigenvalue above TAU times the largest (AlphaEdit's "
                                "projection; an extension; 0: none)", check="nonneg", metavar="TAU")
@@ -140,6 +142,8 @@ class EditorConfig:
         if self.method not in METHODS:
             raise ConfigError(f"EditorConfig.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         defaults = dict(METHOD_DEFAULTS[self.method])
+        if self.key_positions == "subject":
+            defaults["loc_prior"] = defaults.get("subject_loc_prior", defaults["loc_prior"])
         if self.key_memory == 0 or (self.key_memory is None and defaults["key_memory"] == 0):
             defaults["loc_prior"] = 0.0                # the paper's solve: no memory, no prior
         if not self.step_specific:
@@ -239,8 +243,8 @@ def method_config(method: str, modules, steps: int | None = None, **overrides) -
 
 
 def default_modules(model_cfg, key_positions: str = "answer") -> tuple[str, ...]:
-    """The MLP input projections of the last three layers of a LLaMA-style model (27-29
-    of the embedded 30-layer model: experiments/README.md, "Defaults"), of the last six
+    """The MLP input projections of the last 30% of a LLaMA-style model's layers (21-29 of
+    the embedded 30-layer model: experiments/README.md, "Defaults"), of the last six
     of GPT-2 / GPT-J (the paper's); with keys at the subject (`key_positions`
     "subject"), the same projections in the middle layers where factual recall is
     located (10% to 27% of the depth: 3-8 of the embedded model and of GPT-J, MEMIT's
@@ -254,5 +258,5 @@ def default_modules(model_cfg, key_positions: str = "answer") -> tuple[str, ...]
     if key_positions == "subject":
         layers = range(round(0.1 * n), max(round(0.1 * n), round(0.27 * n)) + 1)
     else:
-        layers = range(max(0, n - (3 if model_cfg.family == "llama" else 6)), n)
+        layers = range(max(0, n - (max(1, round(0.3 * n)) if model_cfg.family == "llama" else 6)), n)
     return tuple(f"{model_cfg.layer_prefix}.{i}.{module}" for i in layers)
