@@ -9,7 +9,7 @@ is method X with T = 2 edit steps (MSBP plugged in: `editor.config.method_config
   with a fixed seed) and CounterFact (train on counterfact-train.json, test on
   counterfact-val.json), read from `--data-root` (default ../shared/data).
 - Model: the embedded `smollm2`, the library's edited modules (`editor.config.default_modules`:
-  the MLP up-projections of the last three layers, of layers 3-8 with keys at the subject).
+  the MLP up-projections of the last 30% of the layers, of layers 3-8 with keys at the subject).
 - Hyperparameters: the library's defaults, which the CLI shows and uses
   (`train.configs`; `--preset` for a named preset, by default the dataset's as in the CLI:
   EMSEdit on CounterFact takes "counterfact"), the same for every method:

@@ -44,7 +44,7 @@ DATA = {"zsre": "../shared/data/zsre/zsre_mend_train-1k.json",
         "counterfact": "../shared/data/counterfact/counterfact-train.json"}
 TEST = {"counterfact": "../shared/data/counterfact/counterfact-val.json"}
 METRIC = {"zsre": "zsre", "counterfact": "counterfact"}
-# The current best configuration (issue measurements): up_proj 27-29, rank 256, beta 3e-3.
+# The configuration these studies ran at (then the default): up_proj 27-29, rank 256, beta 3e-3.
 BASE = {"rank": 256, "beta": 3e-3, "lr_init": 1e-3, "log_step_size": True, "step_specific": True}
 RESULTS = Path(__file__).parent / "results" / "locality.jsonl"
 
