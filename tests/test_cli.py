@@ -120,6 +120,8 @@ def test_module_selection():
     assert default_modules(cfg) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(21, 30))   # the last 30%
     llama32 = dataclasses.replace(cfg, num_layers=32)
     assert default_modules(llama32) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(22, 32))
+    small = dataclasses.replace(cfg, num_layers=4)                                        # at least three
+    assert default_modules(small) == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(1, 4))
     # keys at the subject are read in the middle layers: 3-8 of 30 layers, and of GPT-J's 28 (MEMIT's)
     assert default_modules(cfg, "subject") == tuple(f"model.layers.{i}.mlp.up_proj" for i in range(3, 9))
     gptj = ModelConfig.from_hf(dict(model_type="gptj", vocab_size=10, n_embd=8, n_layer=28, n_head=2, rotary_dim=2))

@@ -243,9 +243,9 @@ def method_config(method: str, modules, steps: int | None = None, **overrides) -
 
 
 def default_modules(model_cfg, key_positions: str = "answer") -> tuple[str, ...]:
-    """The MLP input projections of the last 30% of a LLaMA-style model's layers (21-29 of
-    the embedded 30-layer model: experiments/README.md, "Defaults"), of the last six
-    of GPT-2 / GPT-J (the paper's); with keys at the subject (`key_positions`
+    """The MLP input projections of the last 30% of a LLaMA-style model's layers, at least
+    three (21-29 of the embedded 30-layer model: experiments/README.md, "Defaults"), of the
+    last six of GPT-2 / GPT-J (the paper's); with keys at the subject (`key_positions`
     "subject"), the same projections in the middle layers where factual recall is
     located (10% to 27% of the depth: 3-8 of the embedded model and of GPT-J, MEMIT's
     range for GPT-J). For a Flax model (--model package.module:factory), the edit paths
@@ -258,5 +258,5 @@ def default_modules(model_cfg, key_positions: str = "answer") -> tuple[str, ...]
     if key_positions == "subject":
         layers = range(round(0.1 * n), max(round(0.1 * n), round(0.27 * n)) + 1)
     else:
-        layers = range(max(0, n - (max(1, round(0.3 * n)) if model_cfg.family == "llama" else 6)), n)
+        layers = range(max(0, n - (max(3, round(0.3 * n)) if model_cfg.family == "llama" else 6)), n)
     return tuple(f"{model_cfg.layer_prefix}.{i}.{module}" for i in layers)
