@@ -143,13 +143,12 @@ class EditorConfig:
             raise ConfigError(f"EditorConfig.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         defaults = dict(METHOD_DEFAULTS[self.method])
         if self.key_positions == "subject":
-            defaults["loc_prior"] = defaults.get("subject_loc_prior", defaults["loc_prior"])
-        if self.key_memory == 0 or (self.key_memory is None and defaults["key_memory"] == 0):
-            defaults["loc_prior"] = 0.0                # the paper's solve: no memory, no prior
+            for name in ("steps", "loc_prior"):
+                defaults[name] = defaults.get(f"subject_{name}", defaults[name])
         if not self.step_specific:
             defaults["steps"] = defaults.get("shared_steps", defaults["steps"])
-        elif self.key_positions == "subject":
-            defaults["steps"] = defaults.get("subject_steps", defaults["steps"])
+        if self.key_memory == 0 or (self.key_memory is None and defaults["key_memory"] == 0):
+            defaults["loc_prior"] = 0.0                # the paper's solve: no memory, no prior
         for name in ("steps", "regulariser", "key_memory", "loc_prior"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, defaults[name])
