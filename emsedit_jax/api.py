@@ -210,7 +210,8 @@ def train_editor(model: Model, data, config: TrainConfig | None = None, *,
     `out`: run folder (checkpoints, then out/editor); None trains in a
     temporary folder. With `config.select_every` (the batch protocol's default) the last
     requests (one validation stream or batch) are held out and the best scored editor
-    is kept, as `emsedit-jax train` does."""
+    is kept (a trained one only if it beats the untrained one by config.select_margin
+    standard errors), as `emsedit-jax train` does."""
     protocol = (config or TrainConfig()).protocol
     preset_editor, preset_train = configs(preset=preset, model_cfg=model.config, protocol=protocol,
                                           step_specific=protocol == "sequential")

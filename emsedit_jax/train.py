@@ -30,7 +30,7 @@ import functools
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import numpy as np
@@ -43,6 +43,7 @@ from .editor.config import EditorConfig
 from .editor.objective import EditBatch, NAnswer, meta_loss
 from .editor.steps import EditorState, init_editor, new_stream, zero_deltas
 from .errors import ConfigError, UserError
+from .metrics import NOT_PERCENT
 from .models.config import ModelConfig
 from .models.hf_io import Model
 from .options import check_fields, option
@@ -74,6 +75,10 @@ class TrainConfig:
         None, "hold out the last --n-val training requests and score the editor on them before training and every "
         "BATCHES batches; keep the best (ES + GS + LS) editor (0: none)", check="nonneg", metavar="BATCHES",
         default_text="1 for the batch protocol (meta-training can make its editor worse), 0 for sequential")
+    select_margin: float = option(
+        2.0, "a later editor replaces the best validated one only if it scores higher by more than this many "
+        "standard errors of their paired per-request difference (0: any higher score)", check="nonneg",
+        metavar="SE")
 
     def __post_init__(self):
         if self.select_every is None:
@@ -265,6 +270,7 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     memory = None
     select = tcfg.select_every > 0 and val_split is not None and len(val_split) > 0
     best = _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, done, history, mesh) if select else None
+    keep_better = functools.partial(_keep_better, margin=tcfg.select_margin)
     for epoch in range(position[0], tcfg.epochs):
         first = position[1] if epoch == position[0] else 0
         for b in range(first, len(plan[epoch])):
@@ -301,8 +307,8 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
             n_batches_run += 1
             history.append({"epoch": epoch, "batch": b, "seconds": dt, **metrics})
             if select and (done + n_batches_run) % tcfg.select_every == 0 and done + n_batches_run < total:
-                best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior,
-                                           done + n_batches_run, history, mesh), key=lambda x: x[0])
+                best = keep_better(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior,
+                                                   done + n_batches_run, history, mesh))
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gen=f"{metrics['gen_loss']:.3f}")
             step_no = epoch * len(plan[0]) + b + 1
@@ -318,10 +324,10 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     store.close()
     meta = {}
     if select:
-        best = max(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, total, history, mesh),
-                   key=lambda x: x[0])
-        state = best[1]
-        meta = {"selected_after_batches": best[2], "selected_score": best[0]}
+        best = keep_better(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, total, history,
+                                           mesh))
+        state = best.state
+        meta = {"selected_after_batches": best.batches, "selected_score": best.score}
     if ecfg.needs_prior:
         state = state._replace(prior=dict(key_prior))
     if n_batches_run or not (out / "editor" / "editor.json").is_file():    # else: finished before, same run
@@ -330,9 +336,26 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
 
 
+class Validated(NamedTuple):
+    score: float                # ES + GS + LS on the validation split
+    state: EditorState
+    batches: int                # batches trained
+    per_request: np.ndarray     # each request's ES + GS + LS (a metric it lacks counts 0)
+
+
+def _keep_better(best: Validated, new: Validated, margin: float) -> Validated:
+    """`new` if it beats `best` by more than `margin` standard errors of the paired
+    per-request difference of their scores, else `best`. The untrained editor is
+    validated first, so an editor that training moved only within the validation noise
+    is not kept (selecting the maximum of noisy scores favours lucky editors)."""
+    diff = new.per_request - best.per_request
+    se = float(np.std(diff, ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+    return new if new.score - best.score > margin * se else best
+
+
 def _validate(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, state: EditorState, val_split: EncodedSplit,
-              metric: str, key_prior, batches: int, history: list, mesh=None) -> tuple[float, EditorState, int]:
-    """(ES + GS + LS on `val_split`, the editor, batches trained); the scores join `history`."""
+              metric: str, key_prior, batches: int, history: list, mesh=None) -> Validated:
+    """Scores the editor on `val_split` (ES + GS + LS); the scores join `history`."""
     from .evaluate import run_protocol
     res = run_protocol(model, ecfg, state, val_split, protocol=tcfg.protocol, num_seq=tcfg.num_seq,
                        n_edits=tcfg.n_edits, metric=metric, progress=False, key_prior=key_prior, prob_scores=False,
@@ -340,7 +363,9 @@ def _validate(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, state: Editor
     score = float(sum(res.metrics.values()))
     history.append({"validation_after_batches": batches, **res.metrics})
     kept = jax.tree.map(lambda x: x.copy(), (state.nets, state.stats))   # train_step donates the nets
-    return score, EditorState(*kept), batches
+    per_request = sum(np.nan_to_num(np.asarray(v, np.float64)) * (1 if k in NOT_PERCENT else 100)
+                      for k, v in res.per_request.items())
+    return Validated(score, EditorState(*kept), batches, per_request)
 
 
 def _checkpoint_tree(state: EditorState, opt_state, deltas) -> dict:

@@ -322,28 +322,51 @@ def test_editor_keeps_the_prior_it_was_trained_with(tiny, tmp_path):
     assert [p["batches"] for p in every.curve] == [2, 3]
 
 
-def test_selection_by_validation_keeps_the_best_scored_editor(tiny, tmp_path):
+@pytest.mark.parametrize("margin", [0.0, 1e9])
+def test_selection_by_validation_keeps_the_best_scored_editor(tiny, tmp_path, margin):
     """With select_every the untrained editor, every select_every batches and the end are
-    scored on the held-out split; the saved editor is the best scored one."""
+    scored on the held-out split; the saved editor is the best scored one (margin 0), or
+    the untrained one when no editor can beat it by the margin."""
     from emsedit_jax.checkpoint import load_editor
     model, split = tiny
     fit = dataclasses.replace(split, requests=split.requests[:8],
                               views={k: _rows(v, slice(0, 8)) for k, v in split.views.items()})
     val = dataclasses.replace(split, requests=split.requests[8:12],
                               views={k: _rows(v, slice(8, 12)) for k, v in split.views.items()})
-    tcfg = TrainConfig(protocol="batch", n_edits=4, num_seq=1, epochs=2, meta_lr=1e-2, select_every=2)
+    tcfg = TrainConfig(protocol="batch", n_edits=4, num_seq=1, epochs=2, meta_lr=1e-2, select_every=2,
+                       select_margin=margin)
     cfg = ecfg(step_specific=False)
     res = train(model, cfg, tcfg, fit, tmp_path / "sel", progress=False, val_split=val)
     scores = [h for h in res.history if "validation_after_batches" in h]
     assert [h["validation_after_batches"] for h in scores] == [0, 2, 4]
     record = json.loads((tmp_path / "sel" / "editor" / "editor.json").read_text())
-    best = max(scores, key=lambda h: h["ES"] + h["GS"] + h["LS"])
+    best = max(scores, key=lambda h: h["ES"] + h["GS"] + h["LS"]) if margin == 0 else scores[0]
     assert record["selected_after_batches"] == best["validation_after_batches"]
     assert record["selected_score"] == pytest.approx(best["ES"] + best["GS"] + best["LS"])
     _, saved, _ = load_editor(tmp_path / "sel" / "editor", model.config)
     if best["validation_after_batches"] == 0:
         init = init_editor(cfg, model.config, jax.random.key(0))
         chex.assert_trees_all_equal(saved.nets, init.nets)
+
+
+def test_selection_margin_is_in_standard_errors_of_the_paired_difference():
+    """A later editor replaces the best one only when the mean of their per-request
+    score differences exceeds margin x its standard error."""
+    from emsedit_jax.train import Validated, _keep_better
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 300, 100)
+    best = Validated(float(base.mean()), None, 0, base)
+    noise = rng.normal(0, 10, 100)
+    noise = (noise - noise.mean()) / noise.std(ddof=1) * 10        # sd 10, so se 1
+    small = base + 1.5 + noise                                    # +1.5 = 1.5 standard errors
+    cand = Validated(float(small.mean()), None, 1, small)
+    assert _keep_better(best, cand, margin=2.0) is best
+    assert _keep_better(best, cand, margin=1.0) is cand
+    steady = base + 0.5                                           # every request gains: no noise
+    cand = Validated(float(steady.mean()), None, 2, steady)
+    assert _keep_better(best, cand, margin=2.0) is cand
+    worse = Validated(float(base.mean()) - 1, None, 3, base - 1)
+    assert _keep_better(best, worse, margin=0.0) is best
 
 
 def _rows(tf, rows):
