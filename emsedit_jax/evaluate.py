@@ -47,8 +47,8 @@ Metric = Literal["zsre", "counterfact"]
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """How an editor is evaluated (run_protocol's options). `key_memory` / `loc_prior` /
-    `null_space` None keep the editor's values; a number overrides them (test-time
-    choices)."""
+    `null_space` / `max_update` None keep the editor's values; a number overrides them
+    (test-time choices)."""
     protocol: Literal["sequential", "batch"] = option("sequential", "editing protocol")
     num_seq: int = option(10, "batches of a sequential stream (batch protocol: 1)", check="positive")
     n_edits: int = option(10, "requests per edit batch", check="positive")
@@ -67,6 +67,8 @@ class EvalConfig:
                                      metavar="NU", default_text="the editor's (0: none)")
     null_space: float | None = option(None, "override the editor's null-space projection TAU (see train "
                                       "--null-space)", check="nonneg", metavar="TAU", default_text="the editor's")
+    max_update: float | None = option(None, "override the editor's trust region RHO (see train --max-update)",
+                                      check="nonneg", metavar="RHO", default_text="the editor's")
     prob_scores: bool | None = option(None, "also report ROME's probability scores (efficacy, paraphrase and "
                                       "neighbourhood score and magnitude, from whole-target probabilities of the new "
                                       "and true targets)", default_text="on for CounterFact, off for the others")
@@ -78,8 +80,8 @@ class EvalConfig:
         check_fields(self)
 
     def editor_config(self, ecfg: EditorConfig) -> EditorConfig:
-        """The editor's config with this evaluation's key memory / locality prior."""
-        overrides = {k: getattr(self, k) for k in ("key_memory", "loc_prior", "null_space")
+        """The editor's config with this evaluation's key memory / locality prior / trust region."""
+        overrides = {k: getattr(self, k) for k in ("key_memory", "loc_prior", "null_space", "max_update")
                      if getattr(self, k) is not None}
         if self.key_memory == 0 and self.loc_prior is None:
             overrides["loc_prior"] = 0.0          # the paper's solve: the prior goes with the memory

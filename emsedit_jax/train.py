@@ -106,7 +106,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "counterfact": {"key_positions": "subject"},
     "faithful": {"lr_init": 1e-6, "log_step_size": False, "beta": 0.5, "schedule": "faithful", "meta_lr": 1e-5,
-                 "epochs": 1, "rank": 1024, "key_memory": 0.0, "steps": 2},
+                 "epochs": 1, "rank": 1024, "key_memory": 0.0, "steps": 2,
+                 "max_update": 0.0},
 }
 
 

@@ -17,8 +17,9 @@ from emsedit_jax.editor.capture import IGNORE, Batch, capture, edited_loss
 from emsedit_jax.editor.config import EditorConfig
 from emsedit_jax.editor.hypernet import apply_net, init_net
 from emsedit_jax.editor.steps import (EditorState, init_editor, multi_step_edit, new_stream, step_update,
-                                      zero_deltas)
+                                      update_bounds, zero_deltas)
 from emsedit_jax.models import ModelConfig, apply_deltas, init_params
+from emsedit_jax.models.transformer import get_kernel
 
 TINY = ModelConfig.from_hf(dict(model_type="llama", vocab_size=53, hidden_size=16, intermediate_size=24,
                                 num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
@@ -163,19 +164,21 @@ def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
         caps, deltas = [], zero_deltas(ecfg, TINY, jnp.float64)
         run_capture = jax.jit(lambda d: capture(TINY, params, edit, MODULES, d, n_answer=2))
         run_update = jax.jit(step_update, static_argnums=(0, 1))
+        bounds = update_bounds(ecfg, TINY, params)         # the default trust region (EditorConfig.max_update)
+        assert bounds
         for t in range(2):
             cap = run_capture(deltas)
             caps.append(cap)
             nets_t = {k: sets[t] for k, sets in state.nets.items()}
             stats_t = jax.tree.map(lambda a: a[t], state.stats)
-            dws, _ = run_update(ecfg, TINY, nets_t, stats_t, cap)
+            dws, _ = run_update(ecfg, TINY, nets_t, stats_t, cap, bounds=bounds)
             deltas = {m: deltas[m] + dws[m] for m in deltas}
 
         def frozen(nets):
             total = zero_deltas(ecfg, TINY, jnp.float64)
             for t in range(2):
                 dws, _ = step_update(ecfg, TINY, {k: sets[t] for k, sets in nets.items()},
-                                     jax.tree.map(lambda a: a[t], state.stats), caps[t])
+                                     jax.tree.map(lambda a: a[t], state.stats), caps[t], bounds=bounds)
                 total = {m: total[m] + dws[m] for m in total}
             return edited_loss(TINY, params, gen, total, n_answer=2) + 0.1 * sum(jnp.sum(d * d) for d in total.values())
 
@@ -376,3 +379,30 @@ def test_subject_key_slots_feed_the_edit_and_the_key_memory():
     _, after, _ = _edit(cfg, TINY, params, new_stream(cfg, TINY, state), batch, zero_deltas(cfg, TINY), n_answer=2)
     u = np.asarray(cap.keys[m]).reshape(-1, 16) * np.asarray(cap.mask).reshape(-1, 1)
     np.testing.assert_allclose(after.key_gram["16x24"][0], u.T @ u, rtol=1e-4, atol=1e-5)
+
+
+def test_trust_region_caps_each_steps_update_at_rho_times_the_weights_norm():
+    """max_update = rho: a step's update of module m is scaled down to norm rho ||W_m||
+    where it is longer, and left alone where it is shorter; a huge rho is no cap at all."""
+    free_cfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=4, n_blocks=2, steps=2, max_update=0.0)
+    params, state = _setup(free_cfg)
+    edit = tiny_batch(0)
+    zero = zero_deltas(free_cfg, TINY)
+    _, _, free = _edit(free_cfg, TINY, params, state, edit, zero, n_answer=2)
+    w_norm = {m: float(jnp.linalg.norm(get_kernel(TINY, params, m))) for m in MODULES}
+    free_norm = {m: np.linalg.norm(np.asarray(free[m]).reshape(2, -1), axis=1) for m in MODULES}
+    ratios = np.concatenate([free_norm[m] / w_norm[m] for m in MODULES])
+    rho = float(np.median(ratios))                       # binds on about half of the updates
+    assert ratios.min() < rho < ratios.max()
+    capped_cfg = EditorConfig(**{**free_cfg.__dict__, "max_update": rho})
+    _, _, capped = _edit(capped_cfg, TINY, params, state, edit, zero, n_answer=2)
+    for m in MODULES:
+        bound = rho * w_norm[m]
+        # The first step sees the same capture either way: its update is the free one, scaled.
+        np.testing.assert_allclose(capped[m][0], free[m][0] * min(1.0, bound / free_norm[m][0]), rtol=1e-5,
+                                   atol=1e-7)
+        assert np.all(np.linalg.norm(np.asarray(capped[m]).reshape(2, -1), axis=1) <= bound * (1 + 1e-5))
+    loose_cfg = EditorConfig(**{**free_cfg.__dict__, "max_update": 1e6})
+    _, _, loose = _edit(loose_cfg, TINY, params, state, edit, zero, n_answer=2)
+    for m in MODULES:
+        np.testing.assert_array_equal(loose[m], free[m])

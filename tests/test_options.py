@@ -239,3 +239,16 @@ def test_console_reports_user_errors_and_keeps_internal_tracebacks(monkeypatch, 
     monkeypatch.setattr(cli, "main", fail(RuntimeError("internal")))
     with pytest.raises(RuntimeError):
         cli.console(["train"])
+
+
+def test_trust_region_is_the_methods_default_and_an_evaluation_override():
+    """EMSEdit caps each step's update (max_update 0.1); the baselines and the faithful
+    preset do not; `evaluate --max-update` overrides an editor's value, None keeps it."""
+    ecfg = EditorConfig(modules=("m",))
+    assert ecfg.max_update == 0.1
+    assert EditorConfig(modules=("m",), method="malmen").max_update == 0.0
+    assert configs(("m",), preset="faithful")[0].max_update == 0.0
+    assert EvalConfig().editor_config(ecfg) is ecfg
+    assert EvalConfig(max_update=0.0).editor_config(ecfg).max_update == 0.0
+    with pytest.raises(ConfigError, match=r"EditorConfig.max_update: expected a finite number >= 0"):
+        EditorConfig(modules=("m",), max_update=-1.0)

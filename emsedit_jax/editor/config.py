@@ -25,10 +25,10 @@ METHODS = ("emsedit", "mend", "malmen", "rledit")
 # "subject_steps": the edit sits about twenty layers below the answer it must move.
 METHOD_DEFAULTS: dict[str, dict] = {
     "emsedit": {"steps": 3, "shared_steps": 8, "subject_steps": 6, "regulariser": "norm", "key_memory": 1.0,
-                "loc_prior": 100.0, "subject_loc_prior": 20.0},
-    "mend": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
-    "malmen": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
-    "rledit": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0},
+                "loc_prior": 100.0, "subject_loc_prior": 20.0, "max_update": 0.1},
+    "mend": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0, "max_update": 0.0},
+    "malmen": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0, "max_update": 0.0},
+    "rledit": {"steps": 1, "regulariser": "kl", "key_memory": 0.0, "loc_prior": 0.0, "max_update": 0.0},
 }
 
 
@@ -69,6 +69,12 @@ class EditorConfig:
                    keys' C0 whose eigenvalues exceed tau times the largest: outputs
                    k^T (W + dW) on keys k in that span do not move (AlphaEdit's
                    projection, an extension; 0 = none). Needs C0 like loc_prior.
+    max_update:    rho >= 0. With rho > 0 each step's update dW of a module is scaled down,
+                   where needed, to a Frobenius norm of at most rho ||W||_F (W the
+                   unedited kernel): a trust region that keeps one outlying request (a
+                   value gradient many standard deviations from those the hypernetwork
+                   was normalised on) from rewriting a module in one step. An extension;
+                   0 = none (the paper's).
     key_positions: where a step takes its keys and value gradients: "answer" (the
                    paper's: the answer positions), "subject" (the last token of the
                    request's subject, as in MEMIT / AlphaEdit; requests without a
@@ -116,6 +122,9 @@ class EditorConfig:
     null_space: float = option(0.0, "TAU: project every update onto the null space of C0: dW <- (I - V V^T) dW, V the "
                                "eigenvectors of C0 with eigenvalue above TAU times the largest (AlphaEdit's "
                                "projection; an extension; 0: none)", check="nonneg", metavar="TAU")
+    max_update: float | None = option(None, "RHO: scale each step's update dW of a module down to at most RHO ||W|| "
+                                      "(Frobenius norms, W unedited; an extension; 0: no cap)", check="nonneg",
+                                      metavar="RHO", default_text="the method's: emsedit 0.1, the others 0")
     key_positions: Literal["answer", "subject", "both"] = option(
         "answer", "where keys and value gradients are taken: answer positions (the paper's), the subject's last token "
         "(answer positions for prompts without the subject) or both (an extension)")
@@ -149,7 +158,7 @@ class EditorConfig:
             defaults["steps"] = defaults.get("shared_steps", defaults["steps"])
         if self.key_memory == 0 or (self.key_memory is None and defaults["key_memory"] == 0):
             defaults["loc_prior"] = 0.0                # the paper's solve: no memory, no prior
-        for name in ("steps", "regulariser", "key_memory", "loc_prior"):
+        for name in ("steps", "regulariser", "key_memory", "loc_prior", "max_update"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, defaults[name])
         if self.back_depth is None:

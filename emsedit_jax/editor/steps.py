@@ -25,7 +25,7 @@ import numpy as np
 
 from ..models.config import ModelConfig
 from ..models.layers import Array, Params
-from ..models.transformer import module_shape
+from ..models.transformer import get_kernel, module_shape
 from . import normalizer, solve
 from .capture import Batch, Capture, Prefix, capture
 from .config import EditorConfig
@@ -124,13 +124,32 @@ def zero_deltas(ecfg: EditorConfig, lcfg: ModelConfig, dtype=jnp.float32) -> Del
     return {m: jnp.zeros(module_shape(lcfg, m), dtype) for m in ecfg.modules}
 
 
+def trust_region(dw: Array, bound: Array) -> Array:
+    """dw scaled down to Frobenius norm `bound` where it is longer (EditorConfig.max_update)."""
+    wide = dw.astype(jnp.promote_types(dw.dtype, jnp.float32))       # bfloat16 norms in float32
+    norm = jnp.sqrt(jnp.sum(jnp.square(wide)))
+    return dw * jnp.minimum(1.0, bound.astype(wide.dtype) / jnp.maximum(norm, 1e-30)).astype(dw.dtype)
+
+
+def update_bounds(ecfg: EditorConfig, lcfg: ModelConfig, params: Params) -> dict[str, Array]:
+    """Per module, the largest update norm a step may make: ecfg.max_update * ||W||_F
+    ({} without a cap)."""
+    if not ecfg.max_update:
+        return {}
+    return {m: ecfg.max_update * jnp.sqrt(jnp.sum(jnp.square(get_kernel(lcfg, params, m).astype(jnp.float32))))
+            for m in ecfg.modules}
+
+
 def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Mapping, cap: Capture,
-                key_gram: Mapping | None = None, protect: Mapping | None = None) -> tuple[Deltas, dict]:
+                key_gram: Mapping | None = None, protect: Mapping | None = None,
+                bounds: Mapping | None = None) -> tuple[Deltas, dict]:
     """Weight updates of one step from a capture, with one parameter set: `nets` maps
     shape key -> one net, `stats` shape key -> its Stats (no P axis).
     `key_gram` (shape key -> (K, d_in, d_in)): the key memory, weighted by
     ecfg.key_memory in the ridge solve; `protect` (shape key -> (K, d_in, d_in)): the
-    projections P every update is multiplied by (P dW; EditorConfig.null_space). Returns ({module: dW (d_in, d_out)}, updated stats)."""
+    projections P every update is multiplied by (P dW; EditorConfig.null_space); `bounds`
+    (module -> scalar, update_bounds): the trust region of each update (EditorConfig.max_update).
+    Returns ({module: dW (d_in, d_out)}, updated stats)."""
     mask = cap.mask.reshape(-1)
     new_stats, deltas = {}, {}
     for key, names in groups(ecfg, lcfg).items():
@@ -157,6 +176,8 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
             dws = ridge(u * maskf[None, :, None], d, nets[key]["lamda"], prior)
             if protect:
                 dws = [protect[key][i].astype(dtype) @ dw for i, dw in enumerate(dws)]
+        if bounds:
+            dws = [trust_region(dw, bounds[m]) for dw, m in zip(dws, names)]
         deltas.update({m: dws[i] for i, m in enumerate(names)})
     return deltas, new_stats
 
@@ -175,11 +196,13 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
         raise ValueError("key_memory is on but the editor state holds no key memory: start each stream with "
                          "steps.new_stream(ecfg, lcfg, state) (or init_editor / load_editor with this ecfg)")
 
+    bounds = jax.lax.stop_gradient(update_bounds(ecfg, lcfg, params))
+
     def update(p, stats, cap):
         """The step's weight updates with parameter set p (a Python int)."""
         nets_p = {key: sets[p] for key, sets in state.nets.items()}
         stats_p = jax.tree.map(lambda a: a[p], stats)
-        dws, st = step_update(ecfg, lcfg, nets_p, stats_p, cap, memory, state.protect)
+        dws, st = step_update(ecfg, lcfg, nets_p, stats_p, cap, memory, state.protect, bounds)
         return dws, jax.tree.map(lambda s, n: s.at[p].set(n), stats, st)
 
     branches = [functools.partial(update, p) for p in range(ecfg.n_param_sets)]
