@@ -17,8 +17,9 @@ METHODS = ("emsedit", "mend", "malmen", "rledit")
 # What distinguishes the methods when nothing else is overridden. Every other field
 # (rank, blocks, step size, ...) is shared, so the methods differ by configuration alone.
 # EMSEdit's default solve is the extension that keeps edits local (key memory 1 with
-# locality prior 100, 20 with keys at the subject: experiments/README.md, "Defaults");
-# the baselines keep their papers'.
+# locality prior 100, 20 with keys at the subject: experiments/README.md, "Defaults"),
+# with each step's update capped at 0.1 of the kernel's norm ("A trust region for each
+# step"); the baselines keep their papers'.
 # A shared hypernetwork (step_specific=False, the batch protocol's) takes "shared_steps"
 # steps: one batch of hundreds of edits needs more steps than a batch of ten. Keys at the
 # subject (key_positions="subject", read in middle layers: default_modules) take
