@@ -2,7 +2,8 @@
 
 A step, on the current model params + deltas, for a batch of requests:
 capture keys and value gradients -> normalise [u; g] -> hypernetwork -> pseudo keys and
-value gradients -> weight update (ridge solve, or MEND's rank-1 sum) -> deltas += dW.
+value gradients -> weight update (ridge solve, or MEND's rank-1 sum) -> scaled down to
+at most EditorConfig.max_update ||W|| (the trust region; off = the paper's) -> deltas += dW.
 The editor state is explicit: `nets` (hypernetwork parameters, a tuple of P = T or 1
 parameter sets per kernel shape), `stats` (normaliser statistics, stacked on a leading
 P axis) and, with key memory (EditorConfig.key_memory > 0), `key_gram`: per kernel shape,
