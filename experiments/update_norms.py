@@ -24,16 +24,14 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from emsedit_jax import cli
 from emsedit_jax.checkpoint import load_editor
-from emsedit_jax.editor.steps import multi_step_edit, new_stream, zero_deltas
+from emsedit_jax.editor.steps import multi_step_edit, new_stream, update_bounds, zero_deltas
 from emsedit_jax.evaluate import preserved_gram, score_requests, summarise
 from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
-from emsedit_jax.models.transformer import get_kernel
 from emsedit_jax.pipeline import encode_split
 from report import write_report
 
@@ -44,7 +42,8 @@ def replay(model, ecfg, state, split, num_seq, n_edits, metric, score_every, pri
     """Per batch: the largest ||dW_t|| / ||W|| over modules and steps (and where), and
     the scores of the requests edited so far at the scored batches."""
     lcfg = model.config
-    w_norm = {m: float(jnp.linalg.norm(get_kernel(lcfg, model.params, m))) for m in ecfg.modules}
+    w_norm = {m: float(b) for m, b in update_bounds(dataclasses.replace(ecfg, max_update=1.0), lcfg,
+                                                     model.params).items()}       # ||W|| of each module
     batches = [np.arange(i * n_edits, (i + 1) * n_edits) for i in range(num_seq)]
     layouts = split.layouts(batches, buckets=1)
     edited = np.arange(num_seq * n_edits)
