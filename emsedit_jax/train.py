@@ -107,7 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "counterfact": {"key_positions": "subject"},
     "faithful": {"lr_init": 1e-6, "log_step_size": False, "beta": 0.5, "schedule": "faithful", "meta_lr": 1e-5,
                  "epochs": 1, "rank": 1024, "key_memory": 0.0, "steps": 2,
-                 "max_update": 0.0},
+                 "max_update": 0.0, "train_max_update": 0.0},
 }
 
 
@@ -178,7 +178,7 @@ def train_step(nets, stats, opt_state, params, batch: EditBatch, deltas, memory:
     `sharding.use_mesh(mesh)` the new deltas are split like their kernels and the editor
     state by `partition.editor_spec`."""
     (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
-        nets, stats, ecfg, lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
+        nets, stats, ecfg.training(), lcfg, params, batch, deltas, n_answer, beta_power=beta_power,
         only_step=only_step, memory=memory, key_gram=key_gram, remat=remat, protect=protect)
     updates, opt_state = tx.update(grads, opt_state, nets)
     nets = optax.apply_updates(nets, updates)

@@ -242,10 +242,14 @@ def test_console_reports_user_errors_and_keeps_internal_tracebacks(monkeypatch, 
 
 
 def test_trust_region_is_the_methods_default_and_an_evaluation_override():
-    """EMSEdit caps each step's update (max_update 0.1); the baselines and the faithful
-    preset do not; `evaluate --max-update` overrides an editor's value, None keeps it."""
+    """EMSEdit caps each step's update (max_update 0.03; 0.1 with the batch protocol's
+    shared hypernetwork or keys at the subject); the baselines and the faithful preset
+    do not; `evaluate --max-update` overrides an editor's value, None keeps it."""
     ecfg = EditorConfig(modules=("m",))
-    assert ecfg.max_update == 0.1
+    assert ecfg.max_update == 0.03
+    assert EditorConfig(modules=("m",), step_specific=False).max_update == 0.1
+    assert EditorConfig(modules=("m",), key_positions="subject").max_update == 0.1
+    assert EditorConfig(modules=("m",), step_specific=False, max_update=0.03).max_update == 0.03
     assert EditorConfig(modules=("m",), method="malmen").max_update == 0.0
     assert configs(("m",), preset="faithful")[0].max_update == 0.0
     assert EvalConfig().editor_config(ecfg) is ecfg

@@ -372,3 +372,37 @@ def test_selection_margin_is_in_standard_errors_of_the_paired_difference():
 def _rows(tf, rows):
     return dataclasses.replace(tf, **{f.name: getattr(tf, f.name)[rows] for f in dataclasses.fields(tf)
                                       if isinstance(getattr(tf, f.name), np.ndarray)})
+
+
+def test_training_edits_under_its_own_trust_region(tiny_model_dir):
+    """train_step edits with EditorConfig.train_max_update, editing with max_update: with a
+    cap of 1e-4 ||W|| for editing and none to speak of for training, the training step's
+    deltas are the uncapped edit's, and the edit's every step stays within its cap."""
+    import optax
+    from emsedit_jax.editor.steps import zero_deltas
+    from emsedit_jax.evaluate import edit_batch
+    from emsedit_jax.models.transformer import get_kernel
+    from emsedit_jax.train import train_step
+    model = load_model(tiny_model_dir)
+    lcfg = model.config
+    split = encode_split(model.tokenizer, synthetic_requests(4, seed=5))
+    rows = np.arange(4)
+    layout = split.layout([rows])
+    batch = split.batch(rows, layout)
+    free = EditorConfig(modules=MODULES, rank=8, n_blocks=2, lr_init=0.1, key_memory=0.0, steps=2, max_update=0.0)
+    assert free.train_max_update == 0.0
+    both = dataclasses.replace(free, max_update=1e-4, train_max_update=1e6)
+    state = init_editor(free, lcfg, jax.random.key(0))
+    zero = zero_deltas(free, lcfg)
+    uncapped, _ = edit_batch(state, model.params, batch.edit, zero, ecfg=free, lcfg=lcfg,
+                             n_answer=layout.edit.n_answer)
+    capped, _ = edit_batch(state, model.params, batch.edit, zero, ecfg=both, lcfg=lcfg,
+                           n_answer=layout.edit.n_answer)
+    tx = optax.sgd(0.1)
+    trained = train_step(state.nets, state.stats, tx.init(state.nets), model.params, batch, zero, ecfg=both,
+                         lcfg=lcfg, tx=tx, n_answer=layout.n_answer)[3]
+    for m in MODULES:
+        w_norm = float(np.linalg.norm(get_kernel(lcfg, model.params, m)))
+        assert np.linalg.norm(uncapped[m]) > 10 * 2e-4 * w_norm                 # the edit cap binds
+        assert np.linalg.norm(capped[m]) <= 2e-4 * w_norm * (1 + 1e-5)          # two steps of at most 1e-4
+        np.testing.assert_allclose(trained[m], uncapped[m], rtol=1e-4, atol=1e-6 * float(np.abs(uncapped[m]).max()))
