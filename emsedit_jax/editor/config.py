@@ -26,7 +26,7 @@ METHODS = ("emsedit", "mend", "malmen", "rledit")
 # GS, 0.1 keeps 75.9: experiments/README.md, "A trust region for each step"). Keys at the
 # subject (key_positions="subject", read in middle layers: default_modules) take
 # "subject_steps": the edit sits about twenty layers below the answer it must move; and
-# the looser cap too (0.03 costs CounterFact's 10 x 10 stream 4 points of ES).
+# the looser cap too (0.03 costs CounterFact's 10 x 10 stream 5 points of ES).
 METHOD_DEFAULTS: dict[str, dict] = {
     "emsedit": {"steps": 3, "shared_steps": 8, "subject_steps": 6, "regulariser": "norm", "key_memory": 1.0,
                 "loc_prior": 100.0, "subject_loc_prior": 20.0, "max_update": 0.03,
