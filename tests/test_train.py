@@ -202,7 +202,7 @@ def test_train_then_evaluate_raises_efficacy(tiny, tmp_path):
 def test_faithful_schedules_run(tiny, tmp_path, protocol):
     model, split = tiny
     tcfg = TrainConfig(protocol=protocol, schedule="faithful", n_edits=4, num_seq=3, epochs=1, meta_lr=1e-3)
-    cfg = ecfg(step_specific=protocol == "sequential")
+    cfg = ecfg(step_specific=protocol == "sequential", steps=2)     # the authors' T (the shared default is 8)
     res = train(model, cfg, tcfg, split, tmp_path / protocol, progress=False)
     assert all(np.isfinite(h["loss"]) for h in res.history)
     before = jax.tree.leaves(init_editor(cfg, model.config, jax.random.key(0)).nets)
