@@ -48,7 +48,7 @@ def main(model_dir: str, out_dir: str, process_id: int, n_processes: int, port: 
     rows = [np.arange(0, 8), np.arange(8, 16)]
     layout = split.layout(rows, max_row_len=16)
     data = [split.batch(r, layout) for r in rows]
-    ecfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=16, n_blocks=1, lr_init=0.1)
+    ecfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=16, n_blocks=1, lr_init=0.1, steps=2)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
     out = {"process_count": jax.process_count(), "device_count": jax.device_count(),
            "local_devices": jax.local_device_count()}

@@ -46,7 +46,7 @@ def test_gpu_layouts_give_the_cpu_numbers(tiny_model_dir):
     rows = np.arange(6)
     layout = split.layout([rows])
     batch = split.batch(rows, layout)
-    cpu = EditorConfig(modules=MODULES, rank=8, n_blocks=2, lr_init=0.1, key_memory=0.5,
+    cpu = EditorConfig(modules=MODULES, rank=8, n_blocks=2, lr_init=0.1, key_memory=0.5, steps=2,
                        solve="looped", hypernet="unrolled")
     gpu = dataclasses.replace(cpu, solve="batched", hypernet="scanned")
     tx = optax.sgd(0.1)

@@ -31,7 +31,7 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
               "--n-test", "16", "--quiet"]
     monkeypatch.chdir(tmp_path)         # the data path is relative to the training's directory
     train_args = ["train", *common, "--out", str(tmp_path / "run"), "--epochs", "2", "--n-edits", "4", "--num-seq",
-                  "2", "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3"]
+                  "2", "--rank", "8", "--blocks", "1", "--lr-init", "0.1", "--meta-lr", "1e-3", "--steps", "2"]
     main(train_args)
     assert (tmp_path / "run" / "editor" / "editor.json").is_file()
     # A rerun into the finished folder that differs in anything is refused, naming what,

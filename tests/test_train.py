@@ -41,10 +41,11 @@ def synthetic_split(model, n, seed=11):
 
 
 def ecfg(**kw):
-    # The authors' linear step size and regulariser weight, which these tests were sized for,
-    # and the looser trust region of training (the tiny model's random weights need large steps).
+    # The authors' linear step size, regulariser weight and T = 2, which these tests were sized
+    # for (fewer steps compile faster), and the looser trust region of training (the tiny
+    # model's random weights need large steps).
     return EditorConfig(modules=MODULES, rank=8, n_blocks=2, lr_init=0.1, log_step_size=False, beta=0.5,
-                        **{"key_memory": 0.0, "max_update": 0.1, **kw})
+                        **{"key_memory": 0.0, "max_update": 0.1, "steps": 2, **kw})
 
 
 def test_batch_plan_is_seeded_and_covers_epochs():
@@ -202,7 +203,7 @@ def test_train_then_evaluate_raises_efficacy(tiny, tmp_path):
 def test_faithful_schedules_run(tiny, tmp_path, protocol):
     model, split = tiny
     tcfg = TrainConfig(protocol=protocol, schedule="faithful", n_edits=4, num_seq=3, epochs=1, meta_lr=1e-3)
-    cfg = ecfg(step_specific=protocol == "sequential", steps=2)     # the authors' T (the shared default is 8)
+    cfg = ecfg(step_specific=protocol == "sequential")
     res = train(model, cfg, tcfg, split, tmp_path / protocol, progress=False)
     assert all(np.isfinite(h["loss"]) for h in res.history)
     before = jax.tree.leaves(init_editor(cfg, model.config, jax.random.key(0)).nets)
