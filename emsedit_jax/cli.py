@@ -688,7 +688,8 @@ def cmd_evaluate(args) -> dict:
     key_prior, prior_s = None, None
     # The C0 the editor was trained with, unless this evaluation asks for another one.
     own_prior = bool(state.prior) and args.prior_source == (record.get("prior_source") or "loc") \
-        and ecfg.key_positions == record["editor"].get("key_positions", "answer")
+        and ecfg.key_positions == record["editor"].get("key_positions", "answer") \
+        and ecfg.prior_positions == record["editor"].get("prior_positions", "keys")
     info["prior_from_editor"] = ecfg.needs_prior and own_prior
     if ecfg.needs_prior and not own_prior:  # C0 from the training requests' preserved facts, never the test ones
         if not train_reqs:

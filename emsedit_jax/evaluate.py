@@ -47,8 +47,8 @@ Metric = Literal["zsre", "counterfact"]
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """How an editor is evaluated (run_protocol's options). `key_memory` / `loc_prior` /
-    `null_space` / `max_update` None keep the editor's values; a number overrides them
-    (test-time choices)."""
+    `null_space` / `max_update` / `prior_positions` None keep the editor's values; a
+    value overrides them (test-time choices)."""
     protocol: Literal["sequential", "batch"] = option("sequential", "editing protocol")
     num_seq: int = option(10, "batches of a sequential stream (batch protocol: 1)", check="positive")
     n_edits: int = option(10, "requests per edit batch", check="positive")
@@ -69,6 +69,9 @@ class EvalConfig:
                                       "--null-space)", check="nonneg", metavar="TAU", default_text="the editor's")
     max_update: float | None = option(None, "override the editor's trust region RHO (see train --max-update)",
                                       check="nonneg", metavar="RHO", default_text="the editor's")
+    prior_positions: Literal["keys", "all"] | None = option(
+        None, "override where C0 takes the preserved prompts' keys (see train --prior-positions)",
+        default_text="the editor's")
     prob_scores: bool | None = option(None, "also report ROME's probability scores (efficacy, paraphrase and "
                                       "neighbourhood score and magnitude, from whole-target probabilities of the new "
                                       "and true targets)", default_text="on for CounterFact, off for the others")
@@ -81,7 +84,8 @@ class EvalConfig:
 
     def editor_config(self, ecfg: EditorConfig) -> EditorConfig:
         """The editor's config with this evaluation's key memory / locality prior / trust region."""
-        overrides = {k: getattr(self, k) for k in ("key_memory", "loc_prior", "null_space", "max_update")
+        overrides = {k: getattr(self, k) for k in ("key_memory", "loc_prior", "null_space", "max_update",
+                                                   "prior_positions")
                      if getattr(self, k) is not None}
         if self.key_memory == 0 and self.loc_prior is None:
             overrides["loc_prior"] = 0.0          # the paper's solve: the prior goes with the memory
@@ -117,21 +121,37 @@ def _key_gram(params, batch: Batch, *, ecfg: EditorConfig, lcfg: ModelConfig, n_
     return {k: jnp.einsum("kni,knj->kij", u, u) for k, u in keys.items()}, jnp.sum(cap.mask)
 
 
+def every_token(batch: Batch) -> Batch:
+    """`batch` with every token of each sequence but its first marked as an answer slot
+    (the key slots of C0 with EditorConfig.prior_positions "all"; up to S per row)."""
+    s = batch.input_ids.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(s), batch.input_ids.shape) if batch.positions is None \
+        else batch.positions
+    marked = (batch.attention_mask > 0) & (positions > 0)
+    return batch._replace(labels=jnp.where(marked, 0, IGNORE).astype(batch.labels.dtype))
+
+
 def locality_gram(model: Model, ecfg: EditorConfig, split: EncodedSplit, *, n_edits: int = 10,
                   progress: bool = True, view: str = "loc") -> dict[str, jax.Array]:
     """C0 of the locality prior (EditorConfig.loc_prior) and the null-space projection:
-    per kernel shape, the mean k k^T (K, d_in, d_in) of the edited modules' keys at the
-    key slots of `split`'s `view` (default: the locality prompts), on the unedited
-    model. Pass the training requests, never the ones edited."""
+    per kernel shape, the mean k k^T (K, d_in, d_in) of the edited modules' keys in
+    `split`'s `view` (default: the locality prompts) on the unedited model, at every
+    token but each sequence's first (ecfg.prior_positions "all") or at the editor's key
+    slots ("keys"). Pass the training requests, never the ones edited."""
     from tqdm.auto import tqdm
     if len(split) == 0:
         raise ValueError("locality_gram needs at least one request")
     batches = [np.arange(i, min(i + n_edits, len(split))) for i in range(0, len(split), n_edits)]
     layout = split.layout(batches)
+    all_tokens = ecfg.prior_positions == "all"
+    kcfg = dataclasses.replace(ecfg, key_positions="answer") if all_tokens else ecfg
     total, count = None, 0
     for rows in tqdm(batches, desc="locality prior", disable=not progress, unit="batch"):
-        gram, n = _key_gram(model.params, getattr(split.batch(rows, layout), view), ecfg=ecfg, lcfg=model.config,
-                            n_answer=getattr(layout, view).n_answer)
+        batch = getattr(split.batch(rows, layout), view)
+        n_answer = getattr(layout, view).n_answer
+        if all_tokens:
+            batch, n_answer = every_token(batch), batch.input_ids.shape[1]
+        gram, n = _key_gram(model.params, batch, ecfg=kcfg, lcfg=model.config, n_answer=n_answer)
         total = gram if total is None else {k: total[k] + gram[k] for k in total}
         count += int(n)
     return {k: g / count for k, g in total.items()}

@@ -137,13 +137,17 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
                     run_meta={"method": method, "dataset": dataset, "split_seed": SPLIT_SEED})
         state, train_s, train_compile_s = res.state, res.seconds_per_edit, res.compile_seconds
     t1 = time.perf_counter()
+    trained = ecfg
     if opts.key_memory:          # an extension applied at edit time to the editor as trained
         ecfg = dataclasses.replace(ecfg, key_memory=opts.key_memory)
     if opts.edit_overrides:      # editor fields changed at edit time only
         ecfg = dataclasses.replace(ecfg, **opts.edit_overrides)
-    # The C0 the editor keeps from training (EditorState.prior), else estimated the same way.
+    # The C0 the editor keeps from training (EditorState.prior), else (none kept, or this
+    # evaluation takes it at other positions) estimated from the training requests.
+    own_prior = bool(state.prior) and (ecfg.prior_positions, ecfg.key_positions) == (trained.prior_positions,
+                                                                                     trained.key_positions)
     prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) \
-        if ecfg.needs_prior and not state.prior else None
+        if ecfg.needs_prior and not own_prior else None
     ev = run_protocol(model, ecfg, state, test_split, protocol=protocol, num_seq=eval_seq, n_edits=eval_edits,
                       metric=cli.DATASET_METRIC[dataset], progress=opts.progress, key_prior=prior)
     return {"method": label(method, opts.key_memory, opts.tag), "dataset": dataset, "protocol": protocol, "seed": seed,

@@ -103,6 +103,9 @@ def test_evaluate_returns_scores(tiny_model_dir, tiny_editor_dir):
     assert set(res.metrics) == set(res.baseline) == {"ES", "GS", "LS"}
     with pytest.raises(ej.ConfigError, match="EvalConfig.n_edits"):
         ej.evaluate_editor(model, editor, synthetic_requests(4), n_edits=0)
+    # C0 taken elsewhere than the editor's needs the training requests, which the API has not.
+    with pytest.raises(ej.UserError, match="C0 was taken at prior_positions='keys', not 'all'"):
+        ej.evaluate_editor(model, editor, synthetic_requests(4), prior_positions="all")
 
 
 def test_train_editor_takes_a_preset(tiny_model_dir):

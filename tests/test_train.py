@@ -15,6 +15,7 @@ import sys
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -272,19 +273,27 @@ def test_key_memory_run_resumes_mid_stream(tiny, tmp_path):
     assert not np.allclose(full.history[1]["loss"], plain.history[1]["loss"], rtol=1e-4)
 
 
-def test_locality_gram_is_the_mean_outer_product_of_locality_keys(tiny):
-    """C0 of the locality prior, accumulated over batches of 4, equals the mean k k^T of
-    the keys at the locality prompts' answer slots captured in one pass."""
-    from emsedit_jax.editor.capture import capture
+@pytest.mark.parametrize("positions", ["keys", "all"])
+def test_locality_gram_is_the_mean_outer_product_of_locality_keys(tiny, positions):
+    """C0 of the locality prior, accumulated over packed batches of 4, equals the mean
+    k k^T of the keys captured in one pass over the unpacked locality prompts: at their
+    answer slots ("keys") or at every token but each prompt's first ("all")."""
+    from emsedit_jax.editor.capture import IGNORE, Batch, capture
     from emsedit_jax.evaluate import locality_gram
     model, split = tiny
-    cfg = ecfg(key_memory=1.0, loc_prior=5.0)
+    cfg = ecfg(key_memory=1.0, loc_prior=5.0, prior_positions=positions)
     c0 = locality_gram(model, cfg, split, n_edits=4, progress=False)
-    rows = [np.arange(len(split))]
-    layout = split.layout(rows)
-    cap = capture(model.config, model.params, split.batch(rows[0], layout).loc, MODULES,
-                  n_answer=layout.loc.n_answer)
+    tf = split.views["loc"]                   # one right-padded row per request
+    ids, att = tf.input_ids, tf.attention_mask
+    if positions == "keys":
+        labels, n_slots = tf.labels, tf.n_answer
+    else:
+        labels = np.where((att > 0) & (np.arange(ids.shape[1]) > 0), 0, IGNORE).astype(np.int32)
+        n_slots = ids.shape[1]
+    cap = capture(model.config, model.params, Batch(jnp.asarray(ids), jnp.asarray(att), jnp.asarray(labels)),
+                  MODULES, n_answer=n_slots)
     mask = np.asarray(cap.mask).reshape(-1)
+    assert mask.sum() == (att.sum() - len(split) if positions == "all" else (tf.labels != IGNORE).sum())
     assert mask.sum() >= len(split)          # every request has a locality answer
     (key, gram), = c0.items()                # both modules have one kernel shape
     for i, m in enumerate(MODULES):
@@ -298,12 +307,12 @@ def test_editor_keeps_the_prior_it_was_trained_with(tiny, tmp_path):
     gives it back: editing with the stored C0 is editing with the C0 computed again."""
     from emsedit_jax.evaluate import preserved_gram
     model, split = tiny
-    cfg = ecfg(key_memory=1.0, loc_prior=5.0)
+    cfg = ecfg(key_memory=1.0, loc_prior=5.0, prior_positions="all")
     res = train(model, cfg, TrainConfig(n_edits=4, num_seq=2, epochs=1, meta_lr=1e-3), split, tmp_path / "p",
                 progress=False)
     c0 = preserved_gram(model, cfg, split.requests, n_edits=4, progress=False)
-    _, state, record = load_editor(tmp_path / "p" / "editor", model.config)
-    assert record["has_prior"] and set(state.prior) == set(c0)
+    loaded, state, record = load_editor(tmp_path / "p" / "editor", model.config)
+    assert loaded.prior_positions == "all" and record["has_prior"] and set(state.prior) == set(c0)
     for key in c0:
         np.testing.assert_allclose(state.prior[key], c0[key], rtol=1e-6)
         np.testing.assert_allclose(res.state.prior[key], c0[key], rtol=1e-6)

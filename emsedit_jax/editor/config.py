@@ -72,6 +72,13 @@ class EditorConfig:
                    memory. An extension (MEMIT's covariance term applied to the
                    hypernetwork's solve); 0 = none. Training uses it too when set
                    (train.train's key_prior), so the hypernetwork learns with it.
+    prior_positions: where C0 takes the keys of the preserved prompts: "keys" (the
+                   editor's key positions, e.g. the answer tokens) or "all" (every
+                   token of each prompt and its answer but the first, as MEMIT's
+                   covariance is taken over whole texts: an update moves a module's
+                   output at every position of an unrelated prompt, not only at its
+                   answer). An extension; "all" did not win across data sets and
+                   protocols (experiments/README.md, "C0 over every token").
     null_space:    tau in [0, 1). With tau > 0 every step's update dW (d_in, d_out) is
                    replaced by P dW, P = I - V V^T, V the eigenvectors of the preserved
                    keys' C0 whose eigenvalues exceed tau times the largest: outputs
@@ -135,6 +142,9 @@ class EditorConfig:
                                      check="nonneg", metavar="NU",
                                      default_text="the method's: emsedit 100 (20 with subject keys), the others 0; 0 with "
                                                   "--key-memory 0")
+    prior_positions: Literal["keys", "all"] = option(
+        "keys", "where C0 (--loc-prior, --null-space) takes the preserved prompts' keys: at the editor's key "
+        "positions (keys) or at every token but the first (all; an extension)")
     null_space: float = option(0.0, "TAU: project every update onto the null space of C0: dW <- (I - V V^T) dW, V the "
                                "eigenvectors of C0 with eigenvalue above TAU times the largest (AlphaEdit's "
                                "projection; an extension; 0: none)", check="nonneg", metavar="TAU")
