@@ -243,7 +243,7 @@ def evaluate_editor(model: Model, editor: Editor, data, config: EvalConfig | Non
     if ecfg.needs_prior and not editor.state.prior:
         raise UserError("evaluate_editor: loc_prior / null_space need C0, which this editor does not hold (it was "
                         "trained without a locality prior); the command line estimates it from the training data")
-    if ecfg.needs_prior and ecfg.prior_positions != editor.config.prior_positions:
+    if ecfg.needs_prior and ecfg.prior_slots != editor.config.prior_slots:
         raise UserError(f"evaluate_editor: this editor's C0 was taken at prior_positions="
                         f"{editor.config.prior_positions!r}, not {ecfg.prior_positions!r}; C0 must be estimated again "
                         "from the training requests: `emsedit-jax evaluate --prior-positions`")

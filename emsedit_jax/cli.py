@@ -671,8 +671,8 @@ def cmd_evaluate(args) -> dict:
     train_reqs, test_reqs, data = _load_data(args)
     mesh = _scale_setup(args)
     model = _load_model(args, mesh)
-    ecfg, state, record = _load_editor_for(args, model)
-    ecfg = ev.editor_config(ecfg)
+    trained, state, record = _load_editor_for(args, model)
+    ecfg = ev.editor_config(trained)
     test_reqs, overlap = _exclude_trained(args, record, data, test_reqs)
     chat = args.chat_template
     train_reqs, test_reqs = _check_tokenised(model, train_reqs if ecfg.needs_prior else [], test_reqs,
@@ -688,8 +688,7 @@ def cmd_evaluate(args) -> dict:
     key_prior, prior_s = None, None
     # The C0 the editor was trained with, unless this evaluation asks for another one.
     own_prior = bool(state.prior) and args.prior_source == (record.get("prior_source") or "loc") \
-        and ecfg.key_positions == record["editor"].get("key_positions", "answer") \
-        and ecfg.prior_positions == record["editor"].get("prior_positions", "keys")
+        and ecfg.prior_slots == trained.prior_slots
     info["prior_from_editor"] = ecfg.needs_prior and own_prior
     if ecfg.needs_prior and not own_prior:  # C0 from the training requests' preserved facts, never the test ones
         if not train_reqs:

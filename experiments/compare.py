@@ -144,8 +144,7 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
         ecfg = dataclasses.replace(ecfg, **opts.edit_overrides)
     # The C0 the editor keeps from training (EditorState.prior), else (none kept, or this
     # evaluation takes it at other positions) estimated from the training requests.
-    own_prior = bool(state.prior) and (ecfg.prior_positions, ecfg.key_positions) == (trained.prior_positions,
-                                                                                     trained.key_positions)
+    own_prior = bool(state.prior) and ecfg.prior_slots == trained.prior_slots
     prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) \
         if ecfg.needs_prior and not own_prior else None
     ev = run_protocol(model, ecfg, state, test_split, protocol=protocol, num_seq=eval_seq, n_edits=eval_edits,

@@ -231,6 +231,13 @@ class EditorConfig:
         """Whether a stream needs C0 (the preserved keys' mean k k^T) to start."""
         return bool(self.loc_prior or self.null_space)
 
+    @property
+    def prior_slots(self) -> str:
+        """Where C0's keys are taken (evaluate.locality_gram): "all" tokens, or the key
+        positions ("answer", "subject", "both"). A stored C0 serves an evaluation only
+        where this agrees."""
+        return "all" if self.prior_positions == "all" else self.key_positions
+
     def key_slots(self, n_answer: int) -> int:
         """Key slots per packed row for `n_answer` answer slots: a request's subject
         slot replaces its answer slots ("subject") or joins them ("both")."""
