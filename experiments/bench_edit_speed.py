@@ -18,6 +18,11 @@ machine's float32 matmul rate (measured in the same run): the floor. The counted
 are matmuls only (the key memory's d_in x d_in LU solves are not in them); the T steps
 choose their hypernetwork with a `lax.switch` on the step index, which takes each branch
 once per edit, so it is charged the mean of its branches (`count_flops(cond="mean")`).
+A large square matmul runs faster than the step's own (a few hundred token rows against
+576- to 1536-wide kernels), so each row also gives a second floor: every matmul of the
+step (`flops.dot_census`) run alone at its own shape, `--reps` times, the fastest time
+times how often the step runs it; "of floor" is that floor over the step's time, the
+share of the step that its matmuls alone would take.
 
     python experiments/bench_edit_speed.py --data ../shared/data/zsre/zsre_mend_train-1k.json
 """
@@ -38,7 +43,7 @@ from emsedit_jax.data import load_requests, split_requests
 from emsedit_jax.editor.config import EditorConfig
 from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.evaluate import edit_batch
-from emsedit_jax.flops import count_flops
+from emsedit_jax.flops import dot_census
 from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
 from emsedit_jax.models.transformer import stack_layers, unstack_layers
@@ -102,14 +107,15 @@ def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buc
         layouts = split.layouts(batches, buckets=buckets)
         uses = Counter(layouts)
         first = {lay: batches[layouts.index(lay)] for lay in uses}
-        compile_s, cost, flops = 0.0, 0.0, 0.0
+        compile_s, cost, flops, floor = 0.0, 0.0, 0.0, 0.0
+        timed: dict = {}
         for lay, n_uses in uses.items():
             batch = split.batch(first[lay], lay)
             if kind == "train":
                 opt = tx.init(state.nets)
                 args = (state.nets, state.stats, opt, params, batch, zero, None, state.key_gram)
                 kw = dict(ecfg=ecfg, lcfg=model.config, tx=tx, n_answer=lay.n_answer)
-                f = count_flops(train_step, *args, cond="mean", **kw)
+                census = dot_census(train_step, *args, cond="mean", **kw)
                 # train_step donates the editor and optimiser state: thread them from call
                 # to call, as the training loop does.
                 carry = [jax.tree.map(jax.numpy.copy, state.nets), state.stats, tx.init(state.nets)]
@@ -120,19 +126,46 @@ def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buc
                     return out[3]
             else:
                 kw = dict(ecfg=ecfg, lcfg=model.config, n_answer=lay.edit.n_answer)
-                f = count_flops(edit_batch, state, params, batch.edit, zero, cond="mean", **kw)
+                census = dot_census(edit_batch, state, params, batch.edit, zero, cond="mean", **kw)
                 fn = lambda: edit_batch(state, params, batch.edit, zero, **kw)[0]  # noqa: E731
             t_first, t = _timed(fn, reps)
             compile_s += t_first - t
             cost += n_uses * t
-            flops += n_uses * f
+            flops += n_uses * sum(spec.flops * k for spec, k in census.items())
+            floor += n_uses * sum(dot_seconds(spec, reps, timed) * k for spec, k in census.items())
         steady = cost / len(batches)
         row[f"{kind}_layouts"] = len(uses)
         row[f"{kind}_compile_s"] = compile_s
         row[f"{kind}_s_per_edit"] = steady / n_edits
         row[f"{kind}_gflop_per_edit"] = flops / len(batches) / n_edits / 1e9
         row[f"{kind}_gflops"] = flops / cost / 1e9
+        row[f"{kind}_floor_s_per_edit"] = floor / len(batches) / n_edits
+        row[f"{kind}_of_floor"] = floor / cost
     return row
+
+
+def dot_seconds(spec, reps: int, cache: dict) -> float:
+    """Seconds of one matmul of the step run alone at its shape (`flops.DotSpec`): the
+    fastest of `reps` timings of enough back-to-back calls to take about 20 ms."""
+    if spec not in cache:
+        k1, k2 = jax.random.split(jax.random.key(1))
+        a = jax.random.normal(k1, spec.lhs_shape).astype(spec.lhs_dtype)
+        b = jax.random.normal(k2, spec.rhs_shape).astype(spec.rhs_dtype)
+        f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, spec.dimension_numbers,
+                                                     preferred_element_type=spec.preferred_element_type))
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        jax.block_until_ready(f(a, b))
+        n = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = f(a, b)
+            jax.block_until_ready(out)
+            best = min(best, (time.perf_counter() - t0) / n)
+        cache[spec] = best
+    return cache[spec]
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -173,12 +206,15 @@ def main():
     peak = matmul_gflops()
     head = ("| config | buckets | layers | train s/edit | edit s/edit | train / edit layouts | train compile (s) | "
             "edit compile (s) | train GFLOP/edit | edit GFLOP/edit | train GFLOP/s | edit GFLOP/s | "
-            "matmul-bound train s/edit | matmul-bound edit s/edit |\n|---|---:|---|" + "---:|" * 11)
+            "matmul-bound train s/edit | matmul-bound edit s/edit | own-shape matmuls train s/edit | "
+            "own-shape matmuls edit s/edit | train of floor | edit of floor |\n|---|---:|---|" + "---:|" * 15)
     lines = [f"| {r['config']} | {r['buckets']} | {r['param_layout']} | {r['train_s_per_edit']:.3f} | {r['edit_s_per_edit']:.3f} | "
              f"{r['train_layouts']} / {r['edit_layouts']} | "
              f"{r['train_compile_s']:.1f} | {r['edit_compile_s']:.1f} | {r['train_gflop_per_edit']:.1f} | "
              f"{r['edit_gflop_per_edit']:.1f} | {r['train_gflops']:.0f} | {r['edit_gflops']:.0f} | "
-             f"{r['train_gflop_per_edit'] / peak:.3f} | {r['edit_gflop_per_edit'] / peak:.3f} |" for r in rows]
+             f"{r['train_gflop_per_edit'] / peak:.3f} | {r['edit_gflop_per_edit'] / peak:.3f} | "
+             f"{r['train_floor_s_per_edit']:.3f} | {r['edit_floor_s_per_edit']:.3f} | {r['train_of_floor']:.0%} | "
+             f"{r['edit_of_floor']:.0%} |" for r in rows]
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
            f"backend {jax.default_backend()}; ZsRE, {args.n_train} training requests in batches of {args.n_edits} "
            f"(one epoch's plan), the 10 test batches of the 10 x {args.n_edits} protocol, T as named; each layout's fastest of "

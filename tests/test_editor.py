@@ -75,6 +75,32 @@ def test_ridge_gradient_matches_handwritten_adjoint():
             np.testing.assert_allclose(g_lam, -jnp.exp(lam) * jnp.sum(m * dw), rtol=1e-9)
 
 
+def test_cholesky_solve_matches_lu_in_value_and_gradient():
+    """spd_solve (Cholesky, its own backward pass) against jnp.linalg.solve (LU, JAX's
+    derivative) in float64: the ridge update with and without the key-memory prior, and
+    its gradient with respect to the keys, the value gradients, the step size and the prior."""
+    def lu_ridge(u, d, lam, prior):
+        gram = u.T @ u + jnp.exp(lam) * jnp.eye(u.shape[1], dtype=u.dtype) + prior
+        return jnp.linalg.solve(gram, u.T) @ d
+
+    with jax.enable_x64(True):
+        k1, k2, k3, k4 = jax.random.split(jax.random.key(1), 4)
+        u = jax.random.normal(k1, (5, 8), jnp.float64)
+        d = jax.random.normal(k2, (5, 6), jnp.float64)
+        a = jax.random.normal(k3, (8, 8), jnp.float64)
+        prior = a @ a.T / 8
+        c = jax.random.normal(k4, (8, 6), jnp.float64)
+        lam = jnp.asarray(-0.4, jnp.float64)
+        for p in (prior, jnp.zeros_like(prior)):
+            ours = jax.value_and_grad(lambda *x: jnp.sum(c * solve.ridge(*x)), argnums=(0, 1, 2, 3))(u, d, lam, p)
+            ref = jax.value_and_grad(lambda *x: jnp.sum(c * lu_ridge(*x)), argnums=(0, 1, 2, 3))(u, d, lam, p)
+            chex.assert_trees_all_close(ours, ref, rtol=1e-9, atol=1e-12)
+        # the dual form (no prior, fewer keys than inputs), gradient with respect to the keys
+        dual = jax.grad(lambda u: jnp.sum(c * solve.ridge(u, d, lam)))(u)
+        np.testing.assert_allclose(dual, jax.grad(lambda u: jnp.sum(c * solve.ridge_primal(u, d, lam)))(u),
+                                   rtol=1e-9, atol=1e-12)
+
+
 def test_normaliser_merge_equals_full_statistics():
     x = np.random.default_rng(0).normal(size=(40, 5)) * 3 + 1
     mask = np.random.default_rng(1).random(40) > 0.3

@@ -55,3 +55,20 @@ def test_switch_on_the_step_index_is_charged_by_its_branches():
     assert count_flops(steps, x, cond="mean") == 2 * 2 * 8 * 16 + 2 * 2 * 8 * 4
     with pytest.raises(ValueError, match="cond"):
         count_flops(steps, x, cond="min")
+
+
+def test_census_lists_each_matmul_shape_with_its_count():
+    """dot_census: the scan body's one matmul, run 5 times; the backward pass adds the two
+    transposed products; its FLOPs add up to count_flops."""
+    from emsedit_jax.flops import dot_census
+    x, w = jnp.ones((8, 16)), jnp.ones((16, 16))
+    census = dot_census(_layers, x, w)
+    (spec, n), = census.items()
+    assert n == 5 and spec.lhs_shape == (8, 16) and spec.rhs_shape == (16, 16) and spec.flops == 2 * 8 * 16 * 16
+    grad = dot_census(jax.grad(_layers, argnums=1), x, w)
+    assert sum(grad.values()) == 15 and len(grad) >= 2
+    assert sum(s.flops * n for s, n in grad.items()) == count_flops(jax.grad(_layers, argnums=1), x, w)
+    # a spec is enough to run the same matmul alone
+    out = jax.lax.dot_general(jnp.ones(spec.lhs_shape), jnp.ones(spec.rhs_shape), spec.dimension_numbers,
+                              preferred_element_type=spec.preferred_element_type)
+    assert out.shape == (8, 16)

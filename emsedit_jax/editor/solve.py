@@ -8,6 +8,8 @@ rank1: dW = sum_i u~_i d_iᵀ                 (MEND; d_i already carries -eta)
 Masked (padding) rows must be zero in U and D: they then contribute nothing. When
 there are fewer rows than input dimensions the same solution is computed in its dual
 form dW = U^T (U U^T + e^lamda I)^-1 D, which is cheaper and has the same gradient.
+Both Gram matrices are symmetric positive definite (e^lamda > 0, the prior positive
+semi-definite), so they are solved by Cholesky (`spd_solve`), not LU.
 """
 
 from __future__ import annotations
@@ -17,6 +19,32 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+@jax.custom_vjp
+def spd_solve(g: Array, b: Array) -> Array:
+    """G^-1 B for a symmetric positive definite G (n, n), B (n, m), by Cholesky.
+    Against `jnp.linalg.solve` (LU): half the factorisation's FLOPs and no pivots; on CPU
+    XLA turns LU's pivots into a row permutation with a loop of n tiny steps, which
+    took about 12% of a training step of the embedded model's 576-wide key memory. The
+    backward pass reuses the factor: B̄ = G^-1 X̄ and Ḡ = -B̄ Xᵀ (G = Gᵀ); JAX's own
+    Cholesky derivative differentiates the factorisation and is slower than LU's."""
+    return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(g), True), b)
+
+
+def _spd_solve_fwd(g, b):
+    factor = jnp.linalg.cholesky(g)
+    x = jax.scipy.linalg.cho_solve((factor, True), b)
+    return x, (factor, x)
+
+
+def _spd_solve_bwd(res, x_bar):
+    factor, x = res
+    b_bar = jax.scipy.linalg.cho_solve((factor, True), x_bar)
+    return -b_bar @ x.T, b_bar
+
+
+spd_solve.defvjp(_spd_solve_fwd, _spd_solve_bwd)
 
 
 def ridge(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> Array:
@@ -32,11 +60,11 @@ def ridge(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> Array
     reg = jnp.exp(lamda)
     if prior is None and n < d_in:
         gram = u @ u.T + reg * jnp.eye(n, dtype=u.dtype)
-        return u.T @ (jnp.linalg.inv(gram) @ d) if n < d_out else u.T @ jnp.linalg.solve(gram, d)
+        return u.T @ (spd_solve(gram, jnp.eye(n, dtype=u.dtype)) @ d) if n < d_out else u.T @ spd_solve(gram, d)
     gram = u.T @ u + reg * jnp.eye(d_in, dtype=u.dtype)
     if prior is not None:
         gram = gram + prior
-    return jnp.linalg.solve(gram, u.T) @ d if n < d_out else jnp.linalg.solve(gram, u.T @ d)
+    return spd_solve(gram, u.T) @ d if n < d_out else spd_solve(gram, u.T @ d)
 
 
 def ridge_each(u: Array, d: Array, lamda: Array, prior: Array | None = None) -> list[Array]:
