@@ -37,7 +37,7 @@ from .evaluate import EvalConfig, EvalResult, edit_batch, run_protocol
 from .models import Model, apply_deltas, save_hf
 from .models import load_model as _load_model_folder
 from .pipeline import encode_split
-from .train import TrainConfig, configs
+from .train import TrainConfig, configs, held_out
 from .train import train as _train
 
 __all__ = ["EditedModel", "Editor", "Fact", "edit", "evaluate_editor", "generate", "load_editor", "load_model",
@@ -208,18 +208,19 @@ def train_editor(model: Model, data, config: TrainConfig | None = None, *,
     layers: what `emsedit-jax train --dataset counterfact` uses, the better editor for
     counterfactual data scored by logit comparison) or "faithful" (the authors' setting).
     `out`: run folder (checkpoints, then out/editor); None trains in a
-    temporary folder. With `config.select_every` (the batch protocol's default) the last
-    requests (one validation stream or batch) are held out and the best scored editor
-    is kept (a trained one only if it beats the untrained one by config.select_margin
-    standard errors), as `emsedit-jax train` does."""
+    temporary folder. With `config.select_every` (the default of both protocols) the last
+    requests (one validation stream or batch) are held out, when there are enough
+    (train.held_out), and the best scored editor is kept (a trained one only if it beats
+    the untrained one by config.select_margin standard errors), as `emsedit-jax train`
+    does."""
     protocol = (config or TrainConfig()).protocol
     preset_editor, preset_train = configs(preset=preset, model_cfg=model.config, protocol=protocol,
                                           step_specific=protocol == "sequential")
     config, editor_config = config or preset_train, editor_config or preset_editor
     requests = _data(model, data, format)
     val = None
-    n_val = config.n_edits * (config.num_seq if config.protocol == "sequential" else 1)
-    if config.select_every and len(requests) >= n_val + config.n_edits:
+    n_val = held_out(config, len(requests))
+    if n_val:
         requests, val = requests[:-n_val], encode_split(model.tokenizer, requests[-n_val:])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if out is None else out)

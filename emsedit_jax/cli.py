@@ -553,7 +553,7 @@ def cmd_train(args) -> dict:
     from .evaluate import preserved_gram
     from .pipeline import encode_split
     from .runs import check_run
-    from .train import train
+    from .train import held_out, train
     check_writable(args.out, "--out", folder=True)
     args.model = args.model or DEFAULT_MODEL
     args.chat_template = bool(args.chat_template)
@@ -561,13 +561,12 @@ def cmd_train(args) -> dict:
     cfg = model_config(args.model)
     tcfg = train_config(args)
     ecfg = train_editor_config(args, cfg) if cfg is not None else None
-    n_val = 0
-    if tcfg.select_every:       # the last --n-val training requests are held out to select on
-        need = tcfg.n_edits * (tcfg.num_seq if tcfg.protocol == "sequential" else 1)
-        n_val = args.n_val or need
-        if n_val < need:
-            raise ConfigError(f"--n-val {n_val}: the validation edits need at least {need} held-out requests")
+    held_out(tcfg, 1 << 62, args.n_val)                  # a bad --n-val before the data loads
     train_reqs, test_reqs, data = _load_data(args)        # data errors before the model loads
+    # the last n_val training requests are held out to select on (train.held_out)
+    n_val = held_out(tcfg, len(train_reqs), args.n_val, explicit=args.select_every is not None)
+    if tcfg.select_every and not n_val:
+        tcfg = dataclasses.replace(tcfg, select_every=0)
     residual = args.residual_dtype or ("float32" if args.dtype == "bfloat16" else args.dtype)
     # Everything that makes this run this run (runs.claim_run adds the model, the editor
     # config and the training requests' content hash); --mesh and --remat change only
@@ -586,7 +585,7 @@ def cmd_train(args) -> dict:
             setattr(args, f.name, getattr(ecfg, f.name))
     args.layers = args.module = None
     train_reqs, test_reqs = _check_tokenised(model, train_reqs, test_reqs, args.skip_invalid, args.chat_template)
-    if n_val >= len(train_reqs):
+    if n_val and n_val >= len(train_reqs):            # requests skipped as too long since
         raise ConfigError(f"--n-val {n_val}: needs fewer than the {len(train_reqs)} training requests")
     val_reqs = train_reqs[len(train_reqs) - n_val:]
     train_reqs = train_reqs[:len(train_reqs) - n_val]

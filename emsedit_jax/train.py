@@ -74,7 +74,8 @@ class TrainConfig:
     select_every: int | None = option(
         None, "hold out the last --n-val training requests and score the editor on them before training and every "
         "BATCHES batches; keep the best (ES + GS + LS) editor (0: none)", check="nonneg", metavar="BATCHES",
-        default_text="1 for the batch protocol (meta-training can make its editor worse), 0 for sequential")
+        default_text="1 for the batch protocol, --num-seq (once per stream) for sequential: meta-training can make "
+        "the editor worse, and at the defaults it has not beaten the editor it starts from")
     select_margin: float = option(
         2.0, "a later editor replaces the best validated one only if it scores higher by more than this many "
         "standard errors of their paired per-request difference (0: any higher score)", check="nonneg",
@@ -82,12 +83,31 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.select_every is None:
-            object.__setattr__(self, "select_every", 1 if self.protocol == "batch" else 0)
+            object.__setattr__(self, "select_every", 1 if self.protocol == "batch" else self.num_seq)
         check_fields(self)
 
     @property
     def beta_power(self) -> int:
         return 2 if self.schedule == "faithful" else 1
+
+
+def held_out(tcfg: TrainConfig, n_requests: int, n_val: int | None = None, explicit: bool = False) -> int:
+    """How many of the last training requests selection by validation holds out: `n_val`
+    or one validation stream (sequential) or batch; 0 without selection. Selection on by
+    default (not `explicit`) is skipped when fewer than that plus one training batch
+    remain; asked for explicitly, too few requests are an error."""
+    if not tcfg.select_every:
+        return 0
+    need = tcfg.n_edits * (tcfg.num_seq if tcfg.protocol == "sequential" else 1)
+    n_val = n_val or need
+    if n_val < need:
+        raise ConfigError(f"--n-val {n_val}: the validation edits need at least {need} held-out requests")
+    if n_requests >= n_val + tcfg.n_edits:
+        return n_val
+    if explicit:
+        raise ConfigError(f"--select-every: holding out {n_val} requests to validate on needs more than the "
+                          f"{n_requests} training requests (at least {n_val + tcfg.n_edits})")
+    return 0
 
 
 # Named sets of EditorConfig and TrainConfig values. "faithful" is the authors' setting:
@@ -219,7 +239,8 @@ def train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSpl
     requests): before the first batch (the untrained editor), every select_every batches
     and at the end, the editor edits `val_split` with the training protocol and is
     scored ES + GS + LS (`metric`, evaluate.run_protocol); the editor saved is the best
-    scored one (each validation is in `history`). Not kept across a resume."""
+    scored one (each validation is in `history`); the editor's list of the requests it has
+    seen (train_requests.json) holds the validation requests too. Not kept across a resume."""
     out = Path(out_dir)
     with RunLock(out), use_mesh(mesh):
         return _train(model, ecfg, tcfg, split, out, run_meta=run_meta, identity=identity,
@@ -332,8 +353,12 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
     if ecfg.needs_prior:
         state = state._replace(prior=dict(key_prior))
     if n_batches_run or not (out / "editor" / "editor.json").is_file():    # else: finished before, same run
-        save_editor(out / "editor", ecfg, state, {**(run_meta or {}), **identity, **meta,
-                                                  "train_seconds_per_edit": _per_edit(times, tcfg)}, hashes)
+        # run_meta last: its split (n_train of the data, validation requests included) is
+        # what `evaluate` re-splits the training file by; identity's n_train counts the
+        # requests trained on
+        save_editor(out / "editor", ecfg, state, {**identity, **(run_meta or {}), **meta,
+                                                  "train_seconds_per_edit": _per_edit(times, tcfg)},
+                    hashes + ([request_hash(r) for r in val_split.requests] if select else []))
     return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
 
 

@@ -48,7 +48,7 @@ from emsedit_jax.evaluate import preserved_gram, run_protocol
 from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
 from emsedit_jax.pipeline import encode_split
-from emsedit_jax.train import PRESETS, configs, train
+from emsedit_jax.train import PRESETS, configs, held_out, train
 
 METHODS = ("emsedit", "mend", "malmen", "rledit", "mend2", "malmen2", "rledit2")
 DATASETS = {   # name -> (train file, test file or None: split the train file; format)
@@ -127,11 +127,10 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
         prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) if ecfg.needs_prior \
             else None
         val_split = None
-        if tcfg.select_every:     # as `emsedit-jax train --select-every`: the last requests are held out
-            n_val = n_edits * num_seq
-            keep = list(range(len(train_split) - n_val))
-            val_split = encode_split(model.tokenizer, train_reqs[len(keep):])
-            train_split = encode_split(model.tokenizer, train_reqs[:len(keep)])
+        n_val = held_out(tcfg, len(train_reqs))
+        if n_val:                 # as `emsedit-jax train`: the last requests are held out to select on
+            val_split = encode_split(model.tokenizer, train_reqs[-n_val:])
+            train_split = encode_split(model.tokenizer, train_reqs[:-n_val])
         res = train(model, ecfg, tcfg, train_split, run_dir, progress=opts.progress, key_prior=prior,
                     val_split=val_split, metric=cli.DATASET_METRIC[dataset],
                     run_meta={"method": method, "dataset": dataset, "split_seed": SPLIT_SEED})

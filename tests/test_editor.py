@@ -111,6 +111,19 @@ def test_normaliser_merge_equals_full_statistics():
     assert float(st.count) == len(rows)
     np.testing.assert_allclose(st.mean, rows.mean(0), rtol=1e-5)
     np.testing.assert_allclose(st.m2 / (st.count - 1), rows.var(0, ddof=1), rtol=1e-4)
+    np.testing.assert_allclose(normalizer.normalise(st, jnp.asarray(x)), (x - rows.mean(0)) / rows.std(0, ddof=1),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_normaliser_of_one_row_passes_it_unchanged():
+    """Fresh statistics updated with a single row (one answer token, one module) have no
+    spread: standardising would zero the row, so it passes as it is; from two rows on it
+    is standardised."""
+    x = jnp.asarray([[1.0, -2.0, 3.0], [0.5, 0.0, 1.0]])
+    one = normalizer.update(normalizer.init_stats(3), x[:1], jnp.asarray([True]))
+    np.testing.assert_array_equal(normalizer.normalise(one, x[:1]), x[:1])
+    two = normalizer.update(normalizer.init_stats(3), x, jnp.asarray([True, True]))
+    np.testing.assert_allclose(normalizer.normalise(two, x), (x - x.mean(0)) / (x.std(0, ddof=1) + 1e-5), rtol=1e-5)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))     # one compile instead of many eager ops

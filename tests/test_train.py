@@ -418,3 +418,21 @@ def test_training_edits_under_its_own_trust_region(tiny_model_dir):
         assert np.linalg.norm(uncapped[m]) > 10 * 2e-4 * w_norm                 # the edit cap binds
         assert np.linalg.norm(capped[m]) <= 2e-4 * w_norm * (1 + 1e-5)          # two steps of at most 1e-4
         np.testing.assert_allclose(trained[m], uncapped[m], rtol=1e-4, atol=1e-6 * float(np.abs(uncapped[m]).max()))
+
+
+def test_held_out_validation_defaults_to_one_stream_or_batch_when_there_is_room():
+    """Selection by validation is on by default for both protocols: one validation stream
+    (sequential) or batch is held out when the requests leave at least a training batch;
+    by default too few requests turn it off, asked for explicitly they are an error."""
+    from emsedit_jax.errors import ConfigError
+    from emsedit_jax.train import held_out
+    seq = TrainConfig(n_edits=10, num_seq=10)
+    assert seq.select_every == 10 and held_out(seq, 500) == 100 and held_out(seq, 110) == 100
+    assert held_out(seq, 109) == 0 and held_out(seq, 500, n_val=150) == 150
+    with pytest.raises(ConfigError, match="109 training requests"):
+        held_out(seq, 109, explicit=True)
+    with pytest.raises(ConfigError, match="--n-val 50"):
+        held_out(seq, 500, n_val=50)
+    batch = TrainConfig(protocol="batch", n_edits=100)
+    assert batch.select_every == 1 and held_out(batch, 500) == 100 and held_out(batch, 150) == 0
+    assert held_out(TrainConfig(select_every=0), 500) == 0

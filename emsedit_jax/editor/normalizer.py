@@ -40,7 +40,10 @@ def update(stats: Stats, x: Array, mask: Array) -> Stats:
 
 
 def normalise(stats: Stats, x: Array, eps: float = 1e-5) -> Array:
-    """(x - mean) / std with the unbiased variance; constants for autodiff."""
+    """(x - mean) / std with the unbiased variance; constants for autodiff. Statistics of
+    fewer than two rows have no spread to standardise by (one row minus its own mean is
+    zero: an editor with fresh statistics editing a single answer token in a single
+    module would make no update), so x passes unchanged."""
     stats = jax.lax.stop_gradient(stats)
     var = stats.m2 / jnp.maximum(stats.count - 1.0, 1.0)
-    return (x - stats.mean) / (jnp.sqrt(var) + eps)
+    return jnp.where(stats.count >= 2, (x - stats.mean) / (jnp.sqrt(var) + eps), x)
