@@ -25,8 +25,9 @@ Array = jax.Array
 def spd_solve(g: Array, b: Array) -> Array:
     """G^-1 B for a symmetric positive definite G (n, n), B (n, m), by Cholesky.
     Against `jnp.linalg.solve` (LU): half the factorisation's FLOPs and no pivots; on CPU
-    XLA turns LU's pivots into a row permutation with a loop of n tiny steps, which
-    took about 12% of a training step of the embedded model's 576-wide key memory. The
+    XLA turns LU's pivots into a row permutation with a loop of n tiny steps, which took
+    about 8% of the threads' busy time in a training step of the embedded model (576-wide
+    key memory; experiments/README.md, "Edit speed"). The
     backward pass reuses the factor: B̄ = G^-1 X̄ and Ḡ = -B̄ Xᵀ (G = Gᵀ); JAX's own
     Cholesky derivative differentiates the factorisation and is slower than LU's."""
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(g), True), b)
