@@ -561,9 +561,9 @@ def cmd_train(args) -> dict:
     cfg = model_config(args.model)
     tcfg = train_config(args)
     ecfg = train_editor_config(args, cfg) if cfg is not None else None
-    held_out(tcfg, 1 << 62, args.n_val)                  # a bad --n-val before the data loads
     train_reqs, test_reqs, data = _load_data(args)        # data errors before the model loads
-    # the last n_val training requests are held out to select on (train.held_out)
+    # the last n_val training requests are held out to select on (train.held_out; a bad
+    # --n-val is refused here, before the model loads)
     n_val = held_out(tcfg, len(train_reqs), args.n_val, explicit=args.select_every is not None)
     if tcfg.select_every and not n_val:
         tcfg = dataclasses.replace(tcfg, select_every=0)

@@ -69,6 +69,11 @@ def iter_eqns(jaxpr):
                 yield from iter_eqns(sub)
 
 
+def census_flops(census: Counter) -> float:
+    """Matmul FLOPs of a `dot_census`: each matmul's FLOPs times how often it runs."""
+    return sum(spec.flops * n for spec, n in census.items())
+
+
 def _weighted_dots(jaxpr, cond: str) -> Counter:
     """DotSpec -> how many times one call runs it (a scan's body times its length; a
     cond's dearest branch once, or each branch 1/n times for "mean")."""
@@ -83,7 +88,7 @@ def _weighted_dots(jaxpr, cond: str) -> Counter:
         elif name == "cond":
             branches = [_weighted_dots(b.jaxpr, cond) for b in eqn.params["branches"]]
             if cond == "max":
-                branches = [max(branches, key=lambda c: sum(s.flops * w for s, w in c.items()))]
+                branches = [max(branches, key=census_flops)]
             for branch in branches:
                 for spec, w in branch.items():
                     out[spec] += w / len(branches)
@@ -106,7 +111,7 @@ def jaxpr_flops(jaxpr, cond: str = "max") -> float:
     bound) or "mean" (the mean over its branches: exact for a switch on a scan's step
     index that takes every branch equally often, like the T-step edit's)."""
     _check_cond(cond)
-    return sum(spec.flops * w for spec, w in _weighted_dots(jaxpr, cond).items())
+    return census_flops(_weighted_dots(jaxpr, cond))
 
 
 def dot_census(fn: Callable, *args, cond: str = "max", **kwargs) -> Counter:
@@ -120,4 +125,4 @@ def count_flops(fn: Callable, *args, cond: str = "max", **kwargs) -> float:
     """Matmul FLOPs of one call of `fn(*args, **kwargs)` (traced, not run). Keyword
     arguments are bound as constants, so static configuration goes there. `cond`: see
     `jaxpr_flops`."""
-    return sum(spec.flops * w for spec, w in dot_census(fn, *args, cond=cond, **kwargs).items())
+    return census_flops(dot_census(fn, *args, cond=cond, **kwargs))

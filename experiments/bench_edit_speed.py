@@ -43,7 +43,7 @@ from emsedit_jax.data import load_requests, split_requests
 from emsedit_jax.editor.config import EditorConfig
 from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.evaluate import edit_batch
-from emsedit_jax.flops import dot_census
+from emsedit_jax.flops import census_flops, dot_census
 from emsedit_jax.lapack_threads import limit as limit_lapack_threads
 from emsedit_jax.models import load_model
 from emsedit_jax.models.transformer import stack_layers, unstack_layers
@@ -131,7 +131,7 @@ def bench(model, train_split, test_split, name, layers, rank, n_edits, reps, buc
             t_first, t = _timed(fn, reps)
             compile_s += t_first - t
             cost += n_uses * t
-            flops += n_uses * sum(spec.flops * k for spec, k in census.items())
+            flops += n_uses * census_flops(census)
             floor += n_uses * sum(dot_seconds(spec, reps, timed) * k for spec, k in census.items())
         steady = cost / len(batches)
         row[f"{kind}_layouts"] = len(uses)
