@@ -193,18 +193,32 @@ def preserved_gram(model: Model, ecfg: EditorConfig, requests: Sequence, *, sour
     return locality_gram(model, ecfg, facts, n_edits=n_edits, progress=progress, view="edit")
 
 
+def _each_model(lcfg: ModelConfig, params, batch: Batch, models: Sequence[Deltas], n_answer: int):
+    """(logits, targets, mask) of params + each of `models` (a tuple of deltas) at the
+    answer slots. The layers below the lowest edited one are the same for all of them
+    and run once (an edited model and its unedited baseline score for the price of one
+    prefix)."""
+    modules = sorted({name for deltas in models for name in deltas})
+    prefix = prefix_hidden(lcfg, params, batch, first_layer(lcfg, modules)) if modules else None
+    return [edited_logits(lcfg, params, batch, deltas, n_answer=n_answer, prefix=prefix) for deltas in models]
+
+
 @functools.partial(jax.jit, static_argnames=("lcfg", "n_answer"))
-def slot_scores(params, deltas: Deltas, batch: Batch, alt: jax.Array, *, lcfg: ModelConfig, n_answer: int):
-    """Per answer slot: argmax == label, logit(label) > logit(alt), and whether the
-    comparison exists; plus the slot mask and segment (request) id. All (R, A)."""
-    logits, targets, mask = edited_logits(lcfg, params, batch, deltas, n_answer=n_answer)
+def slot_scores(params, models: Sequence[Deltas], batch: Batch, alt: jax.Array, *, lcfg: ModelConfig, n_answer: int):
+    """Per answer slot of params + each of `models` (a tuple of deltas): argmax == label,
+    logit(label) > logit(alt), and whether the comparison exists, each (M, R, A); plus
+    the slot mask and segment (request) id, (R, A)."""
     positions, _, _ = answer_slots(batch.labels, n_answer)
     alt_ids = jnp.take_along_axis(alt, positions, axis=1)
-    has_alt = mask & (alt_ids >= 0)
-    lt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    la = jnp.take_along_axis(logits, jnp.maximum(alt_ids, 0)[..., None], axis=-1)[..., 0]
     segment = jnp.take_along_axis(batch.attention_mask, positions, axis=1)
-    return jnp.argmax(logits, -1) == targets, lt > la, has_alt, mask, segment
+    correct, beats, has_alt = [], [], []
+    for logits, targets, mask in _each_model(lcfg, params, batch, models, n_answer):
+        lt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        la = jnp.take_along_axis(logits, jnp.maximum(alt_ids, 0)[..., None], axis=-1)[..., 0]
+        correct.append(jnp.argmax(logits, -1) == targets)
+        beats.append(lt > la)
+        has_alt.append(mask & (alt_ids >= 0))
+    return jnp.stack(correct), jnp.stack(beats), jnp.stack(has_alt), mask, segment
 
 
 def _per_request(values: np.ndarray, valid: np.ndarray, segment: np.ndarray, n: int) -> np.ndarray:
@@ -254,34 +268,38 @@ def build_probes(tokenizer, requests, *, prob_scores: bool, chat_template: bool 
 
 
 @functools.partial(jax.jit, static_argnames=("lcfg", "n_answer"))
-def slot_logprobs(params, deltas: Deltas, batch: Batch, *, lcfg: ModelConfig, n_answer: int):
-    """Per answer slot: log P(label), argmax == label, the slot mask and segment id (R, A)."""
-    logits, targets, mask = edited_logits(lcfg, params, batch, deltas, n_answer=n_answer)
+def slot_logprobs(params, models: Sequence[Deltas], batch: Batch, *, lcfg: ModelConfig, n_answer: int):
+    """Per answer slot of params + each of `models`: log P(label) and argmax == label,
+    each (M, R, A); the slot mask and segment id (R, A)."""
     positions, _, _ = answer_slots(batch.labels, n_answer)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    lt = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     segment = jnp.take_along_axis(batch.attention_mask, positions, axis=1)
-    return lt, jnp.argmax(logits, -1) == targets, mask, segment
+    logp, correct = [], []
+    for logits, targets, mask in _each_model(lcfg, params, batch, models, n_answer):
+        logp.append(jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0])
+        correct.append(jnp.argmax(logits, -1) == targets)
+    return jnp.stack(logp), jnp.stack(correct), mask, segment
 
 
 def _probe_values(model: Model, probes: Probes, chunks: list[np.ndarray], layout_chunks: list[np.ndarray],
-                  deltas: Deltas, mesh=None) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-target log-probability and token accuracy of the probes in `chunks` (lists
-    of probe indices; NaN for the others). The layout holds every chunk of `layout_chunks`."""
+                  models: tuple[Deltas, ...], mesh=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per model of `models`: whole-target log-probability and token accuracy of the
+    probes in `chunks` (lists of probe indices; NaN for the others). The layout holds
+    every chunk of `layout_chunks`."""
     vl = view_layout(probes.tf, layout_chunks)
-    logp = np.full(len(probes.request), np.nan)
-    acc = np.full(len(probes.request), np.nan)
+    logp = np.full((len(models), len(probes.request)), np.nan)
+    acc = np.full((len(models), len(probes.request)), np.nan)
     for c in chunks:
         batch, _ = pack(probes.tf, c, vl, "probes")
-        lt, correct, mask, seg = to_host(slot_logprobs(
-            model.params, deltas, place_batch(Batch(*batch), mesh), lcfg=model.config, n_answer=vl.n_answer))
+        lts, corrects, mask, seg = to_host(slot_logprobs(
+            model.params, models, place_batch(Batch(*batch), mesh), lcfg=model.config, n_answer=vl.n_answer))
         seg = seg[mask] - 1
         n = np.bincount(seg, minlength=len(c))
-        lp = np.bincount(seg, weights=lt[mask].astype(np.float64), minlength=len(c))
-        ok = np.bincount(seg, weights=correct[mask].astype(np.float64), minlength=len(c))
-        logp[c] = np.where(n > 0, lp, np.nan)
-        acc[c] = np.where(n > 0, ok / np.maximum(n, 1), np.nan)
-    return logp, acc
+        for k, (lt, correct) in enumerate(zip(lts, corrects)):
+            lp = np.bincount(seg, weights=lt[mask].astype(np.float64), minlength=len(c))
+            ok = np.bincount(seg, weights=correct[mask].astype(np.float64), minlength=len(c))
+            logp[k, c] = np.where(n > 0, lp, np.nan)
+            acc[k, c] = np.where(n > 0, ok / np.maximum(n, 1), np.nan)
+    return list(zip(logp, acc))
 
 
 def probe_metrics(probes: Probes, rows: np.ndarray, logp: np.ndarray, acc: np.ndarray) -> dict[str, np.ndarray]:
@@ -370,46 +388,51 @@ def _chunks(rows: np.ndarray, chunk: int) -> list[np.ndarray]:
     return [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
 
 
-def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], deltas: Deltas, metric: Metric,
-                   chunk: int = SCORE_CHUNK, *, probes: Probes | None = None, fluency_tokens: int = 0,
-                   layout_rows: Sequence[int] | None = None, mesh=None) -> dict[str, np.ndarray]:
+def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], deltas: Deltas | Sequence[Deltas],
+                   metric: Metric, chunk: int = SCORE_CHUNK, *, probes: Probes | None = None,
+                   fluency_tokens: int = 0, layout_rows: Sequence[int] | None = None,
+                   mesh=None) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
     """Per-request scores (fractions; fluency in bits) of params + deltas on requests
     `rows`: ES / GS / LS, the probes' scores (build_probes) and with `fluency_tokens` > 0
-    the fluency of that many generated tokens. Shapes are laid out for the chunks of
-    `layout_rows` (default `rows`; pass a superset to reuse one compile). With a `mesh`
-    (model.params placed on it, as run_protocol does) the scored rows are split over it
-    too, built on every process from the rows it holds, and every process gets the
-    scores."""
+    the fluency of that many generated tokens. `deltas` a sequence of deltas (say an
+    edited model and zero_deltas, its baseline): a list of scores, one per model, the
+    layers below the lowest edited one run once for all. Shapes are laid out for the
+    chunks of `layout_rows` (default `rows`; pass a superset to reuse one compile). With a
+    `mesh` (model.params placed on it, as run_protocol does) the scored rows are split
+    over it too, built on every process from the rows it holds, and every process gets
+    the scores."""
+    single = isinstance(deltas, dict)
+    models = tuple(place_deltas(model.config, d, mesh) for d in ([deltas] if single else deltas))
     rows = np.asarray(rows)
-    deltas = place_deltas(model.config, deltas, mesh)
     chunks = _chunks(rows, chunk)
     layout_chunks = _chunks(np.asarray(rows if layout_rows is None else layout_rows), chunk)
     layout = split.layout(layout_chunks)
-    out = {METRIC_NAMES[v]: [] for v in VIEWS}
+    out = [{METRIC_NAMES[v]: [] for v in VIEWS} for _ in models]
     for c in chunks:
         for view in VIEWS:
             vl = getattr(layout, view)
             batch, alt = split.pack(view, c, vl)
             batch, alt = place_batch(batch, mesh), place_rows(alt, mesh, IGNORE)
             correct, beats, has_alt, mask, seg = to_host(
-                slot_scores(model.params, deltas, batch, alt, lcfg=model.config, n_answer=vl.n_answer))
-            if metric == "zsre":
-                vals = _per_request(correct, mask, seg, len(c))
-            else:
-                vals = _per_request(beats, has_alt, seg, len(c))
-            out[METRIC_NAMES[view]].append(vals)
-    scores = {k: np.concatenate(v) for k, v in out.items()}
+                slot_scores(model.params, models, batch, alt, lcfg=model.config, n_answer=vl.n_answer))
+            for k in range(len(models)):
+                vals = _per_request(correct[k], mask, seg, len(c)) if metric == "zsre" else \
+                    _per_request(beats[k], has_alt[k], seg, len(c))
+                out[k][METRIC_NAMES[view]].append(vals)
+    scores = [{name: np.concatenate(v) for name, v in o.items()} for o in out]
     if probes is not None:
         def probe_chunks(rs):
             return [p for p in (np.flatnonzero(np.isin(probes.request, c)) for c in rs) if len(p)]
         mine = probe_chunks(chunks)
         if mine:
-            logp, acc = _probe_values(model, probes, mine, probe_chunks(layout_chunks) or mine, deltas, mesh)
-            scores |= probe_metrics(probes, rows, logp, acc)
+            values = _probe_values(model, probes, mine, probe_chunks(layout_chunks) or mine, models, mesh)
+            for s, (logp, acc) in zip(scores, values):
+                s |= probe_metrics(probes, rows, logp, acc)
     if fluency_tokens > 0:
-        scores["fluency"] = fluency_scores(model, split.requests, rows, deltas, fluency_tokens,
-                                           chat_template=split.chat_template)
-    return scores
+        for s, d in zip(scores, models):
+            s["fluency"] = fluency_scores(model, split.requests, rows, d, fluency_tokens,
+                                          chat_template=split.chat_template)
+    return scores[0] if single else scores
 
 
 def summarise(per_request: dict[str, np.ndarray]) -> dict[str, float]:
@@ -512,8 +535,7 @@ def _run_protocol(model, ecfg, state, split, protocol, num_seq, n_edits, metric,
             times.append(dt)
         if full_curve and i < num_seq - 1 and (i + 1) % curve_every == 0:
             curve.append({"batches": i + 1, **summarise(score(np.arange((i + 1) * n_edits), deltas))})
-    per_request = score(edited, deltas, fluency_tokens=fluency_tokens)
-    per_request_baseline = score(edited, zero_deltas(ecfg, model.config), fluency_tokens=fluency_tokens)
+    per_request, per_request_baseline = score(edited, (deltas, zero_deltas(ecfg, lcfg)), fluency_tokens=fluency_tokens)
     metrics, baseline = summarise(per_request), summarise(per_request_baseline)
     if full_curve:
         curve.append({"batches": num_seq, **{k: v for k, v in metrics.items() if k != "fluency"}})
@@ -560,10 +582,10 @@ def mquake_accuracy(model: Model, ecfg: EditorConfig, state: EditorState, reques
                                n_answer=r_layout.edit.n_answer)
         qb, alt = qsplit.pack("edit", qg, q_layout)
         qb = Batch(*(jnp.asarray(a) for a in qb))
-        for name, d in (("edited", deltas), ("unedited", zero)):
-            correct, _, _, mask, seg = jax.device_get(slot_scores(
-                model.params, d, qb, jnp.asarray(alt), lcfg=model.config, n_answer=q_layout.n_answer))
-            acc = _per_request(correct, mask, seg, len(qg))
+        correct, _, _, mask, seg = jax.device_get(slot_scores(
+            model.params, (deltas, zero), qb, jnp.asarray(alt), lcfg=model.config, n_answer=q_layout.n_answer))
+        for name, c in zip(("edited", "unedited"), correct):
+            acc = _per_request(c, mask, seg, len(qg))
             solved[name].append(bool(np.any(acc >= 1.0 - 1e-9)))
     return {"multi_hop_accuracy": 100 * float(np.mean(solved["edited"])),
             "multi_hop_accuracy_unedited": 100 * float(np.mean(solved["unedited"])), "n_cases": len(chosen)}

@@ -97,6 +97,48 @@ def test_probability_scores_equal_hand_computed(tiny, torch_model):
     assert set(score_requests(tiny, encode_split(tok, plain), [0, 1], deltas, "zsre")) == {"ES", "GS", "LS"}
 
 
+def test_an_edited_model_and_its_baseline_scored_in_one_pass_match_transformers(tiny, torch_model):
+    """score_requests with (deltas, zero deltas), as the protocols score an edited model
+    beside the unedited one: the layers below the edit run once for both. Each model's
+    probability scores equal transformers' with the delta added to the PyTorch weight
+    (and without), and its token accuracy (ES / GS / LS) equals the PyTorch argmax's."""
+    import copy
+
+    import torch
+    reqs = [cf_request(0), cf_request(1, prompt="w20 w21", target_new="w22", target_true="w23 w24 w25",
+                                      rephrase="w21 w20", paraphrases=("w21 w20",), neighbours=("w30 w31", "w32"))]
+    split = encode_split(tiny.tokenizer, reqs)
+    probes = build_probes(tiny.tokenizer, reqs, prob_scores=True)
+    module = "model.layers.2.mlp.up_proj"
+    zero = zero_deltas(EditorConfig(key_memory=0.0, modules=(module,)), tiny.config)
+    delta = np.random.default_rng(0).normal(0.0, 0.5, zero[module].shape).astype(np.float32)   # (d_in, d_out)
+    models = ({module: jax.numpy.asarray(delta)}, zero)
+    edited, base = score_requests(tiny, split, [0, 1], models, "counterfact", probes=probes)
+    accuracies = score_requests(tiny, split, [0, 1], models, "zsre")      # ES / GS / LS as token accuracy
+    edited_torch = copy.deepcopy(torch_model)
+    with torch.no_grad():
+        edited_torch.model.layers[2].mlp.up_proj.weight += torch.from_numpy(delta.T)
+    tok = tiny.tokenizer
+
+    def accuracy(tm, prompt, target):
+        p, t = tok(prompt)["input_ids"], tok(" " + target, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            pred = tm(torch.tensor([p + t])).logits[0].argmax(-1)
+        return float(np.mean([int(pred[len(p) - 1 + k]) == tid for k, tid in enumerate(t)]))
+
+    for got, acc, tm in ((edited, accuracies[0], edited_torch), (base, accuracies[1], torch_model)):
+        for k, r in enumerate(reqs):
+            new, true = torch_logp(tm, tok, r.prompt, r.target_new), torch_logp(tm, tok, r.prompt, r.target_true)
+            assert got["efficacy_magnitude"][k] == pytest.approx(math.exp(new) - math.exp(true), rel=1e-4, abs=1e-7)
+            nt = [torch_logp(tm, tok, p, r.target_true) for p in r.neighbours]
+            nn = [torch_logp(tm, tok, p, r.target_new) for p in r.neighbours]
+            assert got["neighborhood_magnitude"][k] == pytest.approx(np.mean(np.exp(nt) - np.exp(nn)),
+                                                                     rel=1e-4, abs=1e-7)
+            assert acc["ES"][k] == pytest.approx(accuracy(tm, r.prompt, r.target_new))
+            assert acc["GS"][k] == pytest.approx(accuracy(tm, r.rephrase, r.target_new))
+    assert not np.allclose(edited["efficacy_magnitude"], base["efficacy_magnitude"])   # the delta changed them
+
+
 def test_portability_per_kind_and_lines_add_up(tiny, tmp_path):
     """Sequential editing of 2 x 3 requests: some with portability items of two kinds,
     some without (they do not count); per-request lines average to the aggregates."""
