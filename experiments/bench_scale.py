@@ -6,9 +6,12 @@ Each mesh runs in its own subprocess: on CPU it gets DATA x MODEL host devices t
 XLA_FLAGS=--xla_force_host_platform_device_count (which must be set before JAX starts);
 on GPU/TPU it uses the first DATA x MODEL devices. A row is one (model, mesh, n_edits):
 
-- train / edit s/edit: median over `--reps` batches (after a compiling one) of the
-  jitted meta-training step (T = 2 edit steps + paraphrase loss + gradient + Adam) and of
-  the edit step (T steps of capture -> hypernetwork -> ridge solve), divided by n_edits.
+- the editor: the batch protocol's (one hypernetwork shared by the T steps; the library's
+  defaults T = 8, rank 256; `--steps`, `--rank`).
+- train / edit s/edit: median over `--reps` batches of the jitted meta-training step
+  (T edit steps + paraphrase loss + gradient + Adam) and of the edit step (T steps of
+  capture -> hypernetwork -> ridge solve), divided by n_edits; each step is compiled ahead
+  of time (its compile seconds apart), so a batch of 16k edits runs only its timed calls.
 - memory: XLA's compiled footprint of each step (arguments + outputs + temporaries,
   per device) and, where the backend reports it (GPU, TPU), the device's peak bytes in use.
 - LLM fwd+bwd: a full forward and backward pass (gradient w.r.t. every parameter, loss
@@ -28,6 +31,7 @@ of 8-16 tokens, targets of 2-5), so no dataset or tokenizer is needed.
     python experiments/bench_scale.py                                   # defaults for the backend
     python experiments/bench_scale.py --models tiny --n-edits 4,16 --meshes 1x1,2x1,1x2 --reps 2
     python experiments/bench_scale.py --models smollm2,llama3-8b --n-edits 10,100,1000,4096 --remat
+    python experiments/bench_scale.py --n-edits 1000,4000,16000 --meshes 1x1 --skip-train --capture-chunk 256 --reps 1
 
 Writes experiments/results/bench_scale.{json,md} (or --out) and prints the table.
 """
@@ -35,7 +39,6 @@ Writes experiments/results/bench_scale.{json,md} (or --out) and prints the table
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -89,8 +92,11 @@ def run_mesh(args, mesh: str, platform_: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mesh", mesh, "--models", args.models,
-               "--n-edits", args.n_edits, "--reps", str(args.reps), "--dtype", args.dtype, "--rank", str(args.rank), "--sharding", args.sharding,
+               "--n-edits", args.n_edits, "--reps", str(args.reps), "--dtype", args.dtype, "--sharding", args.sharding,
                "--worker-out", str(out)]
+        for flag in ("rank", "steps"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag}", str(getattr(args, flag))]
         if args.remat:
             cmd.append("--remat")
         if args.capture_chunk:
@@ -111,13 +117,13 @@ def fmt(x, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | dtype | mesh | n_edits | tokens | train s/edit | edit s/edit | train compile s | "
+    head = ("| model | dtype | mesh | T | n_edits | tokens | train s/edit | edit s/edit | train compile s | "
             "edit compile s | train mem GB | edit mem GB | peak GB | fwd+bwd TFLOP/s | MFU | train TFLOP/s | "
-            "edit TFLOP/s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "edit TFLOP/s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['dtype']} | {r['mesh']} | {r['n_edits']} | {r['tokens']} | "
+            f"| {r['model']} | {r['dtype']} | {r['mesh']} | {r['steps']} | {r['n_edits']} | {r['tokens']} | "
             f"{fmt(r.get('train_s_per_edit'), '.3g')} | {fmt(r.get('edit_s_per_edit'), '.3g')} | "
             f"{fmt(r.get('train_compile_s'), '.1f')} | {fmt(r.get('edit_compile_s'), '.1f')} | "
             f"{fmt(r.get('train_mem_gb'), '.3g')} | {fmt(r.get('edit_mem_gb'), '.3g')} | {fmt(r['peak_gb'], '.3g')} | "
@@ -137,7 +143,7 @@ def main_parent(args) -> None:
     for mesh in meshes.split(","):
         rows += run_mesh(args, mesh, platform_)
     env = (f"{platform_} ({kind}, {n_devices} device(s) visible), {platform.machine()}, {os.cpu_count()} CPUs, "
-           f"python {platform.python_version()}; median of {args.reps} batches after a compiling one; "
+           f"python {platform.python_version()}; median of {args.reps} batches, compiled ahead of time; "
            f"remat={args.remat}, capture chunk={args.capture_chunk}")
     peaks = sorted({(r["mesh"], r["dtype"], r["peak_tflops"], r["peak_source"]) for r in rows})
     text = "\n".join([f"## EMSEdit scaling ({env})", "", table(rows), "",
@@ -230,28 +236,34 @@ def synthetic_split(n: int, vocab: int, seed: int = 0):
     return EncodedSplit([None] * n, {v: view() for v in VIEWS})
 
 
-def timed(fn, args, reps: int):
-    """(first call seconds, median of `reps` further calls) of fn(*args()); args() gives
-    fresh arguments each call (steps that donate their inputs)."""
+def compile_ahead(jitted, args, **statics):
+    """(compiled program, compile seconds, per-device bytes) of jitted(*args(), **statics),
+    compiled ahead of time so that a large batch runs only its timed calls. Bytes:
+    arguments + outputs + temporaries, less donated buffers reused for outputs (None where
+    the backend does not report them); known before the program runs (out of memory)."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args(), **statics).compile()
+    compile_s = time.perf_counter() - t0
+    try:
+        mem = compiled.memory_analysis()
+        nbytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                     - mem.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001  (not every backend reports it)
+        nbytes = None
+    return compiled, compile_s, nbytes
+
+
+def timed(compiled, args, reps: int) -> float:
+    """Median seconds of `reps` (at least 1) calls compiled(*args()); args() gives fresh
+    arguments each call (steps that donate their inputs)."""
     import jax
     times = []
-    for _ in range(reps + 1):
+    for _ in range(max(1, reps)):
         a = args()
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*a))
+        jax.block_until_ready(compiled(*a))
         times.append(time.perf_counter() - t0)
-    return times[0], statistics.median(times[1:]) if reps else times[0]
-
-
-def compiled_bytes(lower, args) -> int | None:
-    """Per-device footprint of the program `lower(*args)` compiles to: arguments +
-    outputs + temporaries (minus donated buffers reused for outputs)."""
-    try:
-        mem = lower(*args).compile().memory_analysis()
-        return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                   - mem.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001  (not every backend reports it)
-        return None
+    return statistics.median(times)
 
 
 def device_peak_bytes() -> int | None:
@@ -313,11 +325,16 @@ def bench_one(model, name: str, n: int, args, mesh) -> dict:
     batches = [np.arange(i * n, (i + 1) * n) for i in range(reps + 1)]
     layout = split.layout(batches)
     data = [split.batch(b, layout) for b in batches]
-    ecfg = EditorConfig(modules=modules_for(lcfg), rank=args.rank, lr_init=1e-3)
+    # The batch protocol's editor: one hypernetwork shared by its T steps (EditorConfig's
+    # defaults: T = 8, rank 256, the key memory), unless --steps / --rank say otherwise. The
+    # locality prior only sets where the key memory starts (no cost): it starts empty here.
+    ecfg = EditorConfig(modules=modules_for(lcfg), step_specific=False, loc_prior=0.0,
+                        **{k: v for k, v in (("rank", args.rank), ("steps", args.steps)) if v is not None})
     state = init_editor(ecfg, lcfg, jax.random.key(0))
     zero = zero_deltas(ecfg, lcfg)
     row = {"model": name, "n_edits": n, "rows": layout.edit.n_rows, "row_len": layout.edit.row_len,
-           "tokens": layout.edit.n_rows * layout.edit.row_len, "modules": len(ecfg.modules), "rank": args.rank}
+           "tokens": layout.edit.n_rows * layout.edit.row_len, "modules": len(ecfg.modules), "rank": ecfg.rank,
+           "steps": ecfg.steps}
     it = iter(range(10 ** 9))
 
     # The jitted steps themselves, their inputs placed on the mesh (and the mesh set).
@@ -328,9 +345,10 @@ def bench_one(model, name: str, n: int, args, mesh) -> dict:
     def edit_phase():
         statics = {"ecfg": ecfg, "lcfg": lcfg, "n_answer": layout.edit.n_answer, "remat": args.remat,
                    "chunk": args.capture_chunk}
-        first, steady = timed(lambda *a: edit_batch(*a, **statics), edit_args, reps)
-        row.update(edit_compile_s=first - steady, edit_s_per_edit=steady / n)
-        row["edit_mem_gb"] = _gb(compiled_bytes(functools.partial(edit_batch.lower, **statics), edit_args()))
+        compiled, compile_s, nbytes = compile_ahead(edit_batch, edit_args, **statics)
+        row.update(edit_compile_s=compile_s, edit_mem_gb=_gb(nbytes))
+        steady = timed(compiled, edit_args, reps)
+        row["edit_s_per_edit"] = steady / n
         edit_flops = count_flops(edit_batch, state, model.params, data[0].edit, zero, ecfg=ecfg, lcfg=lcfg,
                                  n_answer=layout.edit.n_answer)
         row["edit_tflops"] = edit_flops / steady / 1e12
@@ -341,15 +359,16 @@ def bench_one(model, name: str, n: int, args, mesh) -> dict:
 
         def train_args():
             st = init_editor(ecfg, lcfg, jax.random.key(0))     # fresh: the step donates nets and opt_state
-            nets, stats, opt = sharding.place_editor((st.nets, st.stats, tx.init(st.nets)), mesh)
+            nets, stats, opt, gram = sharding.place_editor((st.nets, st.stats, tx.init(st.nets), st.key_gram), mesh)
             return (nets, stats, opt, model.params, sharding.place_batch(data[next(it) % len(data)], mesh),
-                    sharding.place_deltas(lcfg, zero, mesh))
+                    sharding.place_deltas(lcfg, zero, mesh), None, gram)
 
-        first, steady = timed(lambda *a: train_step(*a, **statics), train_args, reps)
-        row.update(train_compile_s=first - steady, train_s_per_edit=steady / n)
-        row["train_mem_gb"] = _gb(compiled_bytes(functools.partial(train_step.lower, **statics), train_args()))
+        compiled, compile_s, nbytes = compile_ahead(train_step, train_args, **statics)
+        row.update(train_compile_s=compile_s, train_mem_gb=_gb(nbytes))
+        steady = timed(compiled, train_args, reps)
+        row["train_s_per_edit"] = steady / n
         train_flops = count_flops(train_step, state.nets, state.stats, tx.init(state.nets), model.params, data[0],
-                                  zero, ecfg=ecfg, lcfg=lcfg, tx=tx, n_answer=layout.n_answer)
+                                  zero, None, state.key_gram, ecfg=ecfg, lcfg=lcfg, tx=tx, n_answer=layout.n_answer)
         row["train_tflops"] = train_flops / steady / 1e12
 
     # The LLM alone: forward + backward over (up to --lm-tokens of) the edit batch's packed rows.
@@ -363,10 +382,12 @@ def bench_one(model, name: str, n: int, args, mesh) -> dict:
         k = max(1, min(layout.edit.n_rows, args.lm_tokens // layout.edit.row_len))
         lm_batches = [sharding.place_batch(jax.tree.map(lambda x: x[:k], b.edit), mesh) for b in data]
         grad = jax.jit(jax.grad(lm_loss), out_shardings=sharding.param_shardings(lcfg, model.params, mesh))
-        first, steady = timed(grad, lambda: (model.params, lm_batches[next(it) % len(lm_batches)]), reps)
+        lm_args = lambda: (model.params, lm_batches[next(it) % len(lm_batches)])  # noqa: E731
+        compiled, compile_s, _ = compile_ahead(grad, lm_args)
+        steady = timed(compiled, lm_args, reps)
         tokens = lm_batches[0].input_ids.shape[0] * lm_batches[0].input_ids.shape[1]
         analytic = lm_flops(lcfg, tokens, layout.edit.row_len)
-        row.update(lm_s=steady, lm_compile_s=first - steady, lm_tokens=tokens, lm_flops_analytic=analytic,
+        row.update(lm_s=steady, lm_compile_s=compile_s, lm_tokens=tokens, lm_flops_analytic=analytic,
                    lm_flops_counted=count_flops(jax.grad(lm_loss), model.params, lm_batches[0]),
                    lm_flops_per_s=analytic / steady, lm_tflops=analytic / steady / 1e12)
 
@@ -400,7 +421,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="timed batches after the compiling one")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="LLM dtype (default: float32 on CPU, bfloat16 on GPU); the editor is float32")
-    ap.add_argument("--rank", type=int, default=1024, help="hypernetwork rank")
+    ap.add_argument("--rank", type=int, default=None, help="hypernetwork rank (default: EditorConfig's, 256)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="edit steps T (default: the batch protocol's, 8)")
     ap.add_argument("--sharding", default="fsdp", choices=["fsdp", "tp"],
                     help="use of each mesh's MODEL devices: fully sharded data parallel or tensor parallel")
     ap.add_argument("--remat", action="store_true", help="recompute LLM activations in the backward passes")

@@ -63,12 +63,16 @@ SPLIT_SEED = 0
 METRICS = ("ES", "GS", "LS")
 
 
-def load_dataset(name: str, data_root: Path, n_train: int, n_test: int, tokenizer):
-    """(train requests, test requests): invalid and over-long records skipped."""
+def load_dataset(name: str, data_root: Path, n_train: int, n_test: int, tokenizer, test_part: str = "test"):
+    """(train requests, test requests): invalid and over-long records skipped. `test_part`
+    "rest": the test requests follow the training ones in the training file (CounterFact's
+    file of 10,000 requests, for batches larger than its test file)."""
     train_file, test_file, fmt = DATASETS[name]
     reqs = load_requests(data_root / train_file, fmt, skip_invalid=True).requests
     if test_file is None:
         train, test = split_requests(reqs, n_train, n_test, SPLIT_SEED)
+    elif test_part == "rest":
+        train, test = reqs[:n_train], reqs[n_train:n_train + n_test]
     else:
         train = reqs[:n_train]
         test = load_requests(data_root / test_file, fmt, skip_invalid=True).requests[:n_test]
@@ -147,7 +151,8 @@ def run_one(model, run_dir: Path, method: str, dataset: str, protocol: str, seed
     prior = preserved_gram(model, ecfg, train_reqs, n_edits=n_edits, progress=False) \
         if ecfg.needs_prior and not own_prior else None
     ev = run_protocol(model, ecfg, state, test_split, protocol=protocol, num_seq=eval_seq, n_edits=eval_edits,
-                      metric=cli.DATASET_METRIC[dataset], progress=opts.progress, key_prior=prior)
+                      metric=cli.DATASET_METRIC[dataset], progress=opts.progress, key_prior=prior,
+                      capture_chunk=opts.capture_chunk)
     return {"method": label(method, opts.key_memory, opts.tag), "dataset": dataset, "protocol": protocol, "seed": seed,
             "metrics": ev.metrics, "baseline": ev.baseline, "n_requests": ev.n_requests,
             "train_seconds_per_edit": train_s, "train_compile_seconds": train_compile_s,
@@ -251,6 +256,11 @@ def main(argv=None):
     ap.add_argument("--untrained", action="store_true",
                     help="evaluate untrained editors (identity hypernetworks; needs --tag)")
     ap.add_argument("--progress", action="store_true", help="progress bars within runs")
+    ap.add_argument("--capture-chunk", type=int, metavar="ROWS",
+                    help="edit large batches capturing ROWS packed rows at a time (memory; same results)")
+    ap.add_argument("--test-part", choices=("test", "rest"), default="test",
+                    help="CounterFact: test on its test file (default) or on the training file's requests after "
+                         "the first --n-train (rest: batches larger than the test file)")
     opts = ap.parse_args(argv)
     opts.overrides = parse_overrides(opts.overrides)
     opts.edit_overrides = parse_overrides(opts.edit_overrides)
@@ -279,6 +289,8 @@ def main(argv=None):
     results, splits = [], {}
     settings = {k: getattr(opts, k) for k in ("n_train", "epochs", "num_seq", "n_edits", "batch_n_edits", "rank",
                                               "blocks", "model", "preset", "layers", "overrides")}
+    if opts.test_part != "test":
+        settings["test_part"] = opts.test_part
     variant = (f"_km{opts.key_memory:g}" if opts.key_memory else "") + (f"_{opts.tag}" if opts.tag else "")
     print("compare:", json.dumps({"runs": len(plan), "n_test": n_test, "methods": methods, "datasets": datasets,
                                   "protocols": protocols, "seeds": seeds, **settings}))
@@ -295,7 +307,8 @@ def main(argv=None):
             print(f"{tag}: done before, skipped", flush=True)
             continue
         if dataset not in splits:
-            tr, te = load_dataset(dataset, Path(opts.data_root), opts.n_train, n_test, model.tokenizer)
+            tr, te = load_dataset(dataset, Path(opts.data_root), opts.n_train, n_test, model.tokenizer,
+                                  opts.test_part)
             if len(te) < n_test:
                 raise SystemExit(f"{dataset}: {len(te)} test requests, the protocols need {n_test}")
             splits[dataset] = (encode_split(model.tokenizer, tr), encode_split(model.tokenizer, te), tr)

@@ -1,0 +1,96 @@
+"""The whole run, as a user meets it: `emsedit-jax train` then `emsedit-jax evaluate`,
+each a fresh process (model load, data, compiling, the work), timed from outside, first
+with an empty compilation cache and then again with the cache the first pass filled.
+
+Each pass trains a new editor into a fresh folder (same command, same data, same split)
+and evaluates it, so the second pass differs from the first only by the warm cache. The
+table gives each process's wall seconds, the cold / warm ratio, and the seconds per
+edit the CLI reports for training and editing.
+
+    python experiments/bench_whole_run.py                                  # the authors' setting
+    python experiments/bench_whole_run.py --args "--layers 21-29"          # other train flags
+    python experiments/bench_whole_run.py --n-train 100 --n-test 100 --passes 2
+
+Writes experiments/results/bench_whole_run.{json,md} (or --out) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from report import write_report
+
+HERE = Path(__file__).resolve().parent
+# The authors' setting on the embedded model: the faithful preset (T = 2, rank 1024, their
+# step size, regulariser and schedule) on up_proj of layers 18-23, 10 x 10 edits.
+DEFAULT_ARGS = "--preset faithful --layers 18-23 --n-edits 10 --num-seq 10"
+
+
+def run(cmd: list[str], env: dict) -> tuple[float, str]:
+    """(wall seconds, combined output) of one CLI process; stops the benchmark on failure."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with status {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return wall, proc.stdout + proc.stderr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="../shared/data/zsre/zsre_mend_train-1k.json")
+    ap.add_argument("--dataset", default="zsre")
+    ap.add_argument("--n-train", type=int, default=100)
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--args", default=DEFAULT_ARGS, help="further flags of `emsedit-jax train`")
+    ap.add_argument("--passes", type=int, default=2, help="passes: the first with an empty cache")
+    ap.add_argument("--out", default=str(HERE / "results" / "bench_whole_run"), help="output path without suffix")
+    args = ap.parse_args()
+
+    exe = [sys.executable, "-m", "emsedit_jax.cli"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        for i in range(args.passes):
+            run_dir = Path(tmp) / f"run{i}"
+            train = exe + ["train", "--dataset", args.dataset, "--data", args.data, "--n-train", str(args.n_train),
+                           "--n-test", str(args.n_test), "--skip-invalid", "--quiet", "--out", str(run_dir),
+                           "--compile-cache-dir", str(cache), *shlex.split(args.args)]
+            evaluate = exe + ["evaluate", "--editor", str(run_dir / "editor"), "--out", str(run_dir / "results.json"),
+                              "--quiet", "--compile-cache-dir", str(cache)]
+            train_s, _ = run(train, env)
+            eval_s, _ = run(evaluate, env)
+            editor = json.loads((run_dir / "editor" / "editor.json").read_text())
+            results = json.loads((run_dir / "results.json").read_text())
+            row = {"pass": i, "cache": "empty" if i == 0 else "warm", "train_wall_s": train_s, "eval_wall_s": eval_s,
+                   "total_s": train_s + eval_s,
+                   "train_s_per_edit": editor.get("train_seconds_per_edit"),
+                   "edit_s_per_edit": results.get("timing", {}).get("edit_seconds_per_edit"),
+                   "metrics": results.get("metrics")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    cold = rows[0]["total_s"]
+    lines = ["| pass | cache | train process s | evaluate process s | whole run s | vs first | train s/edit | "
+             "edit s/edit |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['pass']} | {r['cache']} | {r['train_wall_s']:.1f} | {r['eval_wall_s']:.1f} | "
+                     f"{r['total_s']:.1f} | {cold / r['total_s']:.2f}x | {r['train_s_per_edit'] or float('nan'):.3f} | "
+                     f"{r['edit_s_per_edit'] or float('nan'):.3f} |")
+    env_line = (f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
+                f"{args.dataset} {args.n_train} train / {args.n_test} test requests; train flags: {args.args}")
+    text = "\n".join([f"## The whole run, train + evaluate processes ({env_line})", "", *lines])
+    write_report(args.out, text, {"env": env_line, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
