@@ -91,6 +91,31 @@ def test_parity_embedded_smollm2_greedy_paris(smollm2):
     assert "Paris" in text, f"greedy continuation of {PROMPTS[0]!r} was {text!r}"
 
 
+def test_parity_embedded_smollm2_tokenizer_equals_autotokenizer(smollm2):
+    """The embedded model's tokenizer, loaded as the generic fast tokenizer its
+    tokenizer_config.json names (without AutoTokenizer's detour through the model
+    config), is the one AutoTokenizer gives: same class, special tokens, ids with and
+    without special tokens, and chat template rendering."""
+    ours, _ = smollm2
+    tok, ref = ours.tokenizer, transformers.AutoTokenizer.from_pretrained(ours.path)
+    assert type(tok) is type(ref)
+    assert (tok.bos_token, tok.eos_token, tok.unk_token) == (ref.bos_token, ref.eos_token, ref.unk_token)
+    texts = PROMPTS + [" leading space", "émigré naïve 東京 123", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        assert tok(text)["input_ids"] == ref(text)["input_ids"]
+        assert tok(text, add_special_tokens=False)["input_ids"] == ref(text, add_special_tokens=False)["input_ids"]
+    chat = [{"role": "user", "content": PROMPTS[0]}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    # ... and loading it reads no model code: PyTorch, installed here, is not imported.
+    import subprocess
+    import sys
+    code = ("import sys; from emsedit_jax.models.hf_io import load_tokenizer; "
+            f"load_tokenizer({str(ours.path)!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
 # ---------------------------------------------------------------- packed rows
 VOCAB = 101
 TINY = {

@@ -222,10 +222,25 @@ def load_params(folder: Path, cfg: ModelConfig, dtype=jnp.float32, *, stacked: b
     return params
 
 
+# Tokenizer classes that are transformers' generic fast tokenizer (the one class both names
+# stand for): a folder naming one of them is loaded without AutoTokenizer, which also reads
+# the model's configuration through transformers' model code and so imports PyTorch where it
+# is installed (5.1 s against 0.8 s for the embedded model's tokenizer in a fresh process).
+GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+    folder = Path(folder)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        named = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if named in GENERIC_TOKENIZERS and (folder / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast as tokenizer_class
+    else:
+        from transformers import AutoTokenizer as tokenizer_class
+    try:
+        tok = tokenizer_class.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{folder}: cannot load the tokenizer: {e}") from e
     if tok.pad_token_id is None:
