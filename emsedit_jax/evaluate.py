@@ -205,20 +205,19 @@ def _each_model(lcfg: ModelConfig, params, batch: Batch, models: Sequence[Deltas
 
 @functools.partial(jax.jit, static_argnames=("lcfg", "n_answer"))
 def slot_scores(params, models: Sequence[Deltas], batch: Batch, alt: jax.Array, *, lcfg: ModelConfig, n_answer: int):
-    """Per answer slot of params + each of `models` (a tuple of deltas): argmax == label,
-    logit(label) > logit(alt), and whether the comparison exists, each (M, R, A); plus
-    the slot mask and segment (request) id, (R, A)."""
-    positions, _, _ = answer_slots(batch.labels, n_answer)
+    """Per answer slot of params + each of `models` (a tuple of deltas): argmax == label
+    and logit(label) > logit(alt), each (M, R, A); whether the comparison exists, the
+    slot mask and the segment (request) id, each (R, A)."""
+    positions, _, mask = answer_slots(batch.labels, n_answer)
     alt_ids = jnp.take_along_axis(alt, positions, axis=1)
     segment = jnp.take_along_axis(batch.attention_mask, positions, axis=1)
-    correct, beats, has_alt = [], [], []
-    for logits, targets, mask in _each_model(lcfg, params, batch, models, n_answer):
+    correct, beats = [], []
+    for logits, targets, _ in _each_model(lcfg, params, batch, models, n_answer):
         lt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         la = jnp.take_along_axis(logits, jnp.maximum(alt_ids, 0)[..., None], axis=-1)[..., 0]
         correct.append(jnp.argmax(logits, -1) == targets)
         beats.append(lt > la)
-        has_alt.append(mask & (alt_ids >= 0))
-    return jnp.stack(correct), jnp.stack(beats), jnp.stack(has_alt), mask, segment
+    return jnp.stack(correct), jnp.stack(beats), mask & (alt_ids >= 0), mask, segment
 
 
 def _per_request(values: np.ndarray, valid: np.ndarray, segment: np.ndarray, n: int) -> np.ndarray:
@@ -271,10 +270,10 @@ def build_probes(tokenizer, requests, *, prob_scores: bool, chat_template: bool 
 def slot_logprobs(params, models: Sequence[Deltas], batch: Batch, *, lcfg: ModelConfig, n_answer: int):
     """Per answer slot of params + each of `models`: log P(label) and argmax == label,
     each (M, R, A); the slot mask and segment id (R, A)."""
-    positions, _, _ = answer_slots(batch.labels, n_answer)
+    positions, _, mask = answer_slots(batch.labels, n_answer)
     segment = jnp.take_along_axis(batch.attention_mask, positions, axis=1)
     logp, correct = [], []
-    for logits, targets, mask in _each_model(lcfg, params, batch, models, n_answer):
+    for logits, targets, _ in _each_model(lcfg, params, batch, models, n_answer):
         logp.append(jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0])
         correct.append(jnp.argmax(logits, -1) == targets)
     return jnp.stack(logp), jnp.stack(correct), mask, segment
@@ -417,7 +416,7 @@ def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], delta
                 slot_scores(model.params, models, batch, alt, lcfg=model.config, n_answer=vl.n_answer))
             for k in range(len(models)):
                 vals = _per_request(correct[k], mask, seg, len(c)) if metric == "zsre" else \
-                    _per_request(beats[k], has_alt[k], seg, len(c))
+                    _per_request(beats[k], has_alt, seg, len(c))
                 out[k][METRIC_NAMES[view]].append(vals)
     scores = [{name: np.concatenate(v) for name, v in o.items()} for o in out]
     if probes is not None:
