@@ -100,7 +100,8 @@ def edit_batch(state: EditorState, params, batch: Batch, deltas: Deltas, *, ecfg
                ) -> tuple[Deltas, EditorState]:
     """Applies the T-step edit of one batch (its edit view) to params + deltas.
     `remat` recomputes the LLM layers' activations in the backward pass; `chunk` runs
-    the capture in microbatches of that many rows (both save memory, same result).
+    the capture, the hypernetwork and the solve's sums in microbatches of that many rows
+    (both save memory, same result up to rounding).
     One device or a mesh: the inputs' placement decides (sharding.place_*), and under
     `sharding.use_mesh(mesh)` the new deltas are split like their kernels and the editor
     state by `partition.editor_spec`. With `chunk` on a mesh, a multiple of the row axes

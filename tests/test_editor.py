@@ -236,6 +236,40 @@ def test_msbp_detached_gradient_matches_finite_differences_of_frozen_captures():
         assert diff > 1e-8
 
 
+def test_slot_chunked_update_equals_whole_batch_in_value_and_gradient():
+    """step_update with `slot_chunk` (the hypernetwork and the ridge solve's sums UᵀU and
+    UᵀD taken a few slots at a time, as a batch of thousands of edits is edited) against
+    the whole-batch update, float64: with the key-memory prior and without it (the whole
+    batch then takes the dual form), masked slots and a last chunk of padding; and the
+    gradient with respect to the hypernetworks."""
+    import dataclasses
+    with jax.enable_x64(True):
+        ecfg = EditorConfig(key_memory=1.0, loc_prior=0.0, modules=MODULES, rank=4, n_blocks=2, steps=1,
+                            max_update=0.0)
+        params, state = _setup(ecfg, jnp.float64)
+        cap = jax.jit(lambda: capture(TINY, params, tiny_batch(0), MODULES, n_answer=3))()   # 9 slots, 3 masked
+        assert not bool(cap.mask.all())
+        nets = {k: sets[0] for k, sets in state.nets.items()}
+        stats = jax.tree.map(lambda a: a[0], state.stats)
+        rng = np.random.default_rng(0)
+        grams = {}
+        for key, g in state.key_gram.items():
+            a = rng.normal(size=g.shape)
+            grams[key] = jnp.asarray(a @ a.swapaxes(1, 2) / g.shape[-1])
+        weights = {m: jnp.asarray(rng.normal(size=get_kernel(TINY, params, m).shape)) for m in MODULES}
+        for key_gram in (grams, None):
+            cfg = ecfg if key_gram else dataclasses.replace(ecfg, key_memory=0.0)
+
+            def loss(nets, slot_chunk):
+                dws, _ = step_update(cfg, TINY, nets, stats, cap, key_gram, slot_chunk=slot_chunk)
+                return sum(jnp.sum(weights[m] * dws[m]) for m in MODULES), dws
+
+            whole = jax.value_and_grad(loss, has_aux=True)(nets, None)
+            chunked = jax.value_and_grad(loss, has_aux=True)(nets, 4)
+            chex.assert_trees_all_close(chunked, whole, rtol=1e-9, atol=1e-12)
+            assert all(float(jnp.abs(dw).max()) > 1e-6 for dw in whole[0][1].values())
+
+
 def test_step_ranks_keep_each_step_at_its_rank():
     ecfg = EditorConfig(key_memory=0.0, modules=MODULES, rank=8, n_blocks=2, steps=3)
     assert ecfg.step_ranks() == (8, 4, 2)

@@ -94,6 +94,21 @@ def ridge_batched(u: Array, d: Array, lamda: Array, prior: Array | None = None) 
     return [stack[k] for k in range(u.shape[0])]
 
 
+def ridge_from_sums(uu: Array, ud: Array, lamda: Array, prior: Array | None = None) -> list[Array]:
+    """`ridge_each` from the sums it needs: uu (K, d_in, d_in) = UᵀU and ud (K, d_in, d_out)
+    = UᵀD per module, accumulated over any number of slots (steps.slot_sums), lamda (K,),
+    prior (K, d_in, d_in) or None -> K arrays (d_in, d_out). The primal form only."""
+    chex.assert_rank([uu, ud, lamda], [3, 3, 1])
+    eye = jnp.eye(uu.shape[-1], dtype=uu.dtype)
+    out = []
+    for k in range(uu.shape[0]):
+        gram = uu[k] + jnp.exp(lamda[k]) * eye
+        if prior is not None:
+            gram = gram + prior[k]
+        out.append(spd_solve(gram, ud[k]))
+    return out
+
+
 def ridge_primal(u: Array, d: Array, lamda: Array) -> Array:
     """The (d_in x d_in) normal-equation form, whatever the shapes (for tests)."""
     gram = u.T @ u + jnp.exp(lamda) * jnp.eye(u.shape[1], dtype=u.dtype)

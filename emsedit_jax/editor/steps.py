@@ -141,16 +141,42 @@ def update_bounds(ecfg: EditorConfig, lcfg: ModelConfig, params: Params) -> dict
             for m in ecfg.modules}
 
 
+def slot_sums(net: dict, stats: normalizer.Stats, x: Array, maskf: Array, lr: Array, d_in: int, eps: float,
+              scanned: bool, size: int) -> tuple[Array, Array]:
+    """The ridge solve's sums over the slots of x (K, N, D) = [U; G], `size` slots at a
+    time: UᵀU (K, d_in, d_in) and UᵀD (K, d_in, d_out), D = -lr (u · ũ) g̃ of the
+    hypernetwork's outputs. Only one chunk's hypernetwork activations exist at a time, so
+    a batch of thousands of edits needs memory for its keys and value gradients, not for
+    every slot's pass through the hypernetwork (step_update with `slot_chunk`)."""
+    k, n, width = x.shape
+    m = -(-n // size)
+    x = jnp.pad(x, ((0, 0), (0, m * size - n), (0, 0)))
+    maskf = jnp.pad(maskf, (0, m * size - n))                          # padding slots: masked
+
+    def body(i, sums):
+        x_c = jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
+        m_c = jax.lax.dynamic_slice_in_dim(maskf, i * size, size)[None, :, None]
+        u_c = x_c[..., :d_in] * m_c
+        out = apply_net(net, normalizer.normalise(stats, x_c, eps) * m_c, scanned=scanned)
+        d = (-lr * jnp.sum(u_c * out[..., :d_in], axis=-1))[..., None] * out[..., d_in:] * m_c
+        return sums[0] + jnp.einsum("kni,knj->kij", u_c, u_c), sums[1] + jnp.einsum("kni,knj->kij", u_c, d)
+
+    zeros = (jnp.zeros((k, d_in, d_in), x.dtype), jnp.zeros((k, d_in, width - d_in), x.dtype))
+    return jax.lax.fori_loop(0, m, body, zeros)
+
+
 def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Mapping, cap: Capture,
                 key_gram: Mapping | None = None, protect: Mapping | None = None,
-                bounds: Mapping | None = None) -> tuple[Deltas, dict]:
+                bounds: Mapping | None = None, slot_chunk: int | None = None) -> tuple[Deltas, dict]:
     """Weight updates of one step from a capture, with one parameter set: `nets` maps
     shape key -> one net, `stats` shape key -> its Stats (no P axis).
     `key_gram` (shape key -> (K, d_in, d_in)): the key memory, weighted by
     ecfg.key_memory in the ridge solve; `protect` (shape key -> (K, d_in, d_in)): the
     projections P every update is multiplied by (P dW; EditorConfig.null_space); `bounds`
     (module -> scalar, update_bounds): the trust region of each update (EditorConfig.max_update).
-    Returns ({module: dW (d_in, d_out)}, updated stats)."""
+    `slot_chunk`: run the hypernetwork and the ridge solve's sums that many slots at a
+    time (slot_sums; the same updates up to rounding). Returns ({module: dW (d_in, d_out)},
+    updated stats)."""
     mask = cap.mask.reshape(-1)
     new_stats, deltas = {}, {}
     for key, names in groups(ecfg, lcfg).items():
@@ -163,20 +189,25 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
         st = normalizer.update(stats[key], x.reshape(k * x.shape[1], -1), jnp.tile(mask, k))
         new_stats[key] = st
         maskf = mask.astype(dtype)
-        h = normalizer.normalise(st, x, ecfg.norm_eps) * maskf[None, :, None]
-        out = apply_net(nets[key], h, scanned=ecfg.hypernet_mode() == "scanned")
-        u_t, g_t = out[..., :d_in], out[..., d_in:]
+        prior = None if not key_gram else (ecfg.key_memory * key_gram[key]).astype(dtype)
         lr = ecfg.step_size(nets[key]["lr"])[:, None]
-        if ecfg.update_rule == "rank1":
-            dws = [solve.rank1(u_t[i] * maskf[:, None], -lr[i] * g_t[i] * maskf[:, None]) for i in range(k)]
+        scanned = ecfg.hypernet_mode() == "scanned"
+        if slot_chunk and ecfg.update_rule == "ridge" and x.shape[1] > slot_chunk:
+            uu, ud = slot_sums(nets[key], st, x, maskf, lr, d_in, ecfg.norm_eps, scanned, slot_chunk)
+            dws = solve.ridge_from_sums(uu, ud, nets[key]["lamda"], prior)
         else:
-            coeff = -lr * jnp.sum(u * u_t, axis=-1)                 # (K, N)
-            d = coeff[..., None] * g_t * maskf[None, :, None]
-            prior = None if not key_gram else (ecfg.key_memory * key_gram[key]).astype(dtype)
-            ridge = solve.ridge_batched if ecfg.solve_mode() == "batched" else solve.ridge_each
-            dws = ridge(u * maskf[None, :, None], d, nets[key]["lamda"], prior)
-            if protect:
-                dws = [protect[key][i].astype(dtype) @ dw for i, dw in enumerate(dws)]
+            h = normalizer.normalise(st, x, ecfg.norm_eps) * maskf[None, :, None]
+            out = apply_net(nets[key], h, scanned=scanned)
+            u_t, g_t = out[..., :d_in], out[..., d_in:]
+            if ecfg.update_rule == "rank1":
+                dws = [solve.rank1(u_t[i] * maskf[:, None], -lr[i] * g_t[i] * maskf[:, None]) for i in range(k)]
+            else:
+                coeff = -lr * jnp.sum(u * u_t, axis=-1)                 # (K, N)
+                d = coeff[..., None] * g_t * maskf[None, :, None]
+                ridge = solve.ridge_batched if ecfg.solve_mode() == "batched" else solve.ridge_each
+                dws = ridge(u * maskf[None, :, None], d, nets[key]["lamda"], prior)
+        if protect:
+            dws = [protect[key][i].astype(dtype) @ dw for i, dw in enumerate(dws)]
         if bounds:
             dws = [trust_region(dw, bounds[m]) for dw, m in zip(dws, names)]
         deltas.update({m: dws[i] for i, m in enumerate(names)})
@@ -189,7 +220,8 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
     """Applies T edit steps to params + deltas for `batch`.
     Returns (new deltas, editor state with updated stats and key memory, the per-step
     updates stacked on a leading T axis). `chunk`: capture in microbatches of that many
-    rows. With key memory, every step's solve is weighted against the keys of the
+    rows, and run the hypernetwork and the ridge solve's sums over that many rows' slots
+    at a time (memory; the same result up to rounding). With key memory, every step's solve is weighted against the keys of the
     stream's earlier batches, and this batch's keys (from its last step's capture) are
     then added to the memory."""
     memory = state.key_gram if ecfg.key_memory else {}
@@ -203,7 +235,8 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
         """The step's weight updates with parameter set p (a Python int)."""
         nets_p = {key: sets[p] for key, sets in state.nets.items()}
         stats_p = jax.tree.map(lambda a: a[p], stats)
-        dws, st = step_update(ecfg, lcfg, nets_p, stats_p, cap, memory, state.protect, bounds)
+        dws, st = step_update(ecfg, lcfg, nets_p, stats_p, cap, memory, state.protect, bounds,
+                              slot_chunk=None if chunk is None else chunk * ecfg.key_slots(n_answer))
         return dws, jax.tree.map(lambda s, n: s.at[p].set(n), stats, st)
 
     branches = [functools.partial(update, p) for p in range(ecfg.n_param_sets)]
