@@ -56,8 +56,9 @@ class EvalConfig:
     curve_every: int = option(1, "with --full-curve (or --plot), score after every N-th batch (and the last)",
                               check="positive", metavar="N")
     buckets: int = option(1, "distinct edit-batch shapes to compile (less padding, more compiles)", check="positive")
-    capture_chunk: int | None = option(None, "capture keys and value gradients in microbatches of ROWS packed rows "
-                                       "(less memory, same result)", check="positive", metavar="ROWS",
+    capture_chunk: int | None = option(None, "edit in microbatches of ROWS packed rows: the capture of keys and value "
+                                       "gradients, the hypernetwork and the solve's sums (less memory, same result)",
+                                       check="positive", metavar="ROWS",
                                        default_text="all rows at once")
     key_memory: float | None = option(None, "override the editor's key memory MU (see train --key-memory)",
                                       check="nonneg", metavar="MU", default_text="the editor's")
