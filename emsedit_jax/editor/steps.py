@@ -221,9 +221,9 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
     Returns (new deltas, editor state with updated stats and key memory, the per-step
     updates stacked on a leading T axis). `chunk`: capture in microbatches of that many
     rows, and run the hypernetwork and the ridge solve's sums over that many rows' slots
-    at a time (memory; the same result up to rounding). With key memory, every step's solve is weighted against the keys of the
-    stream's earlier batches, and this batch's keys (from its last step's capture) are
-    then added to the memory."""
+    at a time (memory; the same result up to rounding). With key memory, every step's
+    solve is weighted against the keys of the stream's earlier batches, and this batch's
+    keys (from its last step's capture) are then added to the memory."""
     memory = state.key_gram if ecfg.key_memory else {}
     if ecfg.key_memory and not memory:
         raise ValueError("key_memory is on but the editor state holds no key memory: start each stream with "
