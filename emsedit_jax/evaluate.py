@@ -31,7 +31,8 @@ import numpy as np
 
 from . import metrics as M
 from .data import TeacherForced, encode_texts, prompt_ids
-from .editor.capture import IGNORE, Batch, answer_slots, capture, edited_logits, first_layer, prefix_hidden
+from .editor.capture import (IGNORE, Batch, answer_slots, capture, edited_logits, first_layer, pad_rows,
+                             prefix_hidden)
 from .editor.config import EditorConfig
 from .editor.steps import Deltas, EditorState, masked_keys, multi_step_edit, new_stream, zero_deltas
 from .models.config import ModelConfig
@@ -101,13 +102,15 @@ def edit_batch(state: EditorState, params, batch: Batch, deltas: Deltas, *, ecfg
                ) -> tuple[Deltas, EditorState]:
     """Applies the T-step edit of one batch (its edit view) to params + deltas.
     `remat` recomputes the LLM layers' activations in the backward pass; `chunk` runs
-    the capture, the hypernetwork and the solve's sums in microbatches of that many rows
-    (both save memory, same result up to rounding).
+    the unedited lower layers, the capture, the hypernetwork and the solve's sums in
+    microbatches of that many rows (both save memory, same result up to rounding).
     One device or a mesh: the inputs' placement decides (sharding.place_*), and under
     `sharding.use_mesh(mesh)` the new deltas are split like their kernels and the editor
     state by `partition.editor_spec`. With `chunk` on a mesh, a multiple of the row axes
     keeps every microbatch spread over them."""
-    prefix = prefix_hidden(lcfg, params, batch, first_layer(lcfg, ecfg.modules), remat)
+    if chunk is not None:       # whole microbatches: no padding copies of the activations, keys or slots
+        batch = pad_rows(batch, -(-batch.input_ids.shape[0] // chunk) * chunk)
+    prefix = prefix_hidden(lcfg, params, batch, first_layer(lcfg, ecfg.modules), remat, chunk)
     deltas, state, _ = multi_step_edit(ecfg, lcfg, params, state, batch, deltas, n_answer=n_answer, prefix=prefix,
                                        remat=remat, chunk=chunk)
     return constrain_deltas(lcfg, deltas), constrain_editor(state)

@@ -90,15 +90,26 @@ def first_layer(cfg: ModelConfig, modules: Sequence[str]) -> int:
     return min(parse_module(cfg, m)[0] for m in modules)
 
 
-def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, remat: bool = False
-                  ) -> Prefix | None:
-    """Runs the unedited layers [0, start) once (no gradient flows into them). None for
-    a model without a layer split (flax_nnx): every pass then runs the whole model."""
+def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, remat: bool = False,
+                  chunk: int | None = None) -> Prefix | None:
+    """Runs the unedited layers [0, start) once (no gradient flows into them), in
+    microbatches of `chunk` rows if given (memory: a batch of thousands of edits would
+    otherwise hold every row's attention scores; the same result). None for a model
+    without a layer split (flax_nnx): every pass then runs the whole model."""
     if not builtin(cfg):
         return None
-    pos = _positions(batch)
-    ctx = context(cfg, batch.attention_mask, pos)
-    h, _ = run_layers(cfg, params, embed(cfg, params, batch.input_ids, pos), ctx, stop=start, remat=remat)
+
+    def run(rows: Batch) -> Array:
+        pos = _positions(rows)
+        ctx = context(cfg, rows.attention_mask, pos)
+        return run_layers(cfg, params, embed(cfg, params, rows.input_ids, pos), ctx, stop=start, remat=remat)[0]
+
+    b = batch.input_ids.shape[0]
+    if chunk is None or chunk >= b:
+        h = run(batch)
+    else:
+        n = -(-b // chunk)
+        h = _merge(jax.lax.map(run, jax.tree.map(lambda x: _split(x, n), pad_rows(batch, n * chunk))), b)
     return Prefix(jax.lax.stop_gradient(h), start)
 
 
@@ -208,6 +219,16 @@ def pad_rows(batch: Batch, n_rows: int) -> Batch:
                  pad(batch.positions, 0), pad(batch.subject, 0))
 
 
+def _split(x: Array, n: int) -> Array:
+    """(n * chunk, ...) -> (n, chunk, ...): microbatch j holds rows j, j + n, j + 2n, ..."""
+    return x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _merge(x: Array, b: int) -> Array:
+    """(n, chunk, ...) -> the first b rows, in their order before _split."""
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])[:b]
+
+
 def _capture_chunked(cfg: ModelConfig, params: Params, batch: Batch, modules: Sequence[str],
                      deltas: Mapping[str, Array] | None, *, n_answer: int, prefix: Prefix | None,
                      remat: bool, chunk: int, key_positions: str = "answer") -> Capture:
@@ -221,11 +242,11 @@ def _capture_chunked(cfg: ModelConfig, params: Params, batch: Batch, modules: Se
     padded = pad_rows(batch, n * chunk)
     total = jnp.maximum(jnp.sum(answer_slots(batch.labels, n_answer)[2]), 1).astype(jnp.float32)
 
-    def split(x):      # (n * chunk, ...) -> (n, chunk, ...)
-        return x.reshape(chunk, n, *x.shape[1:]).swapaxes(0, 1)
+    def split(x):
+        return _split(x, n)
 
-    def merge(x):      # (n, chunk, ...) -> (b, ...)
-        return x.swapaxes(0, 1).reshape(n * chunk, *x.shape[2:])[:b]
+    def merge(x):
+        return _merge(x, b)
 
     hidden = None
     if prefix is not None:

@@ -24,13 +24,17 @@ def init_stats(dim: int) -> Stats:
     return Stats(jnp.zeros((), jnp.float32), jnp.zeros((dim,), jnp.float32), jnp.zeros((dim,), jnp.float32))
 
 
-def update(stats: Stats, x: Array, mask: Array) -> Stats:
-    """Merge the rows of x (N, D) where mask (N,) is True into stats."""
-    x = jax.lax.stop_gradient(x.astype(stats.mean.dtype))
-    w = mask.astype(x.dtype)[:, None]
+def update(stats: Stats, x: Array | tuple[Array, ...], mask: Array) -> Stats:
+    """Merge the rows of x (N, D) where mask (N,) is True into stats. x may also be given
+    as its column blocks side by side, a tuple of (N, D_i) arrays (never concatenated)."""
+    w = mask.astype(stats.mean.dtype)[:, None]
     n_b = jnp.sum(w)
-    mean_b = jnp.sum(x * w, axis=0) / jnp.maximum(n_b, 1.0)
-    m2_b = jnp.sum(jnp.square(x - mean_b) * w, axis=0)
+    means, m2s = [], []
+    for block in (x if isinstance(x, tuple) else (x,)):
+        block = jax.lax.stop_gradient(block.astype(stats.mean.dtype))
+        means.append(jnp.sum(block * w, axis=0) / jnp.maximum(n_b, 1.0))
+        m2s.append(jnp.sum(jnp.square(block - means[-1]) * w, axis=0))
+    mean_b, m2_b = jnp.concatenate(means), jnp.concatenate(m2s)
     n = stats.count + n_b
     delta = mean_b - stats.mean
     frac = n_b / jnp.maximum(n, 1.0)

@@ -141,27 +141,32 @@ def update_bounds(ecfg: EditorConfig, lcfg: ModelConfig, params: Params) -> dict
             for m in ecfg.modules}
 
 
-def slot_sums(net: dict, stats: normalizer.Stats, x: Array, maskf: Array, lr: Array, d_in: int, eps: float,
-              scanned: bool, size: int) -> tuple[Array, Array]:
-    """The ridge solve's sums over the slots of x (K, N, D) = [U; G], `size` slots at a
-    time: UᵀU (K, d_in, d_in) and UᵀD (K, d_in, d_out), D = -lr (u · ũ) g̃ of the
-    hypernetwork's outputs. Only one chunk's hypernetwork activations exist at a time, so
-    a batch of thousands of edits needs memory for its keys and value gradients, not for
-    every slot's pass through the hypernetwork (step_update with `slot_chunk`)."""
-    k, n, width = x.shape
+def slot_sums(net: dict, stats: normalizer.Stats, keys: list[Array], grads: list[Array], maskf: Array,
+              lr: Array, eps: float, scanned: bool, size: int) -> tuple[Array, Array]:
+    """The ridge solve's sums over the slots of K modules' keys (N, d_in) and value
+    gradients (N, d_out), `size` slots at a time: UᵀU (K, d_in, d_in) and UᵀD
+    (K, d_in, d_out), D = -lr (u · ũ) g̃ of the hypernetwork's outputs. Only one chunk's
+    slots are stacked into the hypernetwork's (K, size, d_in + d_out) input at a time, so
+    a batch of thousands of edits holds its keys and value gradients once, not copies of
+    them and every slot's pass through the hypernetwork (step_update with `slot_chunk`)."""
+    n, d_in = keys[0].shape
     m = -(-n // size)
-    x = jnp.pad(x, ((0, 0), (0, m * size - n), (0, 0)))
-    maskf = jnp.pad(maskf, (0, m * size - n))                          # padding slots: masked
+    if m * size > n:                                                   # padding slots: masked
+        keys, grads = ([jnp.pad(a, ((0, m * size - n), (0, 0))) for a in arrays] for arrays in (keys, grads))
+        maskf = jnp.pad(maskf, (0, m * size - n))
 
     def body(i, sums):
-        x_c = jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
-        m_c = jax.lax.dynamic_slice_in_dim(maskf, i * size, size)[None, :, None]
+        def chunk(a):
+            return jax.lax.dynamic_slice_in_dim(a, i * size, size)
+        x_c = jnp.stack([jnp.concatenate([chunk(u), chunk(g)], axis=-1) for u, g in zip(keys, grads)])
+        m_c = chunk(maskf)[None, :, None]
         u_c = x_c[..., :d_in] * m_c
         out = apply_net(net, normalizer.normalise(stats, x_c, eps) * m_c, scanned=scanned)
         d = (-lr * jnp.sum(u_c * out[..., :d_in], axis=-1))[..., None] * out[..., d_in:] * m_c
         return sums[0] + jnp.einsum("kni,knj->kij", u_c, u_c), sums[1] + jnp.einsum("kni,knj->kij", u_c, d)
 
-    zeros = (jnp.zeros((k, d_in, d_in), x.dtype), jnp.zeros((k, d_in, width - d_in), x.dtype))
+    dtype = keys[0].dtype
+    zeros = (jnp.zeros((len(keys), d_in, d_in), dtype), jnp.zeros((len(keys), d_in, grads[0].shape[1]), dtype))
     return jax.lax.fori_loop(0, m, body, zeros)
 
 
@@ -182,20 +187,24 @@ def step_update(ecfg: EditorConfig, lcfg: ModelConfig, nets: Mapping, stats: Map
     for key, names in groups(ecfg, lcfg).items():
         d_in = module_shape(lcfg, names[0])[0]
         dtype = nets[key]["lr"].dtype                               # editor precision
-        u = jnp.stack([cap.keys[m].reshape(-1, d_in) for m in names]).astype(dtype)
-        g = jnp.stack([cap.grads[m].reshape(u.shape[1], -1) for m in names]).astype(dtype)
-        x = jnp.concatenate([u, g], axis=-1)                       # (K, N, D)
+        keys = [cap.keys[m].reshape(mask.shape[0], d_in).astype(dtype) for m in names]
+        grads = [cap.grads[m].reshape(mask.shape[0], -1).astype(dtype) for m in names]
         k = len(names)
-        st = normalizer.update(stats[key], x.reshape(k * x.shape[1], -1), jnp.tile(mask, k))
-        new_stats[key] = st
         maskf = mask.astype(dtype)
         prior = None if not key_gram else (ecfg.key_memory * key_gram[key]).astype(dtype)
         lr = ecfg.step_size(nets[key]["lr"])[:, None]
         scanned = ecfg.hypernet_mode() == "scanned"
-        if slot_chunk and ecfg.update_rule == "ridge" and x.shape[1] > slot_chunk:
-            uu, ud = slot_sums(nets[key], st, x, maskf, lr, d_in, ecfg.norm_eps, scanned, slot_chunk)
+        if slot_chunk and ecfg.update_rule == "ridge" and mask.shape[0] > slot_chunk:
+            st = stats[key]
+            for u_m, g_m in zip(keys, grads):       # the K modules' slots, merged one module at a time
+                st = normalizer.update(st, (u_m, g_m), mask)
+            new_stats[key] = st
+            uu, ud = slot_sums(nets[key], st, keys, grads, maskf, lr, ecfg.norm_eps, scanned, slot_chunk)
             dws = solve.ridge_from_sums(uu, ud, nets[key]["lamda"], prior)
         else:
+            u, g = jnp.stack(keys), jnp.stack(grads)
+            x = jnp.concatenate([u, g], axis=-1)                       # (K, N, D)
+            new_stats[key] = st = normalizer.update(stats[key], x.reshape(k * x.shape[1], -1), jnp.tile(mask, k))
             h = normalizer.normalise(st, x, ecfg.norm_eps) * maskf[None, :, None]
             out = apply_net(nets[key], h, scanned=scanned)
             u_t, g_t = out[..., :d_in], out[..., d_in:]
