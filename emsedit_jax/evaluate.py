@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -405,7 +405,7 @@ def score_requests(model: Model, split: EncodedSplit, rows: Sequence[int], delta
     `mesh` (model.params placed on it, as run_protocol does) the scored rows are split
     over it too, built on every process from the rows it holds, and every process gets
     the scores."""
-    single = isinstance(deltas, dict)
+    single = isinstance(deltas, Mapping)
     models = tuple(place_deltas(model.config, d, mesh) for d in ([deltas] if single else deltas))
     rows = np.asarray(rows)
     chunks = _chunks(rows, chunk)
