@@ -135,6 +135,9 @@ class TrainRun:
         "T = 6)", default_text="the dataset's: counterfact for --dataset counterfact, else default")
     n_val: int | None = option(None, "held-out training requests for --select-every", check="positive",
                                default_text="one validation stream or batch")
+    evaluate: bool = option(False, "then evaluate the editor in this process, as `evaluate --editor OUT/editor --out "
+                            "OUT/results.json` with the protocol, batch size and stream length it was trained "
+                            "for (the model loaded and the steps compiled once for both)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,16 +408,40 @@ def parse_modules(spec, layers: str | None, module: str | None, cfg, key_positio
 
 
 # ---------------------------------------------------------------- loading
+_LAST_MODEL: list = []      # [(key, Model)]: the model the last command of this process loaded
+
+
+def _folder_stamp(name: str) -> tuple:
+    """(file, size, mtime) of every file of a local model folder; () for other names."""
+    p = Path(name).expanduser()
+    if not p.is_dir():
+        return ()
+    return tuple(sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                        for f in p.rglob("*") if f.is_file()))
+
+
 def _load_model(args, mesh=None):
     """The --model in --dtype (api.load_model); with a mesh, every parameter is read
-    straight into its shards."""
+    straight into its shards. Commands run one after another in one process (`train
+    --evaluate`, `demo`) share the load: the last model loaded is kept and given again
+    for the same name, dtypes, layout and mesh while its folder's files are unchanged
+    (a model factory is called every time)."""
     from .api import load_model
     from .models.hf_io import is_factory
     if is_factory(args.model) and (args.dtype != "float32" or args.residual_dtype or mesh is not None):
         raise ConfigError("--dtype, --residual-dtype and --mesh apply to checkpoints; a model factory "
                           f"({args.model}) sets its own dtypes")
-    return load_model(args.model, dtype=args.dtype, residual_dtype=args.residual_dtype, mesh=mesh,
-                      layer_layout=getattr(args, "layer_layout", None))
+    layout = getattr(args, "layer_layout", None)
+    if is_factory(args.model):
+        return load_model(args.model, layer_layout=layout)
+    key = (model_name(args.model), args.dtype, args.residual_dtype, layout, mesh, _folder_stamp(args.model))
+    if _LAST_MODEL and _LAST_MODEL[0][0] == key:
+        return _LAST_MODEL[0][1]
+    _LAST_MODEL.clear()         # the old model is released before the new one loads
+    model = load_model(args.model, dtype=args.dtype, residual_dtype=args.residual_dtype, mesh=mesh,
+                       layer_layout=layout)
+    _LAST_MODEL.append((key, model))
+    return model
 
 
 def model_name(name: str) -> str:
@@ -612,7 +639,32 @@ def cmd_train(args) -> dict:
     summary = {"train_seconds_per_edit": result.seconds_per_edit, "compile_seconds": result.compile_seconds,
                "wall_seconds": time.perf_counter() - t0, "editor": str(Path(args.out) / "editor")}
     print(json.dumps(summary, indent=1))
+    if args.evaluate:
+        summary["evaluation"] = main(["evaluate", "--editor", summary["editor"], "--out",
+                                      str(Path(args.out) / "results.json"), "--protocol", tcfg.protocol,
+                                      "--n-edits", str(tcfg.n_edits), "--num-seq", str(tcfg.num_seq),
+                                      *_passed_on(args)])
     return summary
+
+
+PASSED_ON = ("dtype", "residual_dtype", "layer_layout", "mesh", "sharding", "remat", "deterministic", "quiet",
+             "compile_cache", "compile_cache_dir")
+
+
+def _passed_on(args, names: Sequence[str] = PASSED_ON) -> list[str]:
+    """The flags that give a command run from another (`train --evaluate`'s evaluation,
+    the demo's steps) the values of `args` for `names`; by default the model's dtypes
+    and layout, the mesh and the run options (an evaluation takes the model, data,
+    split and chat template from the editor's record; the distributed runtime is already
+    up)."""
+    flags = []
+    for name in names:
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 def _exclude_trained(args, record: dict, data: dict, test_reqs):
@@ -833,8 +885,7 @@ def cmd_demo(args) -> dict:
     out = Path(args.out)
     common = ["--model", args.model, "--dataset", "demo", "--n-train", str(args.n_train), "--n-test",
               str(args.n_test), "--split-seed", "0"]
-    if args.quiet:
-        common.append("--quiet")
+    common += _passed_on(args, ("quiet", "compile_cache", "compile_cache_dir"))
     epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     main(["train", *common, "--out", str(out), "--preset", args.preset, *epochs, "--n-edits", "10",
           "--num-seq", "10"])

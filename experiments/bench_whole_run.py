@@ -3,13 +3,15 @@ each a fresh process (model load, data, compiling, the work), timed from outside
 with an empty compilation cache and then again with the cache the first pass filled.
 
 Each pass trains a new editor into a fresh folder (same command, same data, same split)
-and evaluates it, so the second pass differs from the first only by the warm cache. The
-table gives each process's wall seconds, the cold / warm ratio, and the seconds per
-edit the CLI reports for training and editing.
+and evaluates it, so the second pass differs from the first only by the warm cache. Each
+round then runs a warm pass as two processes and one as one process, `emsedit-jax train
+... --evaluate` (the model loaded once). The table gives each process's wall seconds, the
+ratio to the first pass, and the seconds per edit the CLI reports for training and
+editing.
 
     python experiments/bench_whole_run.py                                  # the authors' setting
     python experiments/bench_whole_run.py --args "--layers 21-29"          # other train flags
-    python experiments/bench_whole_run.py --n-train 100 --n-test 100 --passes 2
+    python experiments/bench_whole_run.py --n-train 100 --n-test 100 --rounds 3
 
 Writes experiments/results/bench_whole_run.{json,md} (or --out) and prints the table.
 """
@@ -52,7 +54,9 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=100)
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--args", default=DEFAULT_ARGS, help="further flags of `emsedit-jax train`")
-    ap.add_argument("--passes", type=int, default=2, help="passes: the first with an empty cache")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="after the first pass (empty cache, two processes): this many rounds of a warm pass as "
+                         "two processes, then one as one process (alternating, as the machine's speed drifts)")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_whole_run"), help="output path without suffix")
     args = ap.parse_args()
 
@@ -61,29 +65,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        for i in range(args.passes):
+        for i, one in enumerate([False] + [False, True] * args.rounds):
             run_dir = Path(tmp) / f"run{i}"
             train = exe + ["train", "--dataset", args.dataset, "--data", args.data, "--n-train", str(args.n_train),
                            "--n-test", str(args.n_test), "--skip-invalid", "--quiet", "--out", str(run_dir),
-                           "--compile-cache-dir", str(cache), *shlex.split(args.args)]
+                           "--compile-cache-dir", str(cache), *shlex.split(args.args)] + (["--evaluate"] if one else [])
             evaluate = exe + ["evaluate", "--editor", str(run_dir / "editor"), "--out", str(run_dir / "results.json"),
                               "--quiet", "--compile-cache-dir", str(cache)]
             train_s, _ = run(train, env)
-            eval_s, _ = run(evaluate, env)
+            eval_s = None if one else run(evaluate, env)[0]
             editor = json.loads((run_dir / "editor" / "editor.json").read_text())
             results = json.loads((run_dir / "results.json").read_text())
-            row = {"pass": i, "cache": "empty" if i == 0 else "warm", "train_wall_s": train_s, "eval_wall_s": eval_s,
-                   "total_s": train_s + eval_s,
+            row = {"pass": i, "cache": "empty" if i == 0 else "warm", "processes": 1 if one else 2,
+                   "train_wall_s": train_s, "eval_wall_s": eval_s, "total_s": train_s + (eval_s or 0.0),
                    "train_s_per_edit": editor.get("train_seconds_per_edit"),
                    "edit_s_per_edit": results.get("timing", {}).get("edit_seconds_per_edit"),
                    "metrics": results.get("metrics")}
             rows.append(row)
             print(json.dumps(row), flush=True)
     cold = rows[0]["total_s"]
-    lines = ["| pass | cache | train process s | evaluate process s | whole run s | vs first | train s/edit | "
-             "edit s/edit |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| pass | cache | processes | train process s | evaluate process s | whole run s | vs first | "
+             "train s/edit | edit s/edit |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['pass']} | {r['cache']} | {r['train_wall_s']:.1f} | {r['eval_wall_s']:.1f} | "
+        ev = "-" if r["eval_wall_s"] is None else f"{r['eval_wall_s']:.1f}"
+        lines.append(f"| {r['pass']} | {r['cache']} | {r['processes']} | {r['train_wall_s']:.1f} | {ev} | "
                      f"{r['total_s']:.1f} | {cold / r['total_s']:.2f}x | {r['train_s_per_edit'] or float('nan'):.3f} | "
                      f"{r['edit_s_per_edit'] or float('nan'):.3f} |")
     env_line = (f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "

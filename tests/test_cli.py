@@ -66,6 +66,20 @@ def test_cli_train_evaluate_edit(tiny_model_dir, tmp_path, capsys, monkeypatch):
               "--test-data", str(data), "--quiet"])
     assert saved["timing"]["train_seconds_per_edit"] > 0 and saved["timing"]["edit_seconds_per_edit"] > 0
     assert (tmp_path / "curve.png").stat().st_size > 0 and len(out["curve"]) == 2
+    # `train --evaluate` (here on the finished run: no further training) evaluates the
+    # protocol it trained, in the same process, loading the model once: the same scores.
+    import emsedit_jax.api as api
+    import emsedit_jax.cli as cli
+    loads = []
+    monkeypatch.setattr(cli, "_LAST_MODEL", [])         # forget the model the commands above loaded
+    real = api.load_model
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    both = main(train_args + ["--evaluate"])
+    assert len(loads) == 1 and both["evaluation"]["n_requests"] == 8
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"] == saved["metrics"]
+    assert both["evaluation"]["baseline"] == saved["baseline"]
+    monkeypatch.chdir(tmp_path / "elsewhere")
     printed = capsys.readouterr().out
     assert "| unedited |" in printed and "configuration:" in printed
     # The default solve has the key memory and the locality prior, whose C0 the editor
