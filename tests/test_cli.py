@@ -215,3 +215,17 @@ def test_split_defaults_and_mquake_cases_stay_whole():
     args.n_train = 400
     with pytest.raises(UserError, match=r"not enough cases: n_train \+ n_test \(--n-train, --n-test\) = 450 > 429"):
         _load_data(args)
+
+
+def test_train_evaluate_passes_the_model_scale_and_run_flags_on():
+    """`train --evaluate`'s evaluation parses to the training's dtypes, layout, mesh and
+    run options, whether given or left at their defaults."""
+    from emsedit_jax.cli import PASSED_ON, _passed_on, parse_args
+    base = ["train", "--dataset", "user", "--data", "x.jsonl", "--out", "run"]
+    for extra in ([], ["--dtype", "bfloat16", "--residual-dtype", "bfloat16", "--layer-layout", "stacked", "--mesh",
+                       "1,2", "--sharding", "tp", "--remat", "--deterministic", "--quiet", "--no-compile-cache",
+                       "--compile-cache-dir", "cache"]):
+        args = parse_args(base + extra)
+        ev = parse_args(["evaluate", "--editor", "run/editor", *_passed_on(args)])
+        assert {n: getattr(ev, n) for n in PASSED_ON} == {n: getattr(args, n) for n in PASSED_ON}
+    assert {n: getattr(args, n) for n in PASSED_ON} != {n: getattr(parse_args(base), n) for n in PASSED_ON}
