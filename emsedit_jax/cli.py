@@ -137,7 +137,7 @@ class TrainRun:
                                default_text="one validation stream or batch")
     evaluate: bool = option(False, "then evaluate the editor in this process, as `evaluate --editor OUT/editor --out "
                             "OUT/results.json` with the protocol, batch size and stream length it was trained "
-                            "for (the model loaded and the steps compiled once for both)")
+                            "for (the model loaded once for both)")
 
 
 @dataclasses.dataclass(frozen=True)
