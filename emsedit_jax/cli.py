@@ -416,8 +416,8 @@ def _folder_stamp(name: str) -> tuple:
     p = Path(name).expanduser()
     if not p.is_dir():
         return ()
-    return tuple(sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-                        for f in p.rglob("*") if f.is_file()))
+    stats = ((f, f.stat()) for f in p.rglob("*") if f.is_file())
+    return tuple(sorted((str(f.relative_to(p)), st.st_size, st.st_mtime_ns) for f, st in stats))
 
 
 def _load_model(args, mesh=None):

@@ -12,6 +12,7 @@ Shapes: B sequences, S positions, A answer slots (static), V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, NamedTuple, Sequence
 
 import chex
@@ -109,7 +110,8 @@ def prefix_hidden(cfg: ModelConfig, params: Params, batch: Batch, start: int, re
         h = run(batch)
     else:
         n = -(-b // chunk)
-        h = _merge(jax.lax.map(run, jax.tree.map(lambda x: _split(x, n), pad_rows(batch, n * chunk))), b)
+        rows = jax.tree.map(functools.partial(_split, n=n), pad_rows(batch, n * chunk))
+        h = _merge(jax.lax.map(run, rows), b)
     return Prefix(jax.lax.stop_gradient(h), start)
 
 
@@ -242,11 +244,7 @@ def _capture_chunked(cfg: ModelConfig, params: Params, batch: Batch, modules: Se
     padded = pad_rows(batch, n * chunk)
     total = jnp.maximum(jnp.sum(answer_slots(batch.labels, n_answer)[2]), 1).astype(jnp.float32)
 
-    def split(x):
-        return _split(x, n)
-
-    def merge(x):
-        return _merge(x, b)
+    split, merge = functools.partial(_split, n=n), functools.partial(_merge, b=b)
 
     hidden = None
     if prefix is not None:
