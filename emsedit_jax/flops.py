@@ -109,7 +109,7 @@ def _check_cond(cond: str) -> None:
 def jaxpr_flops(jaxpr, cond: str = "max") -> float:
     """`cond`: how a cond/switch is charged: "max" (its most expensive branch, an upper
     bound) or "mean" (the mean over its branches: exact for a switch on a scan's step
-    index that takes every branch equally often, like the T-step edit's)."""
+    index that takes every branch equally often)."""
     _check_cond(cond)
     return census_flops(_weighted_dots(jaxpr, cond))
 

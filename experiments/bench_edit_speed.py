@@ -15,9 +15,8 @@ its donated editor and optimiser state from call to call, as the training loop d
 Each row also gives the matmul FLOPs per edit (counted on the jaxpr, see
 emsedit_jax/flops.py), the rate achieved, and the time the same FLOPs would take at this
 machine's float32 matmul rate (measured in the same run): the floor. The counted FLOPs
-are matmuls only (the key memory's d_in x d_in LU solves are not in them); the T steps
-choose their hypernetwork with a `lax.switch` on the step index, which takes each branch
-once per edit, so it is charged the mean of its branches (`count_flops(cond="mean")`).
+are matmuls only (the key memory's d_in x d_in solves are not in them; a conditional,
+should a step hold one, is charged the mean of its branches: `count_flops(cond="mean")`).
 A large square matmul runs faster than the step's own (a few hundred token rows against
 576- to 1536-wide kernels), so each row also gives a second floor: every matmul of the
 step (`flops.dot_census`) run alone at its own shape, `--reps` times, the fastest time

@@ -187,11 +187,12 @@ def test_method_squared_differs_by_configuration_alone():
         method_config("malmen2", MODULES, steps=3)
     with pytest.raises(ValueError):
         parse_method("rome")
-    # The edit of steps=T is a scan of length T with T stacked updates (traced, not run:
-    # test_editor checks the multi-step arithmetic).
+    # The edit of steps=T gives T stacked updates: with one net for every step a scan of
+    # length T, with a net per step a static unroll, no conditional on the step index
+    # (traced, not run: test_editor checks the multi-step arithmetic).
     params = tiny_params()
-    for steps in (1, 2):
-        ecfg = method_config("malmen", MODULES[:1], steps=steps, rank=4, n_blocks=2)
+    for steps, per_step_nets in ((1, True), (2, True), (2, False)):
+        ecfg = method_config("malmen", MODULES[:1], steps=steps, rank=4, n_blocks=2, step_specific=per_step_nets)
 
         def edit(state, batch, ecfg=ecfg):
             return multi_step_edit(ecfg, TINY, params, state, batch, zero_deltas(ecfg, TINY), n_answer=2)
@@ -200,7 +201,10 @@ def test_method_squared_differs_by_configuration_alone():
         _, _, per_step = jax.eval_shape(edit, state, tiny_batch(0))
         assert per_step[MODULES[0]].shape == (steps, 16, 24)
         jaxpr = jax.make_jaxpr(edit)(state, tiny_batch(0)).jaxpr
-        assert [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"] == [steps]
+        names = [e.primitive.name for e in jaxpr.eqns]
+        assert "cond" not in names
+        scans = [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"]
+        assert (steps in scans) == (steps == 1 or not per_step_nets)
 
 
 def test_cli_train_resolves_method_defaults():

@@ -1,4 +1,4 @@
-"""One edit step and the T-step edit (a `jax.lax.scan`).
+"""One edit step and the T-step edit (a `jax.lax.scan`; with a net per step, a static unroll).
 
 A step, on the current model params + deltas, for a batch of requests:
 capture keys and value gradients -> normalise [u; g] -> hypernetwork -> pseudo keys and
@@ -256,21 +256,28 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
                       chunk=chunk, key_positions=ecfg.key_positions)
         if ecfg.msbp == "detached":
             cap = cap._replace(keys=jax.lax.stop_gradient(cap.keys), grads=jax.lax.stop_gradient(cap.grads))
-        if len(branches) == 1:
-            dws, stats = branches[0](stats, cap)
-        else:       # step-specific nets: step t runs branch t
-            dws, stats = jax.lax.switch(t, branches, stats, cap)
+        dws, stats = branches[0 if len(branches) == 1 else t](stats, cap)
         keys = jax.lax.stop_gradient(masked_keys(ecfg, lcfg, cap)) if memory else {}
         return ({m: deltas[m] + dws[m] for m in deltas}, stats, keys), dws
 
     # The carry keeps the latest step's keys; their Gram matrices join the memory once.
     n_slots = batch.input_ids.shape[0] * ecfg.key_slots(n_answer)
     no_keys = {key: jnp.zeros((g.shape[0], n_slots, g.shape[1]), jnp.float32) for key, g in memory.items()}
-    # unroll=True: XLA gets the T steps as straight-line code. Rolled, the loop's gradient
-    # accumulates the cotangents of every parameter set (zero-filled for the sets a step
-    # does not use) in its loop state; unrolled, a training step spent about a third less
-    # time outside the matmuls (CPU profile; README, "Speed").
-    (deltas, stats, last_keys), per_step = jax.lax.scan(body, (dict(deltas), state.stats, no_keys),
-                                                        jnp.arange(ecfg.steps), unroll=True)
+    carry = (dict(deltas), state.stats, no_keys)
+    if len(branches) == 1:
+        # One net for every step: a scan, unroll=True so that XLA gets the T steps as
+        # straight-line code (rolled, a training step spent about a third more time
+        # outside the matmuls; CPU profile).
+        (deltas, stats, last_keys), per_step = jax.lax.scan(body, carry, jnp.arange(ecfg.steps), unroll=True)
+    else:
+        # A net per step, each at its own rank (so not stacked): a static unroll, step t
+        # calling its own set. As a scan the step index is traced and each step a
+        # `lax.switch` over every set: a conditional in the compiled program, and the
+        # training step's trace 1.3-2.9 s longer (experiments/README, "The whole run").
+        steps = []
+        for t in range(ecfg.steps):
+            carry, dws = body(carry, t)
+            steps.append(dws)
+        (deltas, stats, last_keys), per_step = carry, jax.tree.map(lambda *a: jnp.stack(a), *steps)
     memory = {key: g + jnp.einsum("kni,knj->kij", last_keys[key], last_keys[key]) for key, g in memory.items()}
     return deltas, EditorState(state.nets, stats, memory, state.protect), per_step
