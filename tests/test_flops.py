@@ -42,8 +42,8 @@ def test_keyword_arguments_are_static():
 
 
 def test_switch_on_the_step_index_is_charged_by_its_branches():
-    """A switch on a scan's step index (a net per step): "max" charges every step the
-    dearest branch (a bound), "mean" the exact total here."""
+    """A switch on a scan's step index: "max" charges every step the dearest branch (a
+    bound), "mean" the exact total here."""
     def steps(x):
         def body(c, t):
             y = jax.lax.switch(t, [lambda v: (v @ jnp.ones((8, 16))).sum(), lambda v: (v @ jnp.ones((8, 4))).sum()], x)

@@ -17,7 +17,6 @@ stream's own state then drops). All plain pytrees.
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, NamedTuple
 
 import jax
@@ -239,6 +238,7 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
                          "steps.new_stream(ecfg, lcfg, state) (or init_editor / load_editor with this ecfg)")
 
     bounds = jax.lax.stop_gradient(update_bounds(ecfg, lcfg, params))
+    shared = ecfg.n_param_sets == 1       # one net for every step; else step t uses set t
 
     def update(p, stats, cap):
         """The step's weight updates with parameter set p (a Python int)."""
@@ -248,15 +248,13 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
                               slot_chunk=None if chunk is None else chunk * ecfg.key_slots(n_answer))
         return dws, jax.tree.map(lambda s, n: s.at[p].set(n), stats, st)
 
-    branches = [functools.partial(update, p) for p in range(ecfg.n_param_sets)]
-
     def body(carry, t):
         deltas, stats, _ = carry
         cap = capture(lcfg, params, batch, ecfg.modules, deltas, n_answer=n_answer, prefix=prefix, remat=remat,
                       chunk=chunk, key_positions=ecfg.key_positions)
         if ecfg.msbp == "detached":
             cap = cap._replace(keys=jax.lax.stop_gradient(cap.keys), grads=jax.lax.stop_gradient(cap.grads))
-        dws, stats = branches[0 if len(branches) == 1 else t](stats, cap)
+        dws, stats = update(0 if shared else t, stats, cap)
         keys = jax.lax.stop_gradient(masked_keys(ecfg, lcfg, cap)) if memory else {}
         return ({m: deltas[m] + dws[m] for m in deltas}, stats, keys), dws
 
@@ -264,7 +262,7 @@ def multi_step_edit(ecfg: EditorConfig, lcfg: ModelConfig, params: Params, state
     n_slots = batch.input_ids.shape[0] * ecfg.key_slots(n_answer)
     no_keys = {key: jnp.zeros((g.shape[0], n_slots, g.shape[1]), jnp.float32) for key, g in memory.items()}
     carry = (dict(deltas), state.stats, no_keys)
-    if len(branches) == 1:
+    if shared:
         # One net for every step: a scan, unroll=True so that XLA gets the T steps as
         # straight-line code (rolled, a training step spent about a third more time
         # outside the matmuls; CPU profile).
