@@ -29,9 +29,9 @@ from emsedit_jax.editor.steps import (
     step_update,
     zero_deltas,
 )
-from emsedit_jax.models import load_model
+from emsedit_jax.models import ModelConfig, load_model
 from emsedit_jax.models.layers import set_path
-from emsedit_jax.models.transformer import tensor_specs
+from emsedit_jax.models.transformer import init_params, tensor_specs, unstack_layers
 from emsedit_jax.pipeline import encode_split
 from emsedit_jax.train import TrainConfig, batch_plan, configs, make_optimizer, train, train_step
 
@@ -215,6 +215,41 @@ def test_method_squared_differs_by_configuration_alone():
         assert "cond" not in set(_primitives(jaxpr))
         scans = [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"]
         assert (steps in scans) == (steps == 1 or not per_step_nets)
+
+
+def test_t_step_edit_traces_each_kind_of_layer_once(monkeypatch):
+    """The layers run as one jitted function (transformer.layer), so tracing and
+    differentiating a T-step edit traces the family's block once per kind of layer call
+    (plain, edited), whatever the depth above the edited layer and the number of steps:
+    before, every layer of every step's capture was traced again."""
+    from emsedit_jax.models import llama
+    block, shapes = llama.block, []
+
+    def counted(cfg, lp, h, ctx, tap):
+        shapes.append((h.shape, tuple(tap.edits)))
+        return block(cfg, lp, h, ctx, tap)
+
+    monkeypatch.setattr(llama, "block", counted)
+    traced = {}
+    for n_layers, steps in ((3, 1), (7, 3)):
+        # A config no other test uses: nothing of it is in the jit caches yet.
+        cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=53, hidden_size=16, intermediate_size=24,
+                                       num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
+                                       tie_word_embeddings=True, rms_norm_eps=1e-5 * (1 + n_layers)))
+        ecfg = method_config("malmen", MODULES[:1], steps=steps, rank=4, n_blocks=2)
+        params = unstack_layers(init_params(cfg, jax.random.key(0)))
+        state = init_editor(ecfg, cfg, jax.random.key(1))
+
+        def loss(nets, cfg=cfg, ecfg=ecfg, params=params, state=state):
+            deltas, _, _ = multi_step_edit(ecfg, cfg, params, state._replace(nets=nets), tiny_batch(0),
+                                           zero_deltas(ecfg, cfg), n_answer=2)
+            return sum(jnp.sum(d ** 2) for d in deltas.values())
+
+        shapes.clear()
+        jax.make_jaxpr(jax.grad(loss))(state.nets)
+        traced[n_layers, steps] = sorted(shapes)
+    # One plain and one edited layer call each (layers 0 and 2..L-1 share the plain one).
+    assert traced[3, 1] == traced[7, 3] == [((3, 7, 16), ()), ((3, 7, 16), ("mlp.up_proj",))], traced
 
 
 def test_cli_train_resolves_method_defaults():

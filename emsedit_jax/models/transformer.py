@@ -181,34 +181,44 @@ def run_layers(cfg: ModelConfig, params: Params, h: Array, ctx: dict, *, start: 
                ) -> tuple[Array, dict[tuple[int, str], Array]]:
     """Layers [start, stop) on hidden h (B, S, D). Returns the new hidden state and the
     keys recorded by edited modules, as {(layer, suffix): (B, A, d_in)}."""
-    fam = family(cfg)
     stop = cfg.num_layers if stop is None else stop
     edits = edits or {}
     keys: dict[tuple[int, str], Array] = {}
-
-    def plain(h, lp):
-        return constrain_rows(fam.block(cfg, lp, h, ctx, Tap(lp))), None
-
-    if remat:
-        plain = jax.checkpoint(plain)
     i = start
     h = constrain_rows(h)      # under a mesh: rows split over its row axes (no-op otherwise)
     while i < stop:
         if i in edits:
-            lp = layer_params(params, i)
-            tap = Tap(lp, edits[i])
-            h = constrain_rows(fam.block(cfg, lp, h, ctx, tap))
-            keys.update({(i, name): k for name, k in tap.keys.items()})
+            h, k = layer(cfg, layer_params(params, i), h, ctx, edits[i])
+            keys.update({(i, name): v for name, v in k.items()})
             i += 1
         elif is_layer_list(params):
-            h, _ = plain(h, params["layers"][i])
+            h, _ = layer(cfg, params["layers"][i], h, ctx, remat=remat)
             i += 1
         else:
             j = min([e for e in edits if i < e < stop] + [stop])
             run = jax.tree.map(lambda a: a[i:j], params["layers"])
-            h, _ = jax.lax.scan(plain, h, run)
+            h, _ = jax.lax.scan(lambda h, lp: (layer(cfg, lp, h, ctx, remat=remat)[0], None), h, run)
             i = j
     return h, keys
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "remat"))
+def layer(cfg: ModelConfig, lp: Params, h: Array, ctx: dict, edits: Mapping[str, ModuleEdit] | None = None,
+          remat: bool = False) -> tuple[Array, dict[str, Array]]:
+    """One layer with its parameters `lp` and its modules' `edits` on hidden h (B, S, D):
+    (new hidden, {module suffix: recorded keys}); `remat` recomputes its activations in
+    the backward pass.
+
+    A jitted function, also when called inside another jitted function: JAX traces,
+    differentiates and transposes it once per shape and kept for every layer of that
+    shape, instead of once per layer and per use (an edit step runs the layers above the
+    first edited one in every one of its T captures). XLA inlines the calls; the compiled
+    program is the same. Tracing the embedded model's CounterFact training step (T = 6,
+    27 layers from the first edited one) took 3.5 s this way against 21.3 s."""
+    def run(lp, h, ctx, edits):
+        tap = Tap(lp, edits)
+        return constrain_rows(family(cfg).block(cfg, lp, h, ctx, tap)), tap.keys
+    return (jax.checkpoint(run) if remat else run)(lp, h, ctx, edits)
 
 
 def head(cfg: ModelConfig, params: Params, h: Array, positions: Array | None = None) -> Array:
