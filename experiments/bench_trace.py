@@ -1,0 +1,133 @@
+"""What a process pays before its first training step: tracing, lowering and compiling
+the jitted training step (`train.train_step`), then the step itself, for a preset's
+configuration on the embedded model.
+
+Tracing and lowering happen in every process (the persistent compilation cache is keyed
+by the lowered program); compiling once per machine. Each configuration runs in a fresh
+process (JAX's caches start empty) on one batch of `--n-edits` training requests (ZsRE,
+or CounterFact for the counterfact preset); the step is timed over `--reps` calls after
+a first one, its outputs fed back. With `--code DIR,...` each configuration also runs
+with another checkout's package first on the path (say a worktree of an earlier commit),
+alternating, so that the rows compare in one run.
+
+    python experiments/bench_trace.py                                     # three presets
+    python experiments/bench_trace.py --configs "faithful 18-23" --code .,../old
+
+Writes experiments/results/bench_trace.{json,md} (or --out) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from report import write_report
+
+HERE = Path(__file__).resolve().parent
+DATA = {"zsre": "../shared/data/zsre/zsre_mend_train-1k.json",
+        "counterfact": "../shared/data/counterfact/counterfact-train.json"}
+CONFIGS = "default,faithful 18-23,counterfact"
+
+
+def measure(spec: str, data: dict[str, str], n_edits: int, reps: int) -> dict:
+    """Trace / lower / compile / step seconds of the training step for `spec`
+    ("PRESET" or "PRESET FIRST-LAST": the up_proj of those layers)."""
+    import jax
+
+    from emsedit_jax.data import load_requests
+    from emsedit_jax.editor.steps import init_editor, new_stream, zero_deltas
+    from emsedit_jax.evaluate import preserved_gram
+    from emsedit_jax.lapack_threads import limit
+    from emsedit_jax.models import load_model
+    from emsedit_jax.pipeline import encode_split
+    from emsedit_jax.train import batch_plan, configs, make_optimizer, train_step
+
+    limit()
+    preset, *layers = spec.split()
+    model = load_model("smollm2")
+    modules = None
+    if layers:
+        first, last = (int(x) for x in layers[0].split("-"))
+        modules = tuple(f"model.layers.{i}.mlp.up_proj" for i in range(first, last + 1))
+    ecfg, tcfg = configs(modules, preset=preset, model_cfg=model.config, n_edits=n_edits)
+    dataset = "counterfact" if preset == "counterfact" else "zsre"
+    requests = load_requests(data[dataset], skip_invalid=True).requests[:n_edits]
+    split = encode_split(model.tokenizer, requests)
+    prior = preserved_gram(model, ecfg, requests) if ecfg.needs_prior else None
+    state = new_stream(ecfg, model.config, init_editor(ecfg, model.config, jax.random.key(0)), prior)
+    tx = make_optimizer(tcfg)
+    rows = batch_plan(len(split), tcfg)[0][:1]
+    layout = split.layouts(rows, buckets=1)[0]
+    kw = dict(ecfg=ecfg, lcfg=model.config, tx=tx, n_answer=layout.n_answer, beta_power=tcfg.beta_power,
+              **({"protect": state.protect} if state.protect else {}))
+    args = (state.nets, state.stats, tx.init(state.nets), model.params, split.batch(rows[0], layout),
+            zero_deltas(ecfg, model.config), None, state.key_gram)
+    t0 = time.perf_counter()
+    traced = train_step.trace(*args, **kw)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    out = compiled(*args)
+    first_loss = float(out[4]["loss"])
+    times = []
+    for _ in range(reps):
+        args = (*out[:3], *args[3:])
+        t = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t)
+    return {"config": spec, "steps": ecfg.steps, "modules": f"{ecfg.modules[0]} .. {ecfg.modules[-1]}",
+            "trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2, "step_s": min(times),
+            "first_loss": first_loss, "last_loss": float(out[4]["loss"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default=CONFIGS, help="comma-separated 'PRESET' or 'PRESET FIRST-LAST'")
+    ap.add_argument("--code", default=".", help="comma-separated folders holding the emsedit_jax package to "
+                                                "measure ('.': this checkout)")
+    ap.add_argument("--n-edits", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--zsre", default=DATA["zsre"])
+    ap.add_argument("--counterfact", default=DATA["counterfact"])
+    ap.add_argument("--one", help=argparse.SUPPRESS)          # child process: measure this config
+    ap.add_argument("--out", default=str(HERE / "results" / "bench_trace"), help="output path without suffix")
+    args = ap.parse_args()
+    data = {"zsre": args.zsre, "counterfact": args.counterfact}
+    if args.one:
+        print("RESULT " + json.dumps(measure(args.one, data, args.n_edits, args.reps)), flush=True)
+        return
+
+    root = HERE.parent
+    rows = []
+    for spec in args.configs.split(","):
+        for code in args.code.split(","):
+            src = (root if code == "." else Path(code)).resolve()
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+            cmd = [sys.executable, __file__, "--one", spec.strip(), "--n-edits", str(args.n_edits),
+                   "--reps", str(args.reps), "--zsre", data["zsre"], "--counterfact", data["counterfact"]]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not found:
+                raise SystemExit(f"{spec} with {src} failed:\n{proc.stderr[-3000:]}")
+            rows.append({"code": code, **json.loads(found[-1][len("RESULT "):])})
+            print(json.dumps(rows[-1]), flush=True)
+    lines = ["| config | code | T | trace s | lower s | compile s | step s | first loss | last loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['code']} | {r['steps']} | {r['trace_s']:.2f} | {r['lower_s']:.2f} | "
+                     f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['first_loss']:.7f} | {r['last_loss']:.7f} |")
+    env = f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; batch of {args.n_edits}"
+    write_report(args.out, f"## Tracing, lowering and compiling the training step ({env})\n\n" + "\n".join(lines),
+                 {"env": env, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
