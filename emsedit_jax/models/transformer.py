@@ -213,9 +213,9 @@ def layer(cfg: ModelConfig, lp: Params, h: Array, ctx: dict, edits: Mapping[str,
     differentiates and transposes it once per kind of call (argument shapes, edited
     modules) and reuses that for every layer, instead of once per layer and per use (an
     edit step runs the layers above the first edited one in every one of its T
-    captures). XLA inlines the calls; the compiled program is the same. Tracing the embedded model's CounterFact training step (T = 6,
-    27 layers from the first edited one) takes 4.1 s this way against 17.4 s
-    (experiments/bench_trace.py)."""
+    captures). XLA inlines the calls; the compiled program is the same. Tracing the
+    embedded model's CounterFact training step (T = 6, 27 layers from the first edited
+    one) takes 4.1 s this way against 17.4 s (experiments/bench_trace.py)."""
     def run(lp, h, ctx, edits):
         tap = Tap(lp, edits)
         return constrain_rows(family(cfg).block(cfg, lp, h, ctx, tap)), tap.keys
