@@ -29,6 +29,7 @@ from emsedit_jax.editor.steps import (
     step_update,
     zero_deltas,
 )
+from emsedit_jax.flops import iter_eqns
 from emsedit_jax.models import ModelConfig, load_model
 from emsedit_jax.models.layers import set_path
 from emsedit_jax.models.transformer import init_params, tensor_specs, unstack_layers
@@ -174,17 +175,6 @@ def test_kl_term_is_zero_for_a_zero_edit():
 
 
 # ------------------------------------------------------------------ Method² = configuration
-def _primitives(jaxpr):
-    """Every primitive of `jaxpr`, nested jaxprs (scan bodies, cond branches) included."""
-    for e in jaxpr.eqns:
-        yield e.primitive.name
-        for v in e.params.values():
-            for j in v if isinstance(v, (tuple, list)) else (v,):
-                inner = getattr(j, "jaxpr", j)
-                if hasattr(inner, "eqns"):
-                    yield from _primitives(inner)
-
-
 def test_method_squared_differs_by_configuration_alone():
     for name in ("mend", "malmen", "rledit"):
         base = method_config(name, MODULES)
@@ -212,7 +202,7 @@ def test_method_squared_differs_by_configuration_alone():
         _, _, per_step = jax.eval_shape(edit, state, tiny_batch(0))
         assert per_step[MODULES[0]].shape == (steps, 16, 24)
         jaxpr = jax.make_jaxpr(edit)(state, tiny_batch(0)).jaxpr
-        assert "cond" not in set(_primitives(jaxpr))
+        assert "cond" not in {e.primitive.name for e in iter_eqns(jaxpr)}    # nested bodies included
         scans = [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"]
         assert (steps in scans) == (steps == 1 or not per_step_nets)
 
