@@ -66,19 +66,35 @@ def _answers(tf: TeacherForced) -> np.ndarray:
     return (tf.labels != IGNORE).sum(axis=1)
 
 
+def row_shape(batches: Sequence[tuple[np.ndarray, np.ndarray]], max_row_len: int = MAX_ROW_LEN
+              ) -> tuple[int, int, int]:
+    """(rows, row length, answer slots per row) that hold every batch of `batches`, each
+    (sequence lengths, answer tokens per sequence), packed in order (`_assign_rows`). Of
+    the row lengths from the longest sequence to `max_row_len` (multiples of 16), the one
+    whose rows x (length + answer slots) is least, the positions and answer slots a batch
+    computes; on a tie the fewest rows. A batch of just over `max_row_len` tokens thus
+    takes two rows of about half, not two full ones."""
+    shortest = max(_round_up(int(np.max(n)), 16) for n, _ in batches)
+    longest = max(shortest, min(_round_up(max_row_len, 16), max(_round_up(int(np.sum(n)), 16) for n, _ in batches)))
+    best, best_cost = (0, 0, 0), None
+    for row_len in range(longest, shortest - 1, -16):
+        n_rows, n_answer = 1, 1
+        for lengths, answers in batches:
+            assign = _assign_rows(lengths, row_len)
+            n_rows = max(n_rows, assign[-1] + 1)
+            n_answer = max(n_answer, int(np.bincount(assign, weights=answers).max()))
+        n_answer = _round_up(n_answer, 8)
+        cost = n_rows * (row_len + n_answer)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = (n_rows, row_len, n_answer), cost
+    return best
+
+
 def view_layout(tf: TeacherForced, batches: Sequence[Sequence[int]], max_row_len: int = MAX_ROW_LEN) -> ViewLayout:
-    """The smallest ViewLayout that holds the sequences of every batch in `batches`."""
+    """The smallest ViewLayout that holds the sequences of every batch in `batches`
+    (row_shape)."""
     lengths, answers = _lengths(tf), _answers(tf)
-    longest_total = max(int(lengths[list(b)].sum()) for b in batches)
-    row_len = min(_round_up(longest_total, 16), _round_up(max_row_len, 16))
-    row_len = max(row_len, max(_round_up(int(lengths[list(b)].max()), 16) for b in batches))
-    n_rows, n_answer = 1, 1
-    for b in batches:
-        assign = _assign_rows(lengths[list(b)], row_len)
-        n_rows = max(n_rows, assign[-1] + 1)
-        per_row = np.bincount(assign, weights=answers[list(b)])
-        n_answer = max(n_answer, int(per_row.max()))
-    return ViewLayout(n_rows, row_len, _round_up(n_answer, 8))
+    return ViewLayout(*row_shape([(lengths[list(b)], answers[list(b)]) for b in batches], max_row_len))
 
 
 def pack(tf: TeacherForced, rows: Sequence[int], vl: ViewLayout, name: str = "") -> tuple[Batch, np.ndarray]:

@@ -18,7 +18,8 @@ the accelerator's; arguments and outputs are exact.
 
 Batches are shaped like the packed batches of a run (pipeline.py): `n_edits` requests
 of `seq_len` tokens and `answer_len` answer tokens in each view, laid end to end in rows
-of at most 512 tokens, rows padded to a multiple of the mesh's row axes (data x fsdp:
+of at most 512 tokens (the row length with the fewest positions and answer slots:
+pipeline.row_shape), rows padded to a multiple of the mesh's row axes (data x fsdp:
 `partition.ROWS`).
 """
 
@@ -107,14 +108,16 @@ class Plan:
         return out
 
 
-def packed_rows(n_edits: int, seq_len: int, max_row_len: int, data: int) -> tuple[int, int, int]:
+def packed_rows(n_edits: int, seq_len: int, answer_len: int, max_row_len: int, data: int) -> tuple[int, int, int]:
     """(rows, row length, answer slots per row) of `n_edits` sequences of `seq_len`
-    tokens packed end to end (pipeline.py), rows a multiple of `data` (the number of
-    devices rows are split over)."""
-    row_len = min(-(-n_edits * seq_len // 16) * 16, max_row_len)
-    per_row = max(1, row_len // seq_len)
-    rows = -(-n_edits // per_row)
-    return -(-rows // data) * data, row_len, per_row
+    tokens with `answer_len` answers each, packed as a run packs them
+    (pipeline.row_shape), rows a multiple of `data` (the number of devices rows are
+    split over)."""
+    import numpy as np
+
+    from .pipeline import row_shape
+    rows, row_len, n_answer = row_shape([(np.full(n_edits, seq_len), np.full(n_edits, answer_len))], max_row_len)
+    return -(-rows // data) * data, row_len, n_answer
 
 
 def _abstract(tree, shardings):
@@ -142,8 +145,8 @@ def step_inputs(lcfg, ecfg, tcfg, mesh, *, dtype, n_edits: int, seq_len: int = 2
     tx = make_optimizer(tcfg)
     opt_state = jax.eval_shape(tx.init, state.nets)
     deltas = jax.eval_shape(lambda: zero_deltas(ecfg, lcfg))
-    rows, row_len, per_row = packed_rows(n_edits, seq_len, tcfg.max_row_len, n_row_shards(dict(mesh.shape)))
-    n_answer = -(-per_row * answer_len // 8) * 8
+    rows, row_len, n_answer = packed_rows(n_edits, seq_len, answer_len, tcfg.max_row_len,
+                                          n_row_shards(dict(mesh.shape)))
     ids = jax.ShapeDtypeStruct((rows, row_len), jnp.int32)
     view = Batch(ids, ids, ids, ids)
     batch = EditBatch(view, view, view)

@@ -1,10 +1,10 @@
 """The largest edit batch that fits one device, from `plan` alone (no weights, no accelerator).
 
 For each model config and mesh: plans (plan.make_plan: the edit and training steps
-compiled for abstract sharded inputs on simulated CPU devices) at two batch sizes whose
-packed rows are full (`--points`, default 42 and 336 requests: 2 and 16 rows of 512
-tokens), fits each step's peak per device as a + b * rows, predicts the largest batch
-within 90% of each device's memory, and checks the prediction with one more plan (a
+compiled for abstract sharded inputs on simulated CPU devices) at two batch sizes
+(`--points`, default 42 and 336 requests of 24 tokens, packed as a run packs them), fits
+each step's peak per device as a + b * rows, predicts the largest batch within 90% of
+each device's memory, and checks the prediction with one more plan (a
 batch one row smaller when the prediction does not fit). Each plan compiles both steps:
 minutes on 2 cores.
 
@@ -48,7 +48,7 @@ def run_one(config: str, mesh_spec: str, devices: list[str], points: list[int], 
         return row
 
     fitted = [plan_at(n) for n in points]
-    per_row = planning.packed_rows(points[0], 24, 512, d)[2]
+    per_row = points[-1] // fitted[-1]["rows"]       # requests a row holds as the run packs them
     xs = [r["rows"] for r in fitted]
     for device in devices:
         budget = planning.USABLE * planning.DEVICE_MEMORY[device]

@@ -707,3 +707,28 @@ def test_packed_subject_marks_and_key_slots(wtok):
         pos, mask = key_slots(b, mode, n)
         assert pos.shape[1] == (2 * n if mode == "both" else n)
         np.testing.assert_array_equal(np.asarray(pos[0])[np.asarray(mask[0])], want)
+
+
+def test_row_shape_packs_the_fewest_positions_and_every_batch_fits():
+    """The packed rows' length is the one with the fewest positions + answer slots over
+    the batches (not the cap filled row by row), and every batch fits it."""
+    from emsedit_jax.pipeline import _assign_rows, row_shape
+    # 30 sequences of 20 tokens: 600 tokens, just over a 512 cap. Filling rows of 512
+    # takes 2 x 512 positions; two rows of 304 (15 sequences each) hold them.
+    assert row_shape([(np.full(30, 20), np.full(30, 3))], 512) == (2, 304, 48)
+    assert row_shape([(np.full(10, 20), np.full(10, 3))], 512) == (1, 208, 32)       # one row, as before
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        batches = [(rng.integers(5, 60, n), rng.integers(1, 6, n)) for n in rng.integers(5, 40, 4)]
+        cap = int(rng.choice([64, 128, 512]))
+        n_rows, row_len, n_answer = row_shape(batches, cap)
+        assert row_len % 16 == 0 and row_len <= max(cap, max(int(b[0].max()) for b in batches) + 15)
+        for lengths, answers in batches:
+            assign = _assign_rows(lengths, row_len)
+            assert assign[-1] < n_rows and np.bincount(assign, weights=answers).max() <= n_answer
+        # no worse than the rows filled up to the cap
+        full = max(16, min(-(-max(int(b[0].sum()) for b in batches) // 16) * 16, -(-cap // 16) * 16))
+        full = max(full, max(-(-int(b[0].max()) // 16) * 16 for b in batches))
+        full_rows = max(_assign_rows(b[0], full)[-1] + 1 for b in batches)
+        full_answer = max(int(np.bincount(_assign_rows(b[0], full), weights=b[1]).max()) for b in batches)
+        assert n_rows * (row_len + n_answer) <= full_rows * (full + -(-full_answer // 8) * 8)

@@ -39,9 +39,11 @@ def test_plan_matches_the_real_run(check, step):
 
 
 def test_packed_rows():
-    assert packed_rows(10, 24, 512, 1) == (1, 240, 10)      # one row holds all ten
-    assert packed_rows(100, 24, 512, 1) == (5, 512, 21)     # 21 requests a row
-    assert packed_rows(100, 24, 512, 4) == (8, 512, 21)     # rows padded to the data axis
+    """The plan packs like a run: rows x (length + answer slots) least, rows padded to
+    the data axis."""
+    assert packed_rows(10, 24, 4, 512, 1) == (1, 240, 40)       # one row holds all ten
+    assert packed_rows(100, 24, 4, 512, 1) == (5, 480, 80)      # 20 a row: 5 x 480 tokens, not 5 x 512
+    assert packed_rows(100, 24, 4, 512, 4) == (8, 480, 80)      # rows padded to the data axis
 
 
 def test_cli_plan_from_config_alone(tiny_model_dir, tmp_path, capsys):
