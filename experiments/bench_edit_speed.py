@@ -44,7 +44,7 @@ from emsedit_jax.editor.steps import init_editor, zero_deltas
 from emsedit_jax.evaluate import edit_batch
 from emsedit_jax.flops import census_flops, dot_census
 from emsedit_jax.lapack_threads import limit as limit_lapack_threads
-from emsedit_jax.models import load_model
+from emsedit_jax.api import load_model
 from emsedit_jax.models.transformer import stack_layers, unstack_layers
 from emsedit_jax.pipeline import encode_split
 from emsedit_jax.train import TrainConfig, batch_plan, make_optimizer, train_step
@@ -193,21 +193,26 @@ def main():
                     "(see emsedit_jax/models/transformer.py)")
     ap.add_argument("--configs", default=next(iter(CONFIGS)), help="comma-separated configurations: names from CONFIGS or "
                     "'layers A-B rank R [key memory MU] [steps T] [subject keys]'")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated LLM parameter dtypes to compare: float32, "
+                    "bfloat16 (the residual stream in float32, as the CLI's --dtype bfloat16)")
     ap.add_argument("--out", default="results/bench_edit_speed")
     args = ap.parse_args()
-    model = load_model("smollm2")
-    reqs = load_requests(args.data, skip_invalid=True).requests
-    train_reqs, test_reqs = split_requests(reqs, args.n_train, args.n_test, 0)      # as the CLI splits
-    train_split, test_split = (encode_split(model.tokenizer, r) for r in (train_reqs, test_reqs))
-    rows = [bench(model, train_split, test_split, name, n_edits=args.n_edits, reps=args.reps, buckets=int(k),
-                  param_layout=param_layout, **parse_config(name))
-            for name in args.configs.split(",") for k in args.buckets.split(",") for param_layout in args.param_layouts.split(",")]
+    rows = []
+    for dtype in args.dtypes.split(","):
+        model = load_model("smollm2", dtype=dtype)
+        reqs = load_requests(args.data, skip_invalid=True).requests
+        train_reqs, test_reqs = split_requests(reqs, args.n_train, args.n_test, 0)      # as the CLI splits
+        train_split, test_split = (encode_split(model.tokenizer, r) for r in (train_reqs, test_reqs))
+        rows += [{**bench(model, train_split, test_split, name, n_edits=args.n_edits, reps=args.reps, buckets=int(k),
+                          param_layout=param_layout, **parse_config(name)), "dtype": dtype}
+                 for name in args.configs.split(",") for k in args.buckets.split(",")
+                 for param_layout in args.param_layouts.split(",")]
     peak = matmul_gflops()
-    head = ("| config | buckets | layers | train s/edit | edit s/edit | train / edit layouts | train compile (s) | "
+    head = ("| config | dtype | buckets | layers | train s/edit | edit s/edit | train / edit layouts | train compile (s) | "
             "edit compile (s) | train GFLOP/edit | edit GFLOP/edit | train GFLOP/s | edit GFLOP/s | "
             "matmul-bound train s/edit | matmul-bound edit s/edit | own-shape matmuls train s/edit | "
-            "own-shape matmuls edit s/edit | train of floor | edit of floor |\n|---|---:|---|" + "---:|" * 15)
-    lines = [f"| {r['config']} | {r['buckets']} | {r['param_layout']} | {r['train_s_per_edit']:.3f} | {r['edit_s_per_edit']:.3f} | "
+            "own-shape matmuls edit s/edit | train of floor | edit of floor |\n|---|---|---:|---|" + "---:|" * 15)
+    lines = [f"| {r['config']} | {r['dtype']} | {r['buckets']} | {r['param_layout']} | {r['train_s_per_edit']:.3f} | {r['edit_s_per_edit']:.3f} | "
              f"{r['train_layouts']} / {r['edit_layouts']} | "
              f"{r['train_compile_s']:.1f} | {r['edit_compile_s']:.1f} | {r['train_gflop_per_edit']:.1f} | "
              f"{r['edit_gflop_per_edit']:.1f} | {r['train_gflops']:.0f} | {r['edit_gflops']:.0f} | "

@@ -205,3 +205,59 @@ def test_float32_residual_stream_keeps_matmuls_in_bf16(tiny_model_dir, models, p
     err = {name: rel(np.asarray(forward(m.config, m.params, *args, positions=pos)[0])[mask], ref)
            for name, m in (("bf16", m16), ("bf16 + f32 residual", m16r))}
     assert err["bf16 + f32 residual"] < err["bf16"], err
+
+
+@pytest.mark.parametrize("spec, shapes", [("...i,io->...o", ((2, 5, 12), (12, 7))),       # a linear module
+                                          ("...d,vd->...v", ((2, 5, 12), (9, 12))),       # a tied LM head
+                                          ("bkmd,bktd->bkmt", ((2, 3, 8, 4), (2, 3, 5, 4))),   # attention scores
+                                          ("bkmt,bktd->bkmd", ((2, 3, 8, 5), (2, 3, 5, 4)))])  # attention output
+def test_low_precision_einsum_sums_in_float32_forward_and_backward(spec, shapes):
+    """bfloat16 operands, float32 sums: the product and both operand gradients equal
+    float64 einsums of the same (bfloat16) values to bfloat16 rounding of the result,
+    and every matmul of the forward and backward pass is bfloat16 x bfloat16 summed in
+    float32 (XLA on CPU runs those on the bfloat16 units; with a bfloat16 result it
+    computes in float32, several times slower)."""
+    from emsedit_jax.flops import iter_eqns
+    from emsedit_jax.models.layers import low_precision_einsum
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.normal(size=s), jnp.bfloat16) for s in shapes)
+    out_shape = jax.eval_shape(lambda a, b: jnp.einsum(spec, a, b), a, b).shape
+    g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+        y, vjp = jax.vjp(lambda a, b: low_precision_einsum(spec, a, b, out_dtype), a, b)
+        assert y.dtype == out_dtype
+        da, db = vjp(g.astype(out_dtype))
+        a64, b64 = (np.asarray(x, np.float64) for x in (a, b))
+        g64 = np.asarray(g.astype(out_dtype).astype(jnp.bfloat16), np.float64)
+        ins, out = spec.replace("...", "yz").split("->")      # numpy sums no "..." away: the two batch axes
+        sa, sb = ins.split(",")
+        refs = (np.einsum(f"{sa},{sb}->{out}", a64, b64), np.einsum(f"{out},{sb}->{sa}", g64, b64),
+                np.einsum(f"{sa},{out}->{sb}", a64, g64))
+        for got, ref in zip((y, da, db), refs):
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+        jaxpr = jax.make_jaxpr(lambda a, b: jax.vjp(lambda a, b: low_precision_einsum(spec, a, b, out_dtype), a, b)[1](
+            g.astype(out_dtype)))(a, b)
+        dots = [e for e in iter_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+        assert len(dots) == 3          # the product and its two transposes
+        assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+        assert all(e.params["preferred_element_type"] == jnp.float32 for e in dots)
+
+
+def test_bf16_model_capture_has_no_bfloat16_result_matmul(tiny_model_dir, plain_edit):
+    """The capture of a bfloat16 model with a float32 residual stream (forward, backward
+    to the edited modules, deltas applied): every matmul with bfloat16 operands sums in
+    float32; the float32 deltas' own products stay float32."""
+    from emsedit_jax.flops import iter_eqns
+    m16r = load_model(tiny_model_dir, dtype=jnp.bfloat16, residual="float32", tokenizer=False)
+    cfg = ecfg()
+    batch, layout = plain_edit[:2]
+    deltas = {k: v + 1e-3 for k, v in zero_deltas(cfg, m16r.config).items()}
+    jaxpr = jax.make_jaxpr(lambda p, d: capture(m16r.config, p, batch.edit, cfg.modules, d,
+                                                n_answer=layout.edit.n_answer))(m16r.params, deltas)
+    dots = [e for e in iter_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    low = [e for e in dots if any(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    assert len(low) > 10 and all(e.params["preferred_element_type"] == jnp.float32 for e in low)
+    assert all(v.aval.dtype == jnp.bfloat16 for e in low for v in e.invars)
+    f32 = [e for e in dots if e not in low]
+    assert f32 and all(v.aval.dtype == jnp.float32 for e in f32 for v in e.invars)
