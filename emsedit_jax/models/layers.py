@@ -150,19 +150,22 @@ def low_precision_einsum(spec: str, a: Array, b: Array, out_dtype) -> Array:
 
 
 def _lp_fwd(spec, a, b, out_dtype):
-    return low_precision_einsum(spec, a, b, out_dtype), (a, b)
+    # Each operand is kept only if the other one's gradient is wanted (symbolic zeros
+    # tell which inputs are differentiated): frozen weights get no weight gradient.
+    y = low_precision_einsum(spec, a.value, b.value, out_dtype)
+    return y, (a.value if b.perturbed else None, b.value if a.perturbed else None)
 
 
 def _lp_bwd(spec, out_dtype, res, g):
     a, b = res
     (sa, sb), so = spec.split("->")[0].split(","), spec.split("->")[1]
-    g = g.astype(a.dtype)
-    da = jnp.einsum(f"{so},{sb}->{sa}", g, b, preferred_element_type=jnp.float32).astype(a.dtype)
-    db = jnp.einsum(f"{sa},{so}->{sb}", a, g, preferred_element_type=jnp.float32).astype(b.dtype)
+    g = g.astype((a if a is not None else b).dtype)
+    da = None if b is None else jnp.einsum(f"{so},{sb}->{sa}", g, b, preferred_element_type=jnp.float32).astype(b.dtype)
+    db = None if a is None else jnp.einsum(f"{sa},{so}->{sb}", a, g, preferred_element_type=jnp.float32).astype(a.dtype)
     return da, db
 
 
-low_precision_einsum.defvjp(_lp_fwd, _lp_bwd)
+low_precision_einsum.defvjp(_lp_fwd, _lp_bwd, symbolic_zeros=True)
 
 
 def head_matmul(spec: str, x: Array, w: Array) -> Array:
