@@ -12,6 +12,8 @@ editing.
     python experiments/bench_whole_run.py                                  # the authors' setting
     python experiments/bench_whole_run.py --args "--layers 21-29"          # other train flags
     python experiments/bench_whole_run.py --n-train 100 --n-test 100 --rounds 3
+    python experiments/bench_whole_run.py --args "--preset faithful --layers 18-23 --n-edits 10 --num-seq 10 \
+        --dtype bfloat16" --eval-args "--dtype bfloat16"                   # the LLM in bfloat16
 
 Writes experiments/results/bench_whole_run.{json,md} (or --out) and prints the table.
 """
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=100)
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--args", default=DEFAULT_ARGS, help="further flags of `emsedit-jax train`")
+    ap.add_argument("--eval-args", default="", help="further flags of `emsedit-jax evaluate` (say --dtype bfloat16)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="after the first pass (empty cache, two processes): this many rounds of a warm pass as "
                          "two processes, then one as one process (alternating, as the machine's speed drifts)")
@@ -71,7 +74,7 @@ def main() -> None:
                            "--n-test", str(args.n_test), "--skip-invalid", "--quiet", "--out", str(run_dir),
                            "--compile-cache-dir", str(cache), *shlex.split(args.args)] + (["--evaluate"] if one else [])
             evaluate = exe + ["evaluate", "--editor", str(run_dir / "editor"), "--out", str(run_dir / "results.json"),
-                              "--quiet", "--compile-cache-dir", str(cache)]
+                              "--quiet", "--compile-cache-dir", str(cache), *shlex.split(args.eval_args)]
             train_s, _ = run(train, env)
             eval_s = None if one else run(evaluate, env)[0]
             editor = json.loads((run_dir / "editor" / "editor.json").read_text())
@@ -92,7 +95,8 @@ def main() -> None:
                      f"{r['total_s']:.1f} | {cold / r['total_s']:.2f}x | {r['train_s_per_edit'] or float('nan'):.3f} | "
                      f"{r['edit_s_per_edit'] or float('nan'):.3f} |")
     env_line = (f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
-                f"{args.dataset} {args.n_train} train / {args.n_test} test requests; train flags: {args.args}")
+                f"{args.dataset} {args.n_train} train / {args.n_test} test requests; train flags: {args.args}"
+                + (f"; evaluate flags: {args.eval_args}" if args.eval_args else ""))
     text = "\n".join([f"## The whole run, train + evaluate processes ({env_line})", "", *lines])
     write_report(args.out, text, {"env": env_line, "rows": rows})
 
