@@ -22,12 +22,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from report import write_report
+from report import run_with_code, write_report
 
 HERE = Path(__file__).resolve().parent
 DATA = {"zsre": "../shared/data/zsre/zsre_mend_train-1k.json",
@@ -109,15 +107,9 @@ def main() -> None:
     rows = []
     for spec in args.configs.split(","):
         for code in args.code.split(","):
-            src = (root if code == "." else Path(code)).resolve()
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
-            cmd = [sys.executable, __file__, "--one", spec.strip(), "--n-edits", str(args.n_edits),
-                   "--reps", str(args.reps), "--zsre", data["zsre"], "--counterfact", data["counterfact"]]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not found:
-                raise SystemExit(f"{spec} with {src} failed:\n{proc.stderr[-3000:]}")
-            rows.append({"code": code, **json.loads(found[-1][len("RESULT "):])})
+            child = ["--one", spec.strip(), "--n-edits", str(args.n_edits), "--reps", str(args.reps),
+                     "--zsre", data["zsre"], "--counterfact", data["counterfact"]]
+            rows.append({"code": code, **run_with_code(__file__, child, code, root)})
             print(json.dumps(rows[-1]), flush=True)
     lines = ["| config | code | T | trace s | lower s | compile s | step s | first loss | last loss |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -15,3 +15,19 @@ def write_report(out: str | Path, text: str, payload: dict) -> None:
     out.with_suffix(".md").write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def run_with_code(script: str | Path, args: list[str], code: str, root: Path) -> dict:
+    """Runs `script args` in a fresh Python process with the emsedit_jax package of
+    `code` (a folder; "." = `root`, this checkout) first on the path, and returns the
+    dict its last "RESULT {json}" line of output holds (stops the benchmark on failure)."""
+    import os
+    import subprocess
+    import sys
+    src = (root if code == "." else Path(code)).resolve()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not found:
+        raise SystemExit(f"{script} {' '.join(args)} with {src} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(found[-1][len("RESULT "):])
