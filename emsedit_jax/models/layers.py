@@ -109,7 +109,7 @@ class Tap:
         if delta is not None and not low_precision:
             w = w + delta.astype(w.dtype)
         # A float32 input (float32 residual stream) to bfloat16 weights: the matmul
-        # stays in bfloat16; the key keeps the input's precision.
+        # stays in bfloat16, summed in float32; the key keeps the input's precision.
         y = low_precision_einsum("...i,io->...o", x.astype(w.dtype), w, w.dtype) if low_precision else \
             jnp.einsum("...i,io->...o", x, w)
         if delta is not None and low_precision:
@@ -142,10 +142,13 @@ def low_precision_einsum(spec: str, a: Array, b: Array, out_dtype) -> Array:
     in float32 and returned in `out_dtype`; the backward products likewise (the incoming
     gradient rounded to the operands' dtype). XLA on CPU multiplies bfloat16 with a
     float32 result on the processor's bfloat16 units (AMX) and one with a bfloat16
-    result as float32 (a 1536 x 576 layer's forward and input gradient, 512 tokens,
+    result as float32 (a 576 -> 1536 layer's forward and input gradient, 512 tokens,
     2 cores: 1,060 against 240 GFLOP/s); accelerators do the former either way. Every
     index of each operand appears in the other or in the result (a product, no sum
     within one operand)."""
+    if a.dtype != b.dtype or not is_low_precision(a.dtype):
+        raise TypeError(f"low_precision_einsum takes two operands of one low-precision dtype, not {a.dtype} "
+                        f"and {b.dtype}")
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
@@ -158,11 +161,12 @@ def _lp_fwd(spec, a, b, out_dtype):
 
 def _lp_bwd(spec, out_dtype, res, g):
     a, b = res
+    dtype = (a if a is not None else b).dtype          # both operands' (low_precision_einsum checks)
     (sa, sb), so = spec.split("->")[0].split(","), spec.split("->")[1]
-    g = g.astype((a if a is not None else b).dtype)
-    da = None if b is None else jnp.einsum(f"{so},{sb}->{sa}", g, b, preferred_element_type=jnp.float32).astype(b.dtype)
-    db = None if a is None else jnp.einsum(f"{sa},{so}->{sb}", a, g, preferred_element_type=jnp.float32).astype(a.dtype)
-    return da, db
+    g = g.astype(dtype)
+    da = None if b is None else jnp.einsum(f"{so},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
+    db = None if a is None else jnp.einsum(f"{sa},{so}->{sb}", a, g, preferred_element_type=jnp.float32)
+    return (None if da is None else da.astype(dtype)), (None if db is None else db.astype(dtype))
 
 
 low_precision_einsum.defvjp(_lp_fwd, _lp_bwd, symbolic_zeros=True)
