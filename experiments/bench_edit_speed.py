@@ -197,12 +197,13 @@ def main():
                     "bfloat16 (the residual stream in float32, as the CLI's --dtype bfloat16)")
     ap.add_argument("--out", default="results/bench_edit_speed")
     args = ap.parse_args()
-    rows = []
+    reqs = load_requests(args.data, skip_invalid=True).requests
+    train_reqs, test_reqs = split_requests(reqs, args.n_train, args.n_test, 0)      # as the CLI splits
+    rows, train_split = [], None
     for dtype in args.dtypes.split(","):
         model = load_model("smollm2", dtype=dtype)
-        reqs = load_requests(args.data, skip_invalid=True).requests
-        train_reqs, test_reqs = split_requests(reqs, args.n_train, args.n_test, 0)      # as the CLI splits
-        train_split, test_split = (encode_split(model.tokenizer, r) for r in (train_reqs, test_reqs))
+        if train_split is None:     # the same tokenizer whatever the dtype
+            train_split, test_split = (encode_split(model.tokenizer, r) for r in (train_reqs, test_reqs))
         rows += [{**bench(model, train_split, test_split, name, n_edits=args.n_edits, reps=args.reps, buckets=int(k),
                           param_layout=param_layout, **parse_config(name)), "dtype": dtype}
                  for name in args.configs.split(",") for k in args.buckets.split(",")

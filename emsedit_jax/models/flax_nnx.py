@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import UserError
-from .layers import Array, ModuleEdit, Params
+from .layers import Array, ModuleEdit, Params, is_low_precision
 
 ApplyFn = Callable[[nnx.Module, Array, Array, Array], Array]
 ModulePath = tuple[str | int, ...]
@@ -96,10 +96,6 @@ def _replace(tree: Mapping, path: tuple, value) -> dict:
     if not path:
         return value
     return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
-
-
-def _low_precision(dtype) -> bool:
-    return jnp.finfo(dtype).bits < 32
 
 
 def edited_output(name: str, shape: tuple[int, int], edit: ModuleEdit, delta_apart: bool, x: Array, y: Array
@@ -202,7 +198,7 @@ class FlaxModel:
         """(params with the deltas that go into kernels, {name: canonical}, names whose
         delta is applied apart: kernels narrower than float32)."""
         names = {name: self.canonical(name) for name in edits}
-        apart = {n for n in edits if _low_precision(self.kernel_dtypes[names[n]])}
+        apart = {n for n in edits if is_low_precision(self.kernel_dtypes[names[n]])}
         params = self.apply_deltas(params, {n: e.delta for n, e in edits.items()
                                             if e.delta is not None and n not in apart})
         return params, names, apart
