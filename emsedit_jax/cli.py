@@ -54,7 +54,8 @@ class ModelOptions:
                                "package.module:factory returning a Model (a Flax model: models.flax_nnx.from_nnx, "
                                "models.flax_linen.from_linen)",
                                default_text=f"{DEFAULT_MODEL}; evaluate, edit, generate: the editor's model")
-    dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of the LLM's parameters")
+    dtype: Literal["float32", "bfloat16"] | None = option(
+        None, "dtype of the LLM's parameters", default_text="float32; evaluate, edit, generate: the editor's")
     residual_dtype: Literal["float32", "bfloat16"] | None = option(
         None, "dtype of the residual stream (with --dtype bfloat16 every matmul still runs in bfloat16); "
         "bfloat16 = transformers' all-bfloat16 numerics", default_text="float32")
@@ -523,6 +524,18 @@ def _editor_defaults(args, record):
         attr = "model" if key == "model_name" else key
         if hasattr(args, attr) and getattr(args, attr) in (None, False) and record.get(key) is not None:
             setattr(args, attr, record[key])
+    _model_dtypes(args, record)
+
+
+def _model_dtypes(args, record: dict | None = None) -> None:
+    """--dtype not given: the dtype the editor's LLM was trained in (with its residual
+    stream dtype, unless --residual-dtype is given), else float32."""
+    if args.dtype is None and record and record.get("dtype") in ("float32", "bfloat16"):
+        args.dtype = record["dtype"]
+        implied = "float32" if args.dtype == "bfloat16" else args.dtype
+        if args.residual_dtype is None and record.get("residual_dtype") not in (None, implied):
+            args.residual_dtype = record["residual_dtype"]
+    args.dtype = args.dtype or "float32"
 
 
 def _print_table(metrics: dict, baseline: dict, title: str) -> str:
@@ -583,6 +596,7 @@ def cmd_train(args) -> dict:
     from .train import held_out, train
     check_writable(args.out, "--out", folder=True)
     args.model = args.model or DEFAULT_MODEL
+    _model_dtypes(args)
     args.chat_template = bool(args.chat_template)
     args.prior_source = args.prior_source or "loc"
     cfg = model_config(args.model)
@@ -828,11 +842,14 @@ def _load_editor_for(args, model):
 
 
 def _model_from_editor(args) -> None:
-    """--model defaults to the model the editor (--editor) was trained for."""
+    """--model and --dtype default to the model and dtype the editor (--editor) was
+    trained with."""
     from .checkpoint import read_editor_record
-    if args.model is None and getattr(args, "editor", None):
-        args.model = read_editor_record(args.editor).get("model_name")
+    record = read_editor_record(args.editor) if getattr(args, "editor", None) else None
+    if args.model is None and record:
+        args.model = record.get("model_name")
     args.model = args.model or DEFAULT_MODEL
+    _model_dtypes(args, record)
 
 
 def cmd_edit(args) -> dict:

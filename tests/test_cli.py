@@ -217,6 +217,28 @@ def test_split_defaults_and_mquake_cases_stay_whole():
         _load_data(args)
 
 
+def test_evaluate_loads_the_llm_in_the_dtype_the_editor_was_trained_in():
+    """evaluate / edit / generate without --dtype take the editor's training dtypes
+    (a residual stream dtype only where it differs from the one --dtype implies); a
+    flag given wins; train and an editor-less command default to float32."""
+    from emsedit_jax.cli import _editor_defaults, _model_dtypes, parse_args
+    ev = ["evaluate", "--editor", "run/editor"]
+    cases = [({"dtype": "bfloat16", "residual_dtype": "float32"}, [], ("bfloat16", None)),
+             ({"dtype": "bfloat16", "residual_dtype": "bfloat16"}, [], ("bfloat16", "bfloat16")),
+             ({"dtype": "float32", "residual_dtype": "float32"}, [], ("float32", None)),
+             ({"dtype": "bfloat16", "residual_dtype": "float32"}, ["--dtype", "float32"], ("float32", None)),
+             ({"dtype": "bfloat16", "residual_dtype": "bfloat16"}, ["--residual-dtype", "float32"],
+              ("bfloat16", "float32")),
+             ({}, [], ("float32", None))]
+    for record, flags, want in cases:
+        args = parse_args(ev + flags)
+        _editor_defaults(args, {"editor": {}, **record})
+        assert (args.dtype, args.residual_dtype) == want, (record, flags)
+    args = parse_args(["train", "--dataset", "user", "--data", "x.jsonl", "--out", "run"])
+    _model_dtypes(args)
+    assert (args.dtype, args.residual_dtype) == ("float32", None)
+
+
 def test_train_evaluate_passes_the_model_scale_and_run_flags_on():
     """`train --evaluate`'s evaluation parses to the training's dtypes, layout, mesh and
     run options, whether given or left at their defaults."""
