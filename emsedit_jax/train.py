@@ -343,22 +343,24 @@ def _train(model: Model, ecfg: EditorConfig, tcfg: TrainConfig, split: EncodedSp
                 store.close()
                 return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
     bar.close()
-    store.close()
-    meta = {}
-    if select:
-        best = keep_better(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, total, history,
-                                           mesh))
-        state = best.state
-        meta = {"selected_after_batches": best.batches, "selected_score": best.score}
-    if ecfg.needs_prior:
-        state = state._replace(prior=dict(key_prior))
-    if n_batches_run or not (out / "editor" / "editor.json").is_file():    # else: finished before, same run
-        # run_meta last: its split (n_train of the data, validation requests included) is
-        # what `evaluate` re-splits the training file by; identity's n_train counts the
-        # requests trained on
-        save_editor(out / "editor", ecfg, state, {**identity, **(run_meta or {}), **meta,
-                                                  "train_seconds_per_edit": _per_edit(times, tcfg)},
-                    hashes + ([request_hash(r) for r in val_split.requests] if select else []))
+    try:        # the last checkpoint is written in the background meanwhile
+        meta = {}
+        if select:
+            best = keep_better(best, _validate(model, ecfg, tcfg, state, val_split, metric, key_prior, total,
+                                               history, mesh))
+            state = best.state
+            meta = {"selected_after_batches": best.batches, "selected_score": best.score}
+        if ecfg.needs_prior:
+            state = state._replace(prior=dict(key_prior))
+        if n_batches_run or not (out / "editor" / "editor.json").is_file():    # else: finished before, same run
+            # run_meta last: its split (n_train of the data, validation requests included) is
+            # what `evaluate` re-splits the training file by; identity's n_train counts the
+            # requests trained on
+            save_editor(out / "editor", ecfg, state, {**identity, **(run_meta or {}), **meta,
+                                                      "train_seconds_per_edit": _per_edit(times, tcfg)},
+                        hashes + ([request_hash(r) for r in val_split.requests] if select else []))
+    finally:
+        store.close()
     return TrainResult(state, history, _per_edit(times, tcfg), compile_s, n_batches_run * tcfg.n_edits)
 
 
