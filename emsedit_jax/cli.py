@@ -529,11 +529,11 @@ def _editor_defaults(args, record):
 
 def _model_dtypes(args, record: dict | None = None) -> None:
     """--dtype not given: the dtype the editor's LLM was trained in (with its residual
-    stream dtype, unless --residual-dtype is given), else float32."""
+    stream dtype where that is not float32, the one either dtype implies, unless
+    --residual-dtype is given), else float32."""
     if args.dtype is None and record and record.get("dtype") in ("float32", "bfloat16"):
         args.dtype = record["dtype"]
-        implied = "float32" if args.dtype == "bfloat16" else args.dtype
-        if args.residual_dtype is None and record.get("residual_dtype") not in (None, implied):
+        if args.residual_dtype is None and record.get("residual_dtype") not in (None, "float32"):
             args.residual_dtype = record["residual_dtype"]
     args.dtype = args.dtype or "float32"
 

@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -141,15 +140,6 @@ def prepare(work: Path, data: str) -> dict:
     return {"config": work / "config", **files}
 
 
-def run(cmd: list[str], env: dict, cwd: Path | None = None) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with status {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--official", required=True, help="a checkout of the authors' EMSEdit code (main.py, config/)")
@@ -166,6 +156,7 @@ def main() -> None:
     if not (official / "main.py").is_file() or not (official / "editor" / "emsedit.py").is_file():
         raise SystemExit(f"--official {official}: not a checkout of the authors' EMSEdit (no main.py, editor/)")
 
+    from report import run_timed as run
     from report import write_report
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "SWANLAB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}

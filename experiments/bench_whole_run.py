@@ -25,28 +25,17 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from report import run_timed as run
 from report import write_report
 
 HERE = Path(__file__).resolve().parent
 # The authors' setting on the embedded model: the faithful preset (T = 2, rank 1024, their
 # step size, regulariser and schedule) on up_proj of layers 18-23, 10 x 10 edits.
 DEFAULT_ARGS = "--preset faithful --layers 18-23 --n-edits 10 --num-seq 10"
-
-
-def run(cmd: list[str], env: dict) -> tuple[float, str]:
-    """(wall seconds, combined output) of one CLI process; stops the benchmark on failure."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with status {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout + proc.stderr
 
 
 def main() -> None:

@@ -31,3 +31,15 @@ def run_with_code(script: str | Path, args: list[str], code: str, root: Path) ->
     if proc.returncode != 0 or not found:
         raise SystemExit(f"{script} {' '.join(args)} with {src} failed:\n{proc.stderr[-3000:]}")
     return json.loads(found[-1][len("RESULT "):])
+
+
+def run_timed(cmd: list[str], env: dict, cwd: str | Path | None = None) -> tuple[float, str]:
+    """(wall seconds, stdout and stderr) of one process; stops the benchmark on failure."""
+    import subprocess
+    import time
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with status {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return wall, proc.stdout + proc.stderr
