@@ -17,15 +17,21 @@ def write_report(out: str | Path, text: str, payload: dict) -> None:
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 
-def run_with_code(script: str | Path, args: list[str], code: str, root: Path) -> dict:
+def flags_label(flags: str | None) -> str:
+    """An XLA_FLAGS setting as a table cell: None (the environment's, unchanged), '' or the flags."""
+    return "(environment's)" if flags is None else f"`{flags}`" if flags else "none"
+
+
+def run_with_code(script: str | Path, args: list[str], code: str, root: Path, env: dict | None = None) -> dict:
     """Runs `script args` in a fresh Python process with the emsedit_jax package of
     `code` (a folder; "." = `root`, this checkout) first on the path, and returns the
-    dict its last "RESULT {json}" line of output holds (stops the benchmark on failure)."""
+    dict its last "RESULT {json}" line of output holds (stops the benchmark on failure).
+    `env`: variables set for that process on top of this one's."""
     import os
     import subprocess
     import sys
     src = (root if code == "." else Path(code)).resolve()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
     found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not found:
