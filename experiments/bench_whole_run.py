@@ -14,6 +14,11 @@ editing.
     python experiments/bench_whole_run.py --n-train 100 --n-test 100 --rounds 3
     python experiments/bench_whole_run.py --args "--preset faithful --layers 18-23 --n-edits 10 --num-seq 10 \
         --dtype bfloat16" --eval-args "--dtype bfloat16"                   # the LLM in bfloat16
+    python experiments/bench_whole_run.py --rounds 3 --xla-flags ";--xla_cpu_experimental_ynn_fusion_type="
+
+With `--xla-flags "A;B"` ('' for none) the passes run under each of those XLA_FLAGS
+settings: the empty-cache pass once per setting, then each round a warm one-process pass
+per setting, alternating.
 
 Writes experiments/results/bench_whole_run.{json,md} (or --out) and prints the table.
 """
@@ -29,8 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from report import flags_label, write_report
 from report import run_timed as run
-from report import write_report
 
 HERE = Path(__file__).resolve().parent
 # The authors' setting on the embedded model: the faithful preset (T = 2, rank 1024, their
@@ -49,6 +54,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="after the first pass (empty cache, two processes): this many rounds of a warm pass as "
                          "two processes, then one as one process (alternating, as the machine's speed drifts)")
+    ap.add_argument("--xla-flags", help="';'-separated XLA_FLAGS settings to compare, one-process passes only "
+                                        "('' for none)")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_whole_run"), help="output path without suffix")
     args = ap.parse_args()
 
@@ -56,8 +63,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        for i, one in enumerate([False] + [False, True] * args.rounds):
+        base = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if args.xla_flags is None:
+            passes = [(False, None)] + [(False, None), (True, None)] * args.rounds
+        else:
+            settings = args.xla_flags.split(";")
+            passes = [(False, f) for f in settings] + [(True, f) for _ in range(args.rounds) for f in settings]
+        for i, (one, flags) in enumerate(passes):
+            env = base if flags is None else {**base, "XLA_FLAGS": flags}
+            cold = i == 0 or (flags is not None and i < len(settings))
             run_dir = Path(tmp) / f"run{i}"
             train = exe + ["train", "--dataset", args.dataset, "--data", args.data, "--n-train", str(args.n_train),
                            "--n-test", str(args.n_test), "--skip-invalid", "--quiet", "--out", str(run_dir),
@@ -68,21 +82,22 @@ def main() -> None:
             eval_s = None if one else run(evaluate, env)[0]
             editor = json.loads((run_dir / "editor" / "editor.json").read_text())
             results = json.loads((run_dir / "results.json").read_text())
-            row = {"pass": i, "cache": "empty" if i == 0 else "warm", "processes": 1 if one else 2,
+            row = {"pass": i, "cache": "empty" if cold else "warm", "processes": 1 if one else 2, "xla_flags": flags,
                    "train_wall_s": train_s, "eval_wall_s": eval_s, "total_s": train_s + (eval_s or 0.0),
                    "train_s_per_edit": editor.get("train_seconds_per_edit"),
                    "edit_s_per_edit": results.get("timing", {}).get("edit_seconds_per_edit"),
                    "metrics": results.get("metrics")}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    cold = rows[0]["total_s"]
-    lines = ["| pass | cache | processes | train process s | evaluate process s | whole run s | vs first | "
-             "train s/edit | edit s/edit |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    first = {r["xla_flags"]: r["total_s"] for r in reversed(rows)}      # each setting's empty-cache pass
+    lines = ["| pass | XLA_FLAGS | cache | processes | train process s | evaluate process s | whole run s | "
+             "vs first | train s/edit | edit s/edit |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ev = "-" if r["eval_wall_s"] is None else f"{r['eval_wall_s']:.1f}"
-        lines.append(f"| {r['pass']} | {r['cache']} | {r['processes']} | {r['train_wall_s']:.1f} | {ev} | "
-                     f"{r['total_s']:.1f} | {cold / r['total_s']:.2f}x | {r['train_s_per_edit'] or float('nan'):.3f} | "
-                     f"{r['edit_s_per_edit'] or float('nan'):.3f} |")
+        lines.append(f"| {r['pass']} | {flags_label(r['xla_flags'])} | {r['cache']} | {r['processes']} | "
+                     f"{r['train_wall_s']:.1f} | {ev} | {r['total_s']:.1f} | "
+                     f"{first[r['xla_flags']] / r['total_s']:.2f}x | "
+                     f"{r['train_s_per_edit'] or float('nan'):.3f} | {r['edit_s_per_edit'] or float('nan'):.3f} |")
     env_line = (f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
                 f"{args.dataset} {args.n_train} train / {args.n_test} test requests; train flags: {args.args}"
                 + (f"; evaluate flags: {args.eval_args}" if args.eval_args else ""))
