@@ -46,8 +46,6 @@ def measure(spec: str, data: dict[str, str], n_edits: int, reps: int, cache: str
     programs read from and written to the compilation cache `cache` when given."""
     import jax
 
-    from emsedit_jax import compile_cache
-
     from emsedit_jax.data import load_requests
     from emsedit_jax.editor.steps import init_editor, new_stream, zero_deltas
     from emsedit_jax.evaluate import preserved_gram
@@ -58,6 +56,7 @@ def measure(spec: str, data: dict[str, str], n_edits: int, reps: int, cache: str
 
     limit()
     if cache:
+        from emsedit_jax import compile_cache
         compile_cache.enable(cache)
     preset, *layers = spec.split()
     model = load_model("smollm2")
@@ -131,18 +130,18 @@ def main() -> None:
         cache = ["--cache", str(Path(tmp) / "cache")] if args.warm else []
         variants = [(spec.strip(), code, flags) for spec in args.configs.split(",")
                     for code in args.code.split(",") for flags in flag_sets]
+
+        def child(spec: str, code: str, flags: str | None, reps: int) -> dict:
+            argv = ["--one", spec, "--n-edits", str(args.n_edits), "--reps", str(reps),
+                    "--zsre", data["zsre"], "--counterfact", data["counterfact"], *cache]
+            return run_with_code(__file__, argv, code, root, None if flags is None else {"XLA_FLAGS": flags})
+
         if args.warm:      # fill the cache: each variant compiles once, untimed
-            for spec, code, flags in variants:
-                run_with_code(__file__, ["--one", spec, "--reps", "0", "--n-edits", str(args.n_edits),
-                                         "--zsre", data["zsre"], "--counterfact", data["counterfact"], *cache],
-                              code, root, None if flags is None else {"XLA_FLAGS": flags})
+            for variant in variants:
+                child(*variant, reps=0)
         for r in range(args.rounds):
             for spec, code, flags in variants:
-                child = ["--one", spec, "--n-edits", str(args.n_edits), "--reps", str(args.reps),
-                         "--zsre", data["zsre"], "--counterfact", data["counterfact"], *cache]
-                env = None if flags is None else {"XLA_FLAGS": flags}
-                rows.append({"round": r, "code": code, "xla_flags": flags,
-                             **run_with_code(__file__, child, code, root, env)})
+                rows.append({"round": r, "code": code, "xla_flags": flags, **child(spec, code, flags, args.reps)})
                 print(json.dumps(rows[-1]), flush=True)
     compile_head = "cache read s" if args.warm else "compile s"
     lines = [f"| config | code | XLA_FLAGS | T | trace s | lower s | {compile_head} | first call s | step s | "
