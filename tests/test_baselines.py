@@ -125,7 +125,10 @@ def test_ridge_update_matches_float64_normal_equations(method):
         # c_i = -eta <u_i, u~_i>, d_i = c_i g~_i, dW = (U^T U + e^lambda I)^-1 U^T D.
         d = (-h["eta"] * np.sum(u * h["u_t"], axis=1))[:, None] * h["g_t"]
         expected = np.linalg.solve(u.T @ u + np.exp(h["lam"]) * np.eye(u.shape[1]), u.T @ d)
-        np.testing.assert_allclose(np.asarray(dws[m]), expected, rtol=1e-4, atol=1e-5)
+        # A float32 solve errs relative to the solution's scale (entries up to about 15
+        # here), so small entries get an absolute tolerance of 1e-5 of the largest: the
+        # rounding of one processor's kernels differs from another's by that much.
+        np.testing.assert_allclose(np.asarray(dws[m]), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     # 20 slots: >= d_in of the 16x24 group (primal form), < d_in of the 24x16 one (dual form).
     assert 16 <= cap.mask.size < 24 and not bool(cap.mask.all())
 
