@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="after the first pass (empty cache, two processes): this many rounds of a warm pass as "
                          "two processes, then one as one process (alternating, as the machine's speed drifts)")
-    ap.add_argument("--xla-flags", help="';'-separated XLA_FLAGS settings to compare, one-process passes only "
-                                        "('' for none)")
+    ap.add_argument("--xla-flags", help="';'-separated XLA_FLAGS settings to compare ('' for none): an empty-cache "
+                                        "pass under each, then each round a warm one-process pass under each")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_whole_run"), help="output path without suffix")
     args = ap.parse_args()
 
@@ -64,14 +64,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         base = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        settings = [None] if args.xla_flags is None else args.xla_flags.split(";")
         if args.xla_flags is None:
             passes = [(False, None)] + [(False, None), (True, None)] * args.rounds
         else:
-            settings = args.xla_flags.split(";")
             passes = [(False, f) for f in settings] + [(True, f) for _ in range(args.rounds) for f in settings]
         for i, (one, flags) in enumerate(passes):
             env = base if flags is None else {**base, "XLA_FLAGS": flags}
-            cold = i == 0 or (flags is not None and i < len(settings))
+            cold = i < len(settings)            # each setting's first pass fills the cache
             run_dir = Path(tmp) / f"run{i}"
             train = exe + ["train", "--dataset", args.dataset, "--data", args.data, "--n-train", str(args.n_train),
                            "--n-test", str(args.n_test), "--skip-invalid", "--quiet", "--out", str(run_dir),
