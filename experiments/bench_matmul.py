@@ -41,19 +41,28 @@ def timed(f, reps: int) -> float:
 
 
 def libraries(threads: int) -> dict:
-    """name -> function(a, b) -> a @ b computed to completion, for numpy arrays a, b."""
+    """name -> prepare(a, b), which takes two numpy arrays and returns a call that
+    computes a @ b to completion in that library (inputs converted beforehand)."""
     import jax
     import jax.numpy as jnp
     xla = jax.jit(lambda a, b: a @ b)
-    libs = {"XLA (jax.jit)": lambda a, b: (lambda x, y: lambda: xla(x, y).block_until_ready())(jnp.asarray(a),
-                                                                                               jnp.asarray(b)),
-            "NumPy": lambda a, b: lambda: a @ b}
+
+    def with_xla(a, b):
+        a, b = jnp.asarray(a), jnp.asarray(b)
+        return lambda: xla(a, b).block_until_ready()
+
+    libs = {"XLA (jax.jit)": with_xla, "NumPy": lambda a, b: lambda: a @ b}
     try:
         import torch
     except ImportError:
         return libs
     torch.set_num_threads(threads)
-    libs["PyTorch"] = lambda a, b: (lambda x, y: lambda: x @ y)(torch.from_numpy(a), torch.from_numpy(b))
+
+    def with_torch(a, b):
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+        return lambda: a @ b
+
+    libs["PyTorch"] = with_torch
     return libs
 
 
@@ -77,7 +86,7 @@ def main() -> None:
     for label, m, k, n in shapes:
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
-        gflops = {name: 2 * m * k * n / timed(make(a, b), args.reps) / 1e9 for name, make in libs.items()}
+        gflops = {name: 2 * m * k * n / timed(prepare(a, b), args.reps) / 1e9 for name, prepare in libs.items()}
         rows.append({"shape": label, "m": m, "k": k, "n": n, "gflops": gflops})
         print(rows[-1], flush=True)
     names = list(libs)
